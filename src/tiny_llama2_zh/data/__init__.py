@@ -1,0 +1,1 @@
+"""Data stage: corpora in, training files out."""

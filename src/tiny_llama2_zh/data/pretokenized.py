@@ -1,0 +1,156 @@
+"""Pretraining data on disk, as the seed stores it: token ids, an eos after every document, concatenated into
+one flat binary file, with a JSON manifest beside it (`train.bin` + `train.bin.json`).
+
+uint16 when every id fits (vocabulary <= 65,536 ids: ChatGLM3's 64,798 does), else uint32. The dataset
+memory-maps the file, so a corpus of any size costs no RAM and no per-step copies beyond one block.
+"""
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
+
+MANIFEST_FORMAT = "tiny-llama2-zh/pretokenized-v1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@dataclass
+class Manifest:
+    dtype: str
+    num_tokens: int
+    num_documents: int
+    vocab_size: int
+    eos_token_id: int
+    tokenizer_fingerprint: str
+    sources: list[str] = field(default_factory=list)
+    format: str = MANIFEST_FORMAT
+
+    @classmethod
+    def read(cls, bin_path: str | Path) -> "Manifest":
+        path = manifest_path(bin_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {bin_path} was not written by `tinyllm data tokenize`")
+        values = json.loads(path.read_text())
+        if values.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{path}: format {values.get('format')!r} is not {MANIFEST_FORMAT!r}")
+        return cls(**values)
+
+
+def manifest_path(bin_path: str | Path) -> Path:
+    return Path(f"{bin_path}.json")
+
+
+def write_token_file(
+    texts: Iterable[str],
+    tokenizer: PreTrainedTokenizerFast,
+    bin_path: str | Path,
+    sources: list[str] | None = None,
+    batch_size: int = 1024,
+    total: int | None = None,
+) -> Manifest:
+    """Tokenize texts in batches with the fast tokenizer and stream the ids to bin_path.
+
+    Memory is bounded by one batch. The file is written under a temporary name and renamed at the end, so a
+    crash never leaves a `.bin` that looks complete.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; documents could not be separated")
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+    bin_path = Path(bin_path)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = bin_path.with_name(bin_path.name + ".tmp")
+    num_tokens = num_documents = 0
+    with temporary.open("wb") as out, tqdm(total=total, desc=f"tokenize {bin_path.name}", unit="doc") as progress:
+        for batch in _batches(texts, batch_size):
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            ids = np.fromiter(
+                (token for document in encoded for token in (*document, tokenizer.eos_token_id)), dtype=np.int64
+            )
+            out.write(ids.astype(dtype).tobytes())
+            num_tokens += len(ids)
+            num_documents += len(batch)
+            progress.update(len(batch))
+        out.flush()
+        os.fsync(out.fileno())
+    manifest = Manifest(
+        dtype=dtype.name,
+        num_tokens=num_tokens,
+        num_documents=num_documents,
+        vocab_size=vocab_size,
+        eos_token_id=tokenizer.eos_token_id,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        sources=sources or [],
+    )
+    manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    temporary.replace(bin_path)
+    return manifest
+
+
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_tokens(bin_path: str | Path) -> np.memmap:
+    manifest = Manifest.read(bin_path)
+    tokens = np.memmap(bin_path, dtype=np.dtype(manifest.dtype), mode="r")
+    if len(tokens) != manifest.num_tokens:
+        raise ValueError(f"{bin_path} holds {len(tokens)} tokens but its manifest says {manifest.num_tokens}")
+    return tokens
+
+
+class PretrainDataset(Dataset):
+    """Fixed-length blocks of `seq_len` tokens from a `.bin`, as {"input_ids", "labels"} (labels == input_ids;
+    the model shifts them, so X = block[:-1] predicts Y = block[1:] as in the seed).
+
+    Consecutive blocks overlap by one token, so every adjacent token pair in the file is a training target
+    exactly once. Block i starts at token i * (seq_len - 1).
+    """
+
+    def __init__(self, bin_path: str | Path, seq_len: int, expected_fingerprint: str | None = None):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        self.bin_path = Path(bin_path)
+        self.manifest = Manifest.read(bin_path)
+        if expected_fingerprint is not None and expected_fingerprint != self.manifest.tokenizer_fingerprint:
+            raise ValueError(
+                f"{bin_path} was tokenized with tokenizer {self.manifest.tokenizer_fingerprint}, "
+                f"not with the one given ({expected_fingerprint}); re-run `tinyllm data tokenize`"
+            )
+        self.seq_len = seq_len
+        self.stride = seq_len - 1
+        self.num_blocks = max(0, (self.manifest.num_tokens - 1) // self.stride)
+        if self.num_blocks == 0:
+            raise ValueError(f"{bin_path} has {self.manifest.num_tokens} tokens: too few for one block of {seq_len}")
+        self._tokens: np.memmap | None = None  # opened lazily: each dataloader worker maps its own
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(index)
+        if self._tokens is None:
+            self._tokens = read_tokens(self.bin_path)
+        start = index * self.stride
+        block = torch.from_numpy(self._tokens[start : start + self.seq_len].astype(np.int64))
+        return {"input_ids": block, "labels": block}

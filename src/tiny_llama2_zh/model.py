@@ -1,0 +1,506 @@
+"""The tiny-llama2-zh model: karpathy/llama2.c's Llama 2, written as a Hugging Face transformers model.
+
+Read top to bottom: config -> RMSNorm -> rotary embeddings -> attention (GQA) -> SwiGLU MLP -> decoder
+layer -> backbone -> causal-LM head -> sequence-classification head.
+
+Architecture (Touvron et al. 2023, "Llama 2"; layout after karpathy/llama2.c `model.py`):
+RMSNorm pre-norm, rotary position embeddings, grouped-query attention, SwiGLU feed-forward with llama2.c's
+hidden-size rule, no biases, input and output embeddings tied.
+
+Parameter names follow transformers' Llama (`model.layers.N.self_attn.q_proj`, `mlp.gate_proj`, ...), so PEFT
+and TRL target them by name and the weights load into `transformers.LlamaForCausalLM` unchanged. The rotary
+embedding uses the "rotate half" pairing of transformers' Llama; llama2.c pairs neighbouring dimensions
+instead, which is the same model up to a fixed permutation of the q/k output rows (llama2.c's `export.py`).
+
+This file must import nothing from the `tiny_llama2_zh` package: `save_pretrained` copies it next to the
+weights so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without us.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.generic import can_return_tuple
+
+# Keys that PreTrainedConfig itself consumes from **kwargs (see its __post_init__) or that transformers writes
+# into config.json. Anything else passed to TinyLlama2Config is a typo and is rejected.
+_BASE_CONFIG_KWARGS = frozenset(
+    {
+        "auto_map",
+        "model_type",
+        "torch_dtype",
+        "num_labels",
+        "name_or_path",
+        "_commit_hash",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+    }
+)
+
+
+def llama2c_hidden_dim(dim: int, multiple_of: int) -> int:
+    """SwiGLU hidden size as llama2.c computes it: 2/3 of 4*dim, rounded up to a multiple of `multiple_of`."""
+    hidden_dim = int(2 * (4 * dim) / 3)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+@strict
+class TinyLlama2Config(PreTrainedConfig):
+    """Configuration of a tiny-llama2-zh model.
+
+    Field names are transformers' Llama names; llama2.c's names are readable aliases (`config.dim` is
+    `config.hidden_size`, `n_layers`, `n_heads`, `n_kv_heads`, `max_seq_len`, `norm_eps`).
+    `intermediate_size=None` derives the SwiGLU width from `hidden_size` and `multiple_of` as llama2.c does.
+    """
+
+    model_type = "tiny_llama2"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "dim": "hidden_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
+        "max_seq_len": "max_position_embeddings",
+        "norm_eps": "rms_norm_eps",
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 288
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int | None = None
+    multiple_of: int = 32
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - _BASE_CONFIG_KWARGS - set(GenerationConfig._get_default_generation_params()))
+        if unknown:
+            fields = sorted(TinyLlama2Config.__annotations__)
+            raise TypeError(f"TinyLlama2Config got unknown argument(s) {unknown}; valid fields are {fields}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = llama2c_hidden_dim(self.hidden_size, self.multiple_of)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Called by `@strict` validation."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention shares each kv head)"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError("the head dimension must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class TinyLlama2RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 as llama2.c does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+class TinyLlama2RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer): cos/sin tables for the given positions."""
+
+    def __init__(self, config: TinyLlama2Config):
+        super().__init__()
+        head_dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)  # (head_dim/2,)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, head_dim/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim); cos/sin: (B, T, head_dim)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class TinyLlama2Attention(nn.Module):
+    """Causal self-attention with grouped-query attention (Ainslie et al. 2023): n_kv_heads <= n_heads."""
+
+    def __init__(self, config: TinyLlama2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, dim)
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,  # (B, 1, T, T_kv) bool, True = may attend; None with is_causal
+        is_causal: bool,
+        past_key_values: Cache | None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, KV, T_kv, hd)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.o_proj(out))
+
+
+class TinyLlama2MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)). llama2.c calls these w1, w3, w2."""
+
+    def __init__(self, config: TinyLlama2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class TinyLlama2DecoderLayer(GradientCheckpointingLayer):
+    """x + attention(norm(x)), then x + mlp(norm(x)). GradientCheckpointingLayer adds activation checkpointing."""
+
+    def __init__(self, config: TinyLlama2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = TinyLlama2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = TinyLlama2Attention(config, layer_idx)
+        self.post_attention_layernorm = TinyLlama2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = TinyLlama2MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), rotary, attn_mask, is_causal, past_key_values
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class TinyLlama2PreTrainedModel(PreTrainedModel):
+    config_class = TinyLlama2Config
+    config: TinyLlama2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TinyLlama2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """llama2.c's init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * n_layers)
+        (GPT-2, Radford et al. 2019). llama2.c scales `w3`; we scale the projections that write into the residual
+        stream, `o_proj` and `down_proj` (`wo`, `w2`), as GPT-2 does."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, TinyLlama2RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, TinyLlama2RotaryEmbedding):
+            head_dim = self.config.head_dim
+            exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+            init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponent))
+        if isinstance(module, (TinyLlama2Attention, TinyLlama2MLP)):
+            out_proj = module.o_proj if isinstance(module, TinyLlama2Attention) else module.down_proj
+            init.normal_(out_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+
+def _attention_mask(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int
+) -> tuple[torch.Tensor | None, bool]:
+    """Returns (mask, is_causal) for scaled_dot_product_attention.
+
+    attention_mask: (B, past_len + query_len), 1 for real tokens and 0 for padding, or None.
+    Without padding, SDPA's built-in causal mask is used (it allows the fast fused kernels). With padding or a
+    chunk after a cache, an explicit boolean mask (B, 1, query_len, past_len + query_len) is built. Every query
+    may always see its own key, so rows of pure padding stay finite instead of becoming NaN.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and (past_len == 0 or query_len == 1):
+        return None, past_len == 0 and query_len > 1
+    kv_len = past_len + query_len
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(past_len, kv_len, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T_kv)
+    allowed = key_pos <= query_pos  # (T, T_kv)
+    if attention_mask is not None:
+        allowed = allowed[None] & attention_mask[:, None, :].bool()  # (B, T, T_kv)
+        allowed = allowed | (key_pos == query_pos)[None]
+    else:
+        allowed = allowed[None]
+    return allowed[:, None], False  # (B or 1, 1, T, T_kv)
+
+
+class TinyLlama2Model(TinyLlama2PreTrainedModel):
+    """The backbone: token embedding, n_layers decoder layers, final RMSNorm."""
+
+    def __init__(self, config: TinyLlama2Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TinyLlama2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = TinyLlama2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = TinyLlama2RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T_past + T)
+        position_ids: torch.LongTensor | None = None,  # (B, T)
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, dim)
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a cache would keep every layer's activations alive
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        query_len = inputs_embeds.shape[1]
+
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: count positions from each row's first real token, as generate() does.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
+        attn_mask, is_causal = _attention_mask(attention_mask, query_len, past_len)
+
+        hidden_states = self.dropout(inputs_embeds)  # (B, T, dim)
+        rotary = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(hidden_states, rotary, attn_mask, is_causal, past_key_values)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+
+class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
+    """Backbone + language-model head (tied to the input embedding by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TinyLlama2Config):
+        super().__init__(config)
+        self.model = TinyLlama2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,  # (B, T); shifted inside, -100 is ignored
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,  # >0: only the last n positions get logits (generation needs one)
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)  # (B, T, vocab)
+        loss = None
+        if labels is not None:
+            # transformers' shared causal-LM loss: shifts labels, ignores -100, and honours num_items_in_batch
+            # so that gradient accumulation averages over tokens, not micro-batches.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+class TinyLlama2ForSequenceClassification(TinyLlama2PreTrainedModel):
+    """Backbone + linear `score` head read at the last real token: the reward and value model of RLHF."""
+
+    def __init__(self, config: TinyLlama2Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = TinyLlama2Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(outputs.last_hidden_state)  # (B, T, num_labels)
+        batch, seq_len = logits.shape[:2]
+        positions = torch.arange(seq_len, device=logits.device)
+        if attention_mask is not None:
+            # Rightmost real token: works for left and right padding, even when pad == eos.
+            last_token = (positions * attention_mask.to(logits.device).bool()).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            last_token = (positions * (input_ids != self.config.pad_token_id).to(logits.device)).argmax(-1)
+        else:
+            last_token = torch.full((batch,), seq_len - 1, device=logits.device)
+        pooled_logits = logits[torch.arange(batch, device=logits.device), last_token]  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = [
+    "TinyLlama2Config",
+    "TinyLlama2ForCausalLM",
+    "TinyLlama2ForSequenceClassification",
+    "TinyLlama2Model",
+    "TinyLlama2PreTrainedModel",
+]

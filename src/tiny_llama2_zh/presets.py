@@ -1,0 +1,59 @@
+"""Model size presets: the seed project's table, in llama2.c's terms.
+
+The labels are the seed's; the real parameter count depends on the vocabulary (the embedding is vocab x dim
+and is shared with the output head). `tinyllm sizes --tokenizer DIR` prints the true counts.
+"""
+
+from dataclasses import dataclass
+
+from tiny_llama2_zh.model import TinyLlama2Config
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    max_seq_len: int
+    multiple_of: int = 32
+
+
+PRESETS: dict[str, SizePreset] = {
+    "9m": SizePreset(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, max_seq_len=512),
+    "24m": SizePreset(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=512),
+    "58m": SizePreset(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, max_seq_len=512),
+    "134m": SizePreset(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=512),
+    "256m": SizePreset(dim=1024, n_layers=16, n_heads=16, n_kv_heads=16, max_seq_len=1024),
+}
+
+
+def preset_config(name: str, vocab_size: int, **overrides) -> TinyLlama2Config:
+    """A TinyLlama2Config for a preset; keyword overrides use the config's (transformers') field names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown size preset {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": preset.dim,
+        "num_hidden_layers": preset.n_layers,
+        "num_attention_heads": preset.n_heads,
+        "num_key_value_heads": preset.n_kv_heads,
+        "max_position_embeddings": preset.max_seq_len,
+        "multiple_of": preset.multiple_of,
+    }
+    fields.update({key: value for key, value in overrides.items() if value is not None})
+    return TinyLlama2Config(**fields)
+
+
+def count_parameters(config: TinyLlama2Config) -> dict[str, int]:
+    """Exact parameter counts computed from the shapes (no model is built), tied embedding counted once."""
+    dim, hidden, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv_dim = config.num_key_value_heads * config.head_dim
+    attention = dim * dim * 2 + dim * kv_dim * 2  # q, o + k, v
+    mlp = 3 * dim * hidden
+    norms = 2 * dim
+    embedding = config.vocab_size * dim
+    body = layers * (attention + mlp + norms) + dim  # + final norm
+    head = 0 if config.tie_word_embeddings else embedding
+    return {"embedding": embedding, "non_embedding": body, "total": embedding + body + head}

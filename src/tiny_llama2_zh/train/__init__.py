@@ -1,0 +1,1 @@
+"""Training recipes; every stage shares the plumbing in `common.py`."""

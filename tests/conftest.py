@@ -1,0 +1,74 @@
+import os
+
+# Tests never reach a hub: anything that tries fails loudly instead of hanging.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_llama2_zh  # noqa: F401  (registers the Auto classes)
+from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
+from tiny_llama2_zh.model import TinyLlama2Config
+from tiny_llama2_zh.tokenizer import train_bpe_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("TINYLLM_SHARED_DIR", REPO_ROOT.parent / "shared"))
+CHATGLM3_MODEL = SHARED_DIR / "tokenizers" / "chatglm3" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def chatglm3_model_file() -> Path:
+    if not CHATGLM3_MODEL.is_file():
+        pytest.skip(f"ChatGLM3 tokenizer.model not found at {CHATGLM3_MODEL} (set TINYLLM_SHARED_DIR to its shared/)")
+    return CHATGLM3_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    build_demo_corpus(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(demo_corpus) -> list[str]:
+    lines = (demo_corpus / "validation.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines]
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory, demo_corpus):
+    """A 1,024-token BPE trained on the first 3,000 training documents (a few seconds)."""
+    sample = tmp_path_factory.mktemp("tokenizer_input") / "sample.jsonl"
+    with (demo_corpus / "train.jsonl").open(encoding="utf-8") as lines:
+        sample.write_text("".join(line for _, line in zip(range(3000), lines)), encoding="utf-8")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer([sample], vocab_size=1024, output_dir=folder)
+    return folder
+
+
+def tiny_config(**overrides) -> TinyLlama2Config:
+    """A small random config with grouped-query attention (4 query heads share 2 kv heads)."""
+    fields = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return TinyLlama2Config(**fields)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,183 @@
+"""The model against references we did not write: transformers' LlamaForCausalLM and our own no-cache path."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
+
+from conftest import tiny_config
+from tiny_llama2_zh.export import to_hf_llama
+from tiny_llama2_zh.model import (
+    TinyLlama2Config,
+    TinyLlama2ForCausalLM,
+    TinyLlama2ForSequenceClassification,
+    llama2c_hidden_dim,
+)
+
+
+def random_model(**overrides) -> TinyLlama2ForCausalLM:
+    # A large init spread makes logits large and distinct, so a parity check compares real numbers, not ~0.
+    return TinyLlama2ForCausalLM(tiny_config(initializer_range=0.3, **overrides)).eval()
+
+
+def left_padded(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+def test_config_rejects_unknown_keys_and_derives_hidden_dim():
+    with pytest.raises(TypeError, match="hiden_size"):
+        TinyLlama2Config(hiden_size=64)
+    config = TinyLlama2Config(hidden_size=288, num_attention_heads=6)
+    assert config.intermediate_size == 768  # llama2.c's stories15M: dim 288 -> hidden 768
+    assert llama2c_hidden_dim(64, 32) == 192
+    assert config.dim == 288 and config.n_kv_heads == 6  # llama2.c names read the same fields
+    with pytest.raises(StrictDataclassClassValidationError, match="divisible"):
+        TinyLlama2Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=3)
+
+
+def test_tied_embeddings_and_no_biases():
+    model = random_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not [name for name, _ in model.named_parameters() if name.endswith("bias")]
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_logits_match_transformers_llama(n_kv_heads):
+    model = random_model(num_key_value_heads=n_kv_heads)
+    llama = to_hf_llama(model).eval()
+    ids = torch.randint(3, 97, (3, 17))
+    ours, theirs = model(ids).logits, llama(ids).logits
+    assert ours.abs().max() > 1.0  # the comparison is not between near-zero tensors
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_logits_match_transformers_llama_with_cache_and_left_padding():
+    model = random_model()
+    llama = to_hf_llama(model).eval()
+    ids, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = mask.bool()
+    ours = model(ids, attention_mask=mask, position_ids=position_ids)
+    theirs = llama(ids, attention_mask=mask, position_ids=position_ids)
+    torch.testing.assert_close(ours.logits[valid], theirs.logits[valid])
+
+    # one more token through each model's KV cache
+    next_ids = torch.tensor([[20], [21]])
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    next_pos = position_ids[:, -1:] + 1
+    ours2 = model(next_ids, attention_mask=mask2, position_ids=next_pos, past_key_values=ours.past_key_values)
+    theirs2 = llama(next_ids, attention_mask=mask2, position_ids=next_pos, past_key_values=theirs.past_key_values)
+    torch.testing.assert_close(ours2.logits, theirs2.logits)
+
+
+def test_incremental_decoding_with_cache_equals_full_forward():
+    model = random_model()
+    ids = torch.randint(3, 97, (2, 12))
+    full = model(ids, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    prefix = model(ids[:, :5], past_key_values=cache, use_cache=True)
+    steps = [prefix.logits]
+    for t in range(5, 12):
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
+    chunked = DynamicCache(config=model.config)  # a multi-token chunk after a cache needs the offset causal mask
+    model(ids[:, :4], past_key_values=chunked, use_cache=True)
+    torch.testing.assert_close(model(ids[:, 4:], past_key_values=chunked, use_cache=True).logits, full[:, 4:])
+
+
+def test_left_padding_does_not_change_real_tokens():
+    model = random_model()
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ids, mask = left_padded(rows)
+    padded = model(ids, attention_mask=mask).logits  # positions derived from the mask
+    for row, tokens in enumerate(rows):
+        alone = model(torch.tensor([tokens])).logits[0]
+        torch.testing.assert_close(padded[row, -len(tokens) :], alone)
+    assert torch.isfinite(padded).all()  # rows of pure padding stay finite
+
+
+def test_greedy_generate_cache_equals_no_cache_and_left_padding_equals_single():
+    model = random_model()
+    rows = [[5, 6, 7, 8, 9], [12, 13]]
+    ids, mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with_cache = model.generate(ids, attention_mask=mask, use_cache=True, **kwargs)
+    without_cache = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without_cache)
+    for row, tokens in enumerate(rows):
+        single = model.generate(torch.tensor([tokens]), **kwargs)
+        assert with_cache[row, ids.shape[1] :].tolist() == single[0, len(tokens) :].tolist()
+    llama = to_hf_llama(model).eval()
+    assert torch.equal(llama.generate(ids, attention_mask=mask, **kwargs), with_cache)
+
+
+def test_loss_ignores_minus_100_labels():
+    model = random_model()
+    ids = torch.randint(3, 97, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    logits = model(ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(model(ids, labels=labels).loss, expected)
+
+
+def test_sequence_classification_reads_the_last_real_token():
+    config = tiny_config(initializer_range=0.3, num_labels=1)
+    scorer = TinyLlama2ForSequenceClassification(config).eval()
+    rows = [[5, 6, 7, 8], [9, 10]]
+    alone = torch.cat([scorer(torch.tensor([r])).logits for r in rows])  # (2, 1)
+    ids, mask = left_padded(rows)
+    torch.testing.assert_close(scorer(ids, attention_mask=mask).logits, alone)
+    right_ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    right_mask = (right_ids != 0).long()
+    torch.testing.assert_close(scorer(right_ids, attention_mask=right_mask).logits, alone)
+    torch.testing.assert_close(scorer(right_ids).logits, alone)  # falls back to the pad id
+
+
+def test_save_and_load_with_registered_classes(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.py").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "tiny_llama2"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is TinyLlama2ForCausalLM
+    ids = torch.randint(3, 97, (1, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1)
+    assert torch.equal(scorer.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_load_with_remote_code_in_a_fresh_process(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 97, (1, 9))
+    torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert "tiny_llama2_zh" not in sys.modules, "the package must not be needed"
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"])
+        print(type(model).__module__)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "transformers_modules" in result.stdout

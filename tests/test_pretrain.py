@@ -1,0 +1,97 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO_ROOT
+from tiny_llama2_zh.config import ConfigError, load_config
+from tiny_llama2_zh.data.pretokenized import write_token_file
+from tiny_llama2_zh.tokenizer import iter_texts, load_tokenizer
+from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
+
+SHIPPED_CONFIGS = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def token_files(small_tokenizer, demo_corpus, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bins")
+    tokenizer = load_tokenizer(small_tokenizer)
+    lines = (demo_corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_token_file(iter_texts([folder / "train.jsonl"]), tokenizer, folder / "train.bin")
+    write_token_file(iter_texts([demo_corpus / "validation.jsonl"]), tokenizer, folder / "validation.bin")
+    return {"train": folder / "train.bin", "validation": folder / "validation.bin"}
+
+
+def smoke_config(small_tokenizer, token_files, output_dir, *extra) -> PretrainConfig:
+    return load_config(
+        PretrainConfig,
+        REPO_ROOT / "configs" / "pretrain" / "demo.yaml",
+        [
+            f"data.tokenizer={small_tokenizer}",
+            f"data.train={token_files['train']}",
+            f"data.validation={token_files['validation']}",
+            f"train.output_dir={output_dir}",
+            "model.hidden_size=32",
+            "model.num_hidden_layers=2",
+            "data.seq_len=32",
+            "data.eval_blocks=4",
+            "train.max_steps=2",
+            "train.per_device_batch_size=2",
+            "train.warmup_steps=0",
+            "train.logging_steps=1",
+            "train.eval_steps=0",
+            "train.report_to=[]",
+            "sample_max_new_tokens=5",
+            *extra,
+        ],
+    )
+
+
+def test_two_step_pretraining_run_writes_a_loadable_model(small_tokenizer, token_files, tmp_path):
+    config = smoke_config(small_tokenizer, token_files, tmp_path / "run")
+    result = pretrain(config)
+    assert result.steps == 2 and result.tokens_seen == 2 * 2 * 32
+    assert result.final_validation_loss < result.initial_validation_loss  # two steps at lr 3e-3 already help
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert all(m["tokens_per_second"] > 0 for m in metrics if "loss" in m)
+    assert (run / "loss.png").stat().st_size > 1000
+    assert load_config(PretrainConfig, run / "config.yaml") == config  # the resolved config, reloadable
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {s["prompt"] for s in samples} == set(config.sample_prompts)
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    tokenizer = load_tokenizer(run / "final")
+    assert model.config.hidden_size == 32 and model.config.vocab_size == len(tokenizer) == 1024
+    batch = torch.stack([torch.arange(3, 35)])
+    assert torch.isfinite(model(batch, labels=batch).loss)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(small_tokenizer, token_files, tmp_path):
+    pretrain(smoke_config(small_tokenizer, token_files, tmp_path / "run", "train.max_steps=1"))
+    with pytest.raises(FileExistsError, match="resume"):
+        pretrain(smoke_config(small_tokenizer, token_files, tmp_path / "run", "train.max_steps=1"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid_and_say_how_to_run_them(path):
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith(f"# tinyllm pretrain --config configs/pretrain/{path.name}")
+    config = load_config(PretrainConfig, path)
+    assert config.data.seq_len <= (config.model.max_position_embeddings or 512)
+
+
+def test_unknown_or_mistyped_keys_are_errors(tmp_path):
+    path = REPO_ROOT / "configs" / "pretrain" / "demo.yaml"
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rat'\]"):
+        load_config(PretrainConfig, path, ["train.learning_rat=0.1"])
+    with pytest.raises(ConfigError, match="max_steps"):
+        load_config(PretrainConfig, path, ["train.max_steps=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  tokenizer: t\n  train: t.bin\ntrain:\n  output_dir: o\nmodle:\n  size: 9m\n")
+    with pytest.raises(ConfigError, match=rf"{bad}.*modle"):
+        load_config(PretrainConfig, bad)
