@@ -57,3 +57,11 @@ def count_parameters(config: TinyLlama2Config) -> dict[str, int]:
     body = layers * (attention + mlp + norms) + dim  # + final norm
     head = 0 if config.tie_word_embeddings else embedding
     return {"embedding": embedding, "non_embedding": body, "total": embedding + body + head}
+
+
+def flops_per_token(config: TinyLlama2Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the forward and backward pass through every weight (the tied output
+    head included) plus 12·L·d·T for attention scores and values (Chowdhery et al. 2022, PaLM, appendix B;
+    nanoGPT's `estimate_mfu`)."""
+    total = count_parameters(config)["total"]
+    return 6 * total + 12 * config.num_hidden_layers * config.hidden_size * seq_len

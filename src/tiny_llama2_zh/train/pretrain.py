@@ -14,17 +14,25 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
-from transformers import Trainer, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, default_data_collator
 
 from tiny_llama2_zh.config import save_config
 from tiny_llama2_zh.data.pretokenized import PretrainDataset
+from tiny_llama2_zh.evaluate import evaluate_loss
 from tiny_llama2_zh.generate import SamplingOptions, generate_text
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.plot import plot_loss_curves
-from tiny_llama2_zh.presets import count_parameters, preset_config
+from tiny_llama2_zh.presets import count_parameters, flops_per_token, preset_config
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
-from tiny_llama2_zh.train.common import MetricsFileCallback, TrainOptions, training_arguments
+from tiny_llama2_zh.train.common import (
+    CopyConfigToCheckpoints,
+    GuardedTrainer,
+    MetricsFileCallback,
+    TrainOptions,
+    latest_complete_checkpoint,
+    peak_flops,
+    training_arguments,
+)
 
 # The seed project's sample prompts (a Tang poem and a book blurb).
 SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："]
@@ -78,9 +86,10 @@ class PretrainResult:
     samples: dict[str, str]
 
 
-def pretrain(config: PretrainConfig) -> PretrainResult:
+def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = None) -> PretrainResult | None:
+    """Run the recipe. Returns the result on the main process (None on the others)."""
     output_dir = Path(config.train.output_dir)
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    checkpoint = latest_complete_checkpoint(output_dir) if config.resume else None
     if (output_dir / "metrics.jsonl").exists() and not config.resume:
         raise FileExistsError(
             f"{output_dir} already holds a run; pass resume=true to continue it, or choose another train.output_dir"
@@ -118,56 +127,88 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         eval_dataset = Subset(validation, range(min(config.data.eval_blocks, len(validation))))
 
     args = training_arguments(config.train)
-    tokens_per_step = (
-        config.data.seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    )
-    trainer = Trainer(
+    resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else (0 if config.resume else None)
+    trainer = GuardedTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
-        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl", tokens_per_step)],
+        processing_class=tokenizer,
+        callbacks=[
+            MetricsFileCallback(output_dir / "metrics.jsonl", resume_step=resume_step),
+            CopyConfigToCheckpoints(output_dir / "config.yaml"),
+            SamplesCallback(config, output_dir / "samples.jsonl"),
+            *(callbacks or []),
+        ],
     )
+    trainer.tokens_per_step = (
+        config.data.seq_len
+        * args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * trainer.accelerator.num_processes
+    )
+    trainer.flops_per_token = flops_per_token(model_config, config.data.seq_len)
+    trainer.peak_flops = peak_flops(config.train)
+    # Our own evaluator, not trainer.evaluate(): evaluating through the Trainer before train() marks the model
+    # as prepared by accelerate, which then skips wrapping it in DistributedDataParallel (seen with
+    # transformers 5.23 / accelerate 1.15: ranks trained apart under torchrun).
     initial_loss = None
-    if eval_dataset is not None and last_checkpoint is None:
-        initial_loss = trainer.evaluate()["eval_loss"]
+    if eval_dataset is not None and checkpoint is None:
+        initial_loss = evaluate_loss(model, eval_dataset, args.per_device_eval_batch_size).loss
 
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}")
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=last_checkpoint if config.resume else None)
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
-    final_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    final_loss = None
+    if eval_dataset is not None:
+        final_loss = evaluate_loss(trainer.model, eval_dataset, args.per_device_eval_batch_size).loss
 
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
-    result = None
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final_dir))
-        samples = _write_samples(
-            trainer.model, tokenizer, config, output_dir / "samples.jsonl", train_output.global_step
-        )
-        plot_loss_curves(output_dir)
-        result = PretrainResult(
-            output_dir=str(output_dir),
-            final_model_dir=str(final_dir),
-            parameters=count_parameters(model_config),
-            steps=train_output.global_step,
-            train_seconds=round(train_seconds, 2),
-            tokens_seen=train_output.global_step * tokens_per_step,
-            initial_validation_loss=initial_loss,
-            final_validation_loss=final_loss,
-            samples=samples,
-        )
-        (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
+    if not trainer.is_world_process_zero():
+        return None
+    tokenizer.save_pretrained(str(final_dir))
+    plot_loss_curves(output_dir)
+    result = PretrainResult(
+        output_dir=str(output_dir),
+        final_model_dir=str(final_dir),
+        parameters=count_parameters(model_config),
+        steps=train_output.global_step,
+        train_seconds=round(train_seconds, 2),
+        tokens_seen=train_output.global_step * trainer.tokens_per_step,
+        initial_validation_loss=initial_loss,
+        final_validation_loss=final_loss,
+        samples=write_samples(trainer.model, tokenizer, config, output_dir / "samples.jsonl", train_output.global_step),
+    )
+    (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
     return result
 
 
-def _write_samples(model, tokenizer, config: PretrainConfig, path: Path, step: int) -> dict[str, str]:
-    """Greedy continuations of the sample prompts, appended to samples.jsonl with the step."""
+def write_samples(model, tokenizer, config: PretrainConfig, path: Path, step: int) -> dict[str, str]:
+    """Seeded top-p samples continuing each sample prompt, appended to samples.jsonl with the step, so that a
+    person can watch the model learn (the seed project shows the same)."""
+    was_training = model.training
     model.eval()
-    options = SamplingOptions(max_new_tokens=config.sample_max_new_tokens, repetition_penalty=1.1)
+    options = SamplingOptions(
+        max_new_tokens=config.sample_max_new_tokens, temperature=0.8, top_p=0.9, repetition_penalty=1.1
+    )
     samples = {prompt: generate_text(model, tokenizer, prompt, options) for prompt in config.sample_prompts}
     with path.open("a", encoding="utf-8") as out:
         for prompt, text in samples.items():
             out.write(json.dumps({"step": step, "prompt": prompt, "continuation": text}, ensure_ascii=False) + "\n")
+    model.train(was_training)
     return samples
+
+
+class SamplesCallback(TrainerCallback):
+    """Writes continuations of the sample prompts at every periodic evaluation."""
+
+    def __init__(self, config: PretrainConfig, path: Path):
+        self.config, self.path = config, path
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0 and model is not None:
+            write_samples(model, processing_class, self.config, self.path, state.global_step)

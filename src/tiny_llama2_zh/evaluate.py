@@ -1,0 +1,57 @@
+"""Validation loss and perplexity of a causal LM on pretokenized blocks (`tinyllm eval ppl`)."""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+from transformers import PreTrainedModel, default_data_collator
+
+from tiny_llama2_zh.data.pretokenized import PretrainDataset
+from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
+
+
+@dataclass
+class PerplexityResult:
+    loss: float  # mean cross-entropy per predicted token, nats
+    perplexity: float
+    tokens: int
+    blocks: int
+
+
+@torch.inference_mode()
+def evaluate_loss(
+    model: PreTrainedModel, dataset: Dataset, batch_size: int = 8, show_progress: bool = False
+) -> PerplexityResult:
+    """Token-weighted mean loss over every block of `dataset` (each block predicts seq_len - 1 tokens)."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
+    for batch in tqdm(loader, desc="evaluate", disable=not show_progress):
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        predicted = int((batch["labels"][:, 1:] != -100).sum())
+        total_loss += model(**batch).loss.item() * predicted
+        total_tokens += predicted
+    model.train(was_training)
+    loss = total_loss / total_tokens
+    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=total_tokens, blocks=len(dataset))
+
+
+def evaluate_perplexity(
+    model_dir: str | Path,
+    data: str | Path,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_blocks: int | None = None,
+) -> PerplexityResult:
+    from tiny_llama2_zh.generate import load_model
+
+    model, tokenizer = load_model(model_dir)
+    seq_len = seq_len or model.config.max_position_embeddings
+    dataset: Dataset = PretrainDataset(data, seq_len, expected_fingerprint=tokenizer_fingerprint(tokenizer))
+    if max_blocks is not None:
+        dataset = Subset(dataset, range(min(max_blocks, len(dataset))))
+    return evaluate_loss(model, dataset, batch_size, show_progress=True)
