@@ -12,9 +12,12 @@ import pytest
 import torch
 
 import tiny_llama2_zh  # noqa: F401  (registers the Auto classes)
+from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
+from tiny_llama2_zh.data.pretokenized import write_token_file
 from tiny_llama2_zh.model import TinyLlama2Config
-from tiny_llama2_zh.tokenizer import train_bpe_tokenizer
+from tiny_llama2_zh.tokenizer import iter_texts, load_tokenizer, train_bpe_tokenizer
+from tiny_llama2_zh.train.pretrain import PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("TINYLLM_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -50,6 +53,42 @@ def small_tokenizer(tmp_path_factory, demo_corpus):
     folder = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer([sample], vocab_size=1024, output_dir=folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def token_files(small_tokenizer, demo_corpus, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bins")
+    tokenizer = load_tokenizer(small_tokenizer)
+    lines = (demo_corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_token_file(iter_texts([folder / "train.jsonl"]), tokenizer, folder / "train.bin")
+    write_token_file(iter_texts([demo_corpus / "validation.jsonl"]), tokenizer, folder / "validation.bin")
+    return {"train": folder / "train.bin", "validation": folder / "validation.bin"}
+
+
+def smoke_config(small_tokenizer, token_files, output_dir, *extra) -> PretrainConfig:
+    return load_config(
+        PretrainConfig,
+        REPO_ROOT / "configs" / "pretrain" / "demo.yaml",
+        [
+            f"data.tokenizer={small_tokenizer}",
+            f"data.train={token_files['train']}",
+            f"data.validation={token_files['validation']}",
+            f"train.output_dir={output_dir}",
+            "model.hidden_size=32",
+            "model.num_hidden_layers=2",
+            "data.seq_len=32",
+            "data.eval_blocks=4",
+            "train.max_steps=2",
+            "train.per_device_batch_size=2",
+            "train.warmup_steps=0",
+            "train.logging_steps=1",
+            "train.eval_steps=0",
+            "train.report_to=[]",
+            "sample_max_new_tokens=5",
+            *extra,
+        ],
+    )
 
 
 def tiny_config(**overrides) -> TinyLlama2Config:

@@ -1,53 +1,18 @@
+import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, smoke_config
 from tiny_llama2_zh.config import ConfigError, load_config
-from tiny_llama2_zh.data.pretokenized import write_token_file
-from tiny_llama2_zh.tokenizer import iter_texts, load_tokenizer
+from tiny_llama2_zh.presets import PRESETS
+from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.train.common import training_arguments
 from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
 
 SHIPPED_CONFIGS = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def token_files(small_tokenizer, demo_corpus, tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("bins")
-    tokenizer = load_tokenizer(small_tokenizer)
-    lines = (demo_corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    write_token_file(iter_texts([folder / "train.jsonl"]), tokenizer, folder / "train.bin")
-    write_token_file(iter_texts([demo_corpus / "validation.jsonl"]), tokenizer, folder / "validation.bin")
-    return {"train": folder / "train.bin", "validation": folder / "validation.bin"}
-
-
-def smoke_config(small_tokenizer, token_files, output_dir, *extra) -> PretrainConfig:
-    return load_config(
-        PretrainConfig,
-        REPO_ROOT / "configs" / "pretrain" / "demo.yaml",
-        [
-            f"data.tokenizer={small_tokenizer}",
-            f"data.train={token_files['train']}",
-            f"data.validation={token_files['validation']}",
-            f"train.output_dir={output_dir}",
-            "model.hidden_size=32",
-            "model.num_hidden_layers=2",
-            "data.seq_len=32",
-            "data.eval_blocks=4",
-            "train.max_steps=2",
-            "train.per_device_batch_size=2",
-            "train.warmup_steps=0",
-            "train.logging_steps=1",
-            "train.eval_steps=0",
-            "train.report_to=[]",
-            "sample_max_new_tokens=5",
-            *extra,
-        ],
-    )
 
 
 def test_two_step_pretraining_run_writes_a_loadable_model(small_tokenizer, token_files, tmp_path):
@@ -82,7 +47,11 @@ def test_shipped_configs_are_valid_and_say_how_to_run_them(path):
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith(f"# tinyllm pretrain --config configs/pretrain/{path.name}")
     config = load_config(PretrainConfig, path)
-    assert config.data.seq_len <= (config.model.max_position_embeddings or 512)
+    context = config.model.max_position_embeddings or PRESETS[config.model.size].max_seq_len
+    assert config.data.seq_len <= context
+    # transformers validates the Trainer options too (fp32 and no compile: this machine has no GPU)
+    cpu_options = dataclasses.replace(config.train, precision="fp32", torch_compile=False)
+    assert training_arguments(cpu_options).max_steps == config.train.max_steps
 
 
 def test_unknown_or_mistyped_keys_are_errors(tmp_path):

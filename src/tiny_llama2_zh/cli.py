@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -125,6 +126,11 @@ def _data_tokenize(args: argparse.Namespace) -> None:
 def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/pretrain/demo.yaml")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in train.output_dir from its newest complete checkpoint (same as resume=true)",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -136,7 +142,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     from tiny_llama2_zh.config import load_config
     from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
 
-    result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    result = pretrain(load_config(PretrainConfig, args.config, overrides))
     if result is not None:
         print(
             f"final model: {result.final_model_dir}; validation loss "
@@ -165,6 +172,30 @@ def _generate(args: argparse.Namespace) -> None:
     )
     print(args.prompt, end="", flush=True)
     generate_text(model, tokenizer, args.prompt, options, stream=True)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def _eval_ppl_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="saved model folder (with its tokenizer)")
+    parser.add_argument("--data", required=True, help="a .bin from `tinyllm data tokenize` with the same tokenizer")
+    parser.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's context)")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
+    parser.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks")
+    parser.add_argument("--output", help="also write the result as JSON to this file")
+
+
+def _eval_ppl(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from tiny_llama2_zh.evaluate import evaluate_perplexity
+
+    result = evaluate_perplexity(args.model, args.data, args.seq_len, args.batch_size, args.max_blocks)
+    print(
+        f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f} "
+        f"({result.tokens:,} tokens in {result.blocks:,} blocks)"
+    )
+    if args.output:
+        Path(args.output).write_text(json.dumps(asdict(result), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -227,6 +258,13 @@ COMMANDS = [
     ),
     Command("pretrain", "pretrain a model from a recipe YAML", _pretrain_arguments, _pretrain),
     Command("generate", "continue a prompt with a saved model (streams)", _generate_arguments, _generate),
+    Command(
+        "eval",
+        "evaluate saved models",
+        subcommands=[
+            Command("ppl", "validation loss and perplexity on a .bin", _eval_ppl_arguments, _eval_ppl),
+        ],
+    ),
     Command("plot", "draw a run's loss curves as PNG", _plot_arguments, _plot),
 ]
 
@@ -253,10 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help answers here, before the heavy imports below
+    from tiny_llama2_zh.train.common import TrainingDivergedError
+
     try:
         args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDivergedError) as error:
         print(f"tinyllm: error: {error}", file=sys.stderr)
         return 2
     return 0

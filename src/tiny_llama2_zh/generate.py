@@ -36,9 +36,10 @@ def generate_text(
     prompt: str,
     options: SamplingOptions,
     stream: bool = False,
+    synced_gpus: bool = False,
 ) -> str:
     """Continue `prompt` and return the continuation (without the prompt). Pretraining documents carry no bos,
-    so neither does the prompt."""
+    so neither does the prompt. The seed makes sampled text reproducible."""
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     sampling = options.temperature > 0
     torch.manual_seed(options.seed)
@@ -53,5 +54,6 @@ def generate_text(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+        synced_gpus=synced_gpus,  # DeepSpeed ZeRO-3: every process steps until all have finished
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

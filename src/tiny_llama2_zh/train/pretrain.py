@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 from transformers import TrainerCallback, default_data_collator
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from tiny_llama2_zh.config import save_config
 from tiny_llama2_zh.data.pretokenized import PretrainDataset
@@ -168,7 +169,13 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
 
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
-    if not trainer.is_world_process_zero():
+    # every process generates (ZeRO-3 shards the weights, so a forward pass needs all of them); one writes
+    main_process = trainer.is_world_process_zero()
+    step = train_output.global_step
+    samples = write_samples(
+        trainer.model, tokenizer, config, output_dir / "samples.jsonl" if main_process else None, step
+    )
+    if not main_process:
         return None
     tokenizer.save_pretrained(str(final_dir))
     plot_loss_curves(output_dir)
@@ -181,24 +188,29 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         tokens_seen=train_output.global_step * trainer.tokens_per_step,
         initial_validation_loss=initial_loss,
         final_validation_loss=final_loss,
-        samples=write_samples(trainer.model, tokenizer, config, output_dir / "samples.jsonl", train_output.global_step),
+        samples=samples,
     )
     (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
     return result
 
 
-def write_samples(model, tokenizer, config: PretrainConfig, path: Path, step: int) -> dict[str, str]:
-    """Seeded top-p samples continuing each sample prompt, appended to samples.jsonl with the step, so that a
-    person can watch the model learn (the seed project shows the same)."""
+def write_samples(model, tokenizer, config: PretrainConfig, path: Path | None, step: int) -> dict[str, str]:
+    """Seeded top-p samples continuing each sample prompt, appended to `path` (samples.jsonl) with the step, so
+    that a person can watch the model learn (the seed project shows the same). `path=None` writes nothing."""
     was_training = model.training
     model.eval()
     options = SamplingOptions(
         max_new_tokens=config.sample_max_new_tokens, temperature=0.8, top_p=0.9, repetition_penalty=1.1
     )
-    samples = {prompt: generate_text(model, tokenizer, prompt, options) for prompt in config.sample_prompts}
-    with path.open("a", encoding="utf-8") as out:
-        for prompt, text in samples.items():
-            out.write(json.dumps({"step": step, "prompt": prompt, "continuation": text}, ensure_ascii=False) + "\n")
+    synced = is_deepspeed_zero3_enabled()
+    samples = {
+        prompt: generate_text(model, tokenizer, prompt, options, synced_gpus=synced) for prompt in config.sample_prompts
+    }
+    if path is not None:
+        with path.open("a", encoding="utf-8") as out:
+            for prompt, text in samples.items():
+                record = {"step": step, "prompt": prompt, "continuation": text}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
     model.train(was_training)
     return samples
 
@@ -210,5 +222,6 @@ class SamplesCallback(TrainerCallback):
         self.config, self.path = config, path
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if state.is_world_process_zero and state.global_step > 0 and model is not None:
-            write_samples(model, processing_class, self.config, self.path, state.global_step)
+        if state.global_step > 0 and model is not None:
+            path = self.path if state.is_world_process_zero else None
+            write_samples(model, processing_class, self.config, path, state.global_step)

@@ -1,0 +1,168 @@
+"""Never lose work, never train garbage, scale past one process: kill-and-resume, divergence stop, torchrun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from conftest import REPO_ROOT, smoke_config
+from tiny_llama2_zh.train.common import TrainingDivergedError, latest_complete_checkpoint
+from tiny_llama2_zh.train.pretrain import pretrain
+
+DEMO_YAML = REPO_ROOT / "configs" / "pretrain" / "demo.yaml"
+
+# Runs the recipe in a child process; with KILL_AT_STEP set, the child SIGKILLs itself when that optimizer step
+# ends: a real, unannounced death between checkpoints, as a preempted node or the OOM killer would cause.
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from tiny_llama2_zh.config import load_config
+    from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_AT_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    config = load_config(PretrainConfig, sys.argv[1], sys.argv[2:])
+    pretrain(config, callbacks=[KillAt()] if "KILL_AT_STEP" in os.environ else None)
+    """
+)
+
+
+def overrides(small_tokenizer, token_files, output_dir, *extra) -> list[str]:
+    return [
+        f"data.tokenizer={small_tokenizer}",
+        f"data.train={token_files['train']}",
+        f"data.validation={token_files['validation']}",
+        f"train.output_dir={output_dir}",
+        "model.hidden_size=32",
+        "model.num_hidden_layers=2",
+        "data.seq_len=32",
+        "data.eval_blocks=4",
+        "train.per_device_batch_size=4",
+        "train.warmup_steps=2",
+        "train.logging_steps=1",
+        "train.eval_steps=0",
+        "train.report_to=[]",
+        "sample_max_new_tokens=3",
+        *extra,
+    ]
+
+
+def run_child(args: list[str], kill_at: int | None = None, launcher: list[str] | None = None):
+    """The recipe in a child process: CHILD with the demo YAML and `args` as overrides, or `launcher + args`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill_at is not None:
+        env["KILL_AT_STEP"] = str(kill_at)
+    command = [*launcher, *args] if launcher else [sys.executable, "-c", CHILD, str(DEMO_YAML), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert len(losses) == len([r for r in records if "loss" in r]), "a step was logged twice"
+    return losses
+
+
+def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(small_tokenizer, token_files, tmp_path):
+    steps = ["train.max_steps=8", "train.save_steps=3"]
+    reference = run_child(overrides(small_tokenizer, token_files, tmp_path / "reference", *steps))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    killed = run_child(overrides(small_tokenizer, token_files, crashed, *steps), kill_at=5)
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_complete_checkpoint(crashed) == crashed / "checkpoint-3"
+    assert (crashed / "checkpoint-3" / "config.yaml").is_file()  # the resolved config beside the checkpoint
+    # a checkpoint whose writing was cut short (no trainer_state.json yet) must be ignored, not resumed from
+    shutil.copytree(crashed / "checkpoint-3", crashed / "checkpoint-6")
+    (crashed / "checkpoint-6" / "trainer_state.json").unlink()
+
+    resumed = run_child(overrides(small_tokenizer, token_files, crashed, *steps, "resume=true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-3" in resumed.stdout
+
+    expected, actual = step_losses(tmp_path / "reference"), step_losses(crashed)
+    assert sorted(actual) == sorted(expected) == list(range(1, 9))
+    for step in expected:
+        assert actual[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+class PoisonWeights(TrainerCallback):
+    """Turns one weight into NaN after `step`, as an fp16 overflow would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_with_step_and_last_good_checkpoint(small_tokenizer, token_files, tmp_path):
+    config = smoke_config(small_tokenizer, token_files, tmp_path / "run", "train.max_steps=6", "train.save_steps=2")
+    with pytest.raises(TrainingDivergedError) as error:
+        pretrain(config, callbacks=[PoisonWeights(step=3)])
+    message = str(error.value)
+    assert "step 4" in message and "loss is nan" in message
+    assert str(tmp_path / "run" / "checkpoint-2") in message
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+
+
+@pytest.fixture(scope="module")
+def single_process_run(small_tokenizer, token_files, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    single = run_child(overrides(small_tokenizer, token_files, run_dir, "train.max_steps=4"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    return run_dir
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "ddp",
+        pytest.param("zero1", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")),
+        pytest.param("zero2", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")),
+        pytest.param("zero3", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")),
+    ],
+)
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
+    engine, single_process_run, small_tokenizer, token_files, tmp_path
+):
+    """torchrun on CPU (gloo): plain DDP, and DeepSpeed ZeRO-2/3 through the Trainer with the shipped configs."""
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "tiny_llama2_zh.cli"]
+    extra = ["train.max_steps=4", "train.per_device_batch_size=2"]
+    if engine != "ddp":
+        extra.append(f"train.deepspeed={REPO_ROOT / 'configs' / 'deepspeed' / f'{engine}.json'}")
+    args = ["pretrain", "--config", str(DEMO_YAML), *overrides(small_tokenizer, token_files, tmp_path / "run", *extra)]
+    distributed = run_child(args, launcher=torchrun)
+    assert distributed.returncode == 0, distributed.stderr[-3000:]
+    one, two = step_losses(single_process_run), step_losses(tmp_path / "run")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4), step
+    # both processes trained one model, and it is the single-process run's model
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(single_process_run / "final").state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-4, rtol=1e-4)
