@@ -181,3 +181,41 @@ def test_load_with_remote_code_in_a_fresh_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "transformers_modules" in result.stdout
+
+
+@pytest.mark.parametrize("num_items", [None, 50])
+def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients(num_items):
+    model = random_model()
+    ids = torch.randint(3, 97, (3, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    results = []
+    for chunk_rows in (None, 7):  # 7 rows per chunk: chunks do not divide the 45 rows evenly
+        model.zero_grad(set_to_none=True)
+        model.fused_loss_chunk_rows = chunk_rows
+        output = model(ids, labels=labels, **kwargs)
+        output.loss.backward()
+        results.append((output.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert (output.logits is None) == (chunk_rows is not None)
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, msg=name)
+    with torch.no_grad():  # evaluation takes the same path without computing gradients
+        torch.testing.assert_close(model(ids, labels=labels, **kwargs).loss, plain_loss)
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_the_plain_loss():
+    model = random_model()
+    ids = torch.randint(3, 97, (2, 16))
+    losses = []
+    for chunk_rows in (None, 8):
+        model.fused_loss_chunk_rows = chunk_rows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert model.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(model.lm_head.weight.grad).all()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.float())
+    torch.testing.assert_close(losses[1], losses[0], atol=0.05, rtol=0.01)

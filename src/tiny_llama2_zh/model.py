@@ -374,8 +374,66 @@ class TinyLlama2Model(TinyLlama2PreTrainedModel):
         )
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, labels)) / normalizer, computed in row chunks.
+
+    The plain path materialises the (tokens, vocab) logits, their log-softmax and that log-softmax's gradient: three
+    tensors of tokens x vocab floats (4 GB for a 64,798-token vocabulary at 16 x 1024 tokens), and on a CPU a
+    quarter of the step time. Here each chunk's logits become their own gradient in place
+    (softmax - one_hot) and are discarded, so gradients for `hidden` and `weight` are computed during the forward
+    pass and only they are kept. The idea is Liger-Kernel's fused linear cross entropy (Hsu et al. 2024); Liger
+    ships it as Triton kernels for GPUs only, so this is the same algorithm in plain PyTorch, for every device.
+    Rows labelled -100 are ignored; autocast (bf16/fp16) applies to the matmuls, the softmax runs in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, normalizer, chunk_rows: int):
+        # hidden: (N, d), weight: (V, d), labels: (N,), normalizer: scalar tensor
+        device_type = hidden.device.type
+        compute_dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        )
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(device_type, enabled=False):
+            weight_c = weight.to(compute_dtype)
+            grad_hidden = torch.empty_like(hidden) if needs_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = hidden[start : start + chunk_rows].to(compute_dtype)  # (n, d)
+                targets = labels[start : start + chunk_rows]  # (n,)
+                valid = targets != -100
+                safe_targets = targets.clamp(min=0)[:, None]  # (n, 1)
+                logits = (rows @ weight_c.T).float()  # (n, V)
+                log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
+                target_logits = logits.gather(1, safe_targets).squeeze(1)
+                total += ((log_normalizer - target_logits) * valid).sum()
+                if needs_grad:
+                    logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in place
+                    logits.scatter_add_(1, safe_targets, -valid[:, None].float())  # - one_hot(target)
+                    logits.mul_(valid[:, None] / normalizer)  # d(loss)/d(logits)
+                    grad_logits = logits.to(compute_dtype)
+                    grad_hidden[start : start + chunk_rows] = grad_logits @ weight_c
+                    grad_weight += grad_logits.T @ rows
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None
+
+
 class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
-    """Backbone + language-model head (tied to the input embedding by default)."""
+    """Backbone + language-model head (tied to the input embedding by default).
+
+    Set `fused_loss_chunk_rows` (e.g. 1024) to compute the training loss with `LinearCrossEntropy`: the same
+    loss without the full logits tensor. Forward then returns `logits=None` whenever labels are given, so leave it
+    unset for trainers that read logits alongside the loss (TRL's SFT token accuracy does).
+    """
+
+    fused_loss_chunk_rows: int | None = None
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -421,6 +479,12 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.fused_loss_chunk_rows and not logits_to_keep:
+            return CausalLMOutputWithPast(
+                loss=self._fused_loss(hidden_states, labels, kwargs.get("num_items_in_batch")),
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+            )
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)  # (B, T, vocab)
@@ -435,6 +499,17 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
+
+    def _fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """The loss transformers' ForCausalLMLoss computes (shifted labels, -100 ignored, sum over
+        num_items_in_batch when the Trainer passes it, else the mean), through LinearCrossEntropy."""
+        hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])  # (B*(T-1), dim)
+        targets = labels[:, 1:].reshape(-1).to(hidden.device)  # (B*(T-1),)
+        if num_items_in_batch is None:
+            normalizer = (targets != -100).sum().clamp(min=1).float()
+        else:
+            normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+        return LinearCrossEntropy.apply(hidden, self.lm_head.weight, targets, normalizer, self.fused_loss_chunk_rows)
 
 
 class TinyLlama2ForSequenceClassification(TinyLlama2PreTrainedModel):

@@ -67,13 +67,13 @@ class TrainingDivergedError(RuntimeError):
 
 
 def training_arguments(options: TrainOptions, **stage_specific) -> TrainingArguments:
-    """TrainingArguments from TrainOptions; a stage passes the few arguments that are its own."""
+    """TrainingArguments from TrainOptions; a stage passes the few arguments that are its own (they win)."""
     if options.precision != "fp32" and not torch.cuda.is_available():
         raise ValueError(f"precision {options.precision} needs a GPU; use train.precision=fp32 on CPU")
     scheduler, scheduler_kwargs = options.lr_scheduler, {}
     if scheduler == "cosine":
         scheduler, scheduler_kwargs = "cosine_with_min_lr", {"min_lr_rate": options.min_lr_ratio}
-    return TrainingArguments(
+    arguments = dict(
         output_dir=options.output_dir,
         max_steps=options.max_steps,
         per_device_train_batch_size=options.per_device_batch_size,
@@ -92,6 +92,7 @@ def training_arguments(options: TrainOptions, **stage_specific) -> TrainingArgum
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN must be seen, not averaged away
         eval_strategy="steps" if options.eval_steps > 0 else "no",
+        prediction_loss_only=True,  # evaluation keeps losses only, never (tokens x vocab) logits in memory
         eval_steps=options.eval_steps if options.eval_steps > 0 else None,
         save_strategy="steps",
         save_steps=options.save_steps,
@@ -109,8 +110,9 @@ def training_arguments(options: TrainOptions, **stage_specific) -> TrainingArgum
         fsdp=options.fsdp,
         ddp_backend=options.ddp_backend,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU run distributed (gloo)
-        **stage_specific,
     )
+    arguments.update(stage_specific)
+    return TrainingArguments(**arguments)
 
 
 def peak_flops(options: TrainOptions) -> float | None:
@@ -241,11 +243,13 @@ class MetricsFileCallback(TrainerCallback):
             temporary.replace(self.path)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
+        if state.is_world_process_zero and logs:
+            self.write({"step": state.global_step, **logs})
+
+    def write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            out.write(json.dumps(record) + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

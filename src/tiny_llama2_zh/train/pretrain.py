@@ -8,6 +8,7 @@ tokenizer in `final/` (a `save_pretrained` folder).
 """
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ class ModelOptions:
     max_position_embeddings: int | None = None
     multiple_of: int | None = None
     dropout: float = 0.0
+    # Compute the training loss in row chunks without the full logits tensor (TinyLlama2ForCausalLM's
+    # LinearCrossEntropy): same loss, far less memory, faster. 0 turns it off.
+    fused_loss_chunk_rows: int = 1024
 
 
 @dataclass
@@ -120,6 +124,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         )
     torch.manual_seed(config.train.seed)
     model = TinyLlama2ForCausalLM(model_config)
+    model.fused_loss_chunk_rows = config.model.fused_loss_chunk_rows or None
 
     train_dataset = PretrainDataset(config.data.train, config.data.seq_len, expected_fingerprint=fingerprint)
     eval_dataset = None
@@ -129,6 +134,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
 
     args = training_arguments(config.train)
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else (0 if config.resume else None)
+    metrics_file = MetricsFileCallback(output_dir / "metrics.jsonl", resume_step=resume_step)
     trainer = GuardedTrainer(
         model=model,
         args=args,
@@ -137,7 +143,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         data_collator=default_data_collator,
         processing_class=tokenizer,
         callbacks=[
-            MetricsFileCallback(output_dir / "metrics.jsonl", resume_step=resume_step),
+            metrics_file,
             CopyConfigToCheckpoints(output_dir / "config.yaml"),
             SamplesCallback(config, output_dir / "samples.jsonl"),
             *(callbacks or []),
@@ -157,6 +163,8 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     initial_loss = None
     if eval_dataset is not None and checkpoint is None:
         initial_loss = evaluate_loss(model, eval_dataset, args.per_device_eval_batch_size).loss
+        if trainer.is_world_process_zero():
+            metrics_file.write({"step": 0, "eval_loss": initial_loss, "eval_perplexity": math.exp(initial_loss)})
 
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
