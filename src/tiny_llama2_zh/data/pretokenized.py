@@ -5,6 +5,7 @@ uint16 when every id fits (vocabulary <= 65,536 ids: ChatGLM3's 64,798 does), el
 memory-maps the file, so a corpus of any size costs no RAM and no per-step copies beyond one block.
 """
 
+import glob
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ class Manifest:
     eos_token_id: int
     tokenizer_fingerprint: str
     sources: list[str] = field(default_factory=list)
+    sha256: str | None = None  # of the .bin, so a restarted `data prepare` can verify a finished shard
     format: str = MANIFEST_FORMAT
 
     @classmethod
@@ -118,30 +120,46 @@ def read_tokens(bin_path: str | Path) -> np.memmap:
     return tokens
 
 
-class PretrainDataset(Dataset):
-    """Fixed-length blocks of `seq_len` tokens from a `.bin`, as {"input_ids", "labels"} (labels == input_ids;
-    the model shifts them, so X = block[:-1] predicts Y = block[1:] as in the seed).
+def expand_token_files(pattern: str | Path) -> list[Path]:
+    """A .bin path, or a glob such as `data/pretrain/train-*.bin` for the shards of `tinyllm data prepare`."""
+    pattern = str(pattern)
+    if any(char in pattern for char in "*?["):
+        paths = sorted(Path(p) for p in glob.glob(pattern))
+        if not paths:
+            raise FileNotFoundError(f"no .bin files match {pattern}")
+        return paths
+    return [Path(pattern)]
 
-    Consecutive blocks overlap by one token, so every adjacent token pair in the file is a training target
-    exactly once. Block i starts at token i * (seq_len - 1).
+
+class PretrainDataset(Dataset):
+    """Fixed-length blocks of `seq_len` tokens from one `.bin` or a glob of shards, as {"input_ids", "labels"}
+    (labels == input_ids; the model shifts them, so X = block[:-1] predicts Y = block[1:] as in the seed).
+
+    Within a file, consecutive blocks overlap by one token, so every adjacent token pair is a training target
+    exactly once. Block i of a file starts at token i * (seq_len - 1). Files are memory-mapped lazily (each
+    dataloader worker maps its own) and never copied beyond one block.
     """
 
-    def __init__(self, bin_path: str | Path, seq_len: int, expected_fingerprint: str | None = None):
+    def __init__(self, path: str | Path, seq_len: int, expected_fingerprint: str | None = None):
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-        self.bin_path = Path(bin_path)
-        self.manifest = Manifest.read(bin_path)
-        if expected_fingerprint is not None and expected_fingerprint != self.manifest.tokenizer_fingerprint:
-            raise ValueError(
-                f"{bin_path} was tokenized with tokenizer {self.manifest.tokenizer_fingerprint}, "
-                f"not with the one given ({expected_fingerprint}); re-run `tinyllm data tokenize`"
-            )
         self.seq_len = seq_len
         self.stride = seq_len - 1
-        self.num_blocks = max(0, (self.manifest.num_tokens - 1) // self.stride)
+        self.files = expand_token_files(path)
+        self.manifests = [Manifest.read(file) for file in self.files]
+        for file, manifest in zip(self.files, self.manifests):
+            if expected_fingerprint is not None and expected_fingerprint != manifest.tokenizer_fingerprint:
+                raise ValueError(
+                    f"{file} was tokenized with tokenizer {manifest.tokenizer_fingerprint}, "
+                    f"not with the one given ({expected_fingerprint}); re-run `tinyllm data tokenize`"
+                )
+        self.manifest = self.manifests[0]
+        blocks = [max(0, (m.num_tokens - 1) // self.stride) for m in self.manifests]
+        self.offsets = np.cumsum([0, *blocks])  # first block index of each file
+        self.num_blocks = int(self.offsets[-1])
         if self.num_blocks == 0:
-            raise ValueError(f"{bin_path} has {self.manifest.num_tokens} tokens: too few for one block of {seq_len}")
-        self._tokens: np.memmap | None = None  # opened lazily: each dataloader worker maps its own
+            raise ValueError(f"{path} has too few tokens for one block of {seq_len}")
+        self._tokens: list[np.memmap | None] = [None] * len(self.files)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -149,8 +167,45 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.num_blocks:
             raise IndexError(index)
-        if self._tokens is None:
-            self._tokens = read_tokens(self.bin_path)
-        start = index * self.stride
-        block = torch.from_numpy(self._tokens[start : start + self.seq_len].astype(np.int64))
+        file_index = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        if self._tokens[file_index] is None:
+            self._tokens[file_index] = read_tokens(self.files[file_index])
+        start = (index - int(self.offsets[file_index])) * self.stride
+        block = torch.from_numpy(self._tokens[file_index][start : start + self.seq_len].astype(np.int64))
         return {"input_ids": block, "labels": block}
+
+
+class MixedPretrainDataset(Dataset):
+    """Several prepared sources drawn with mixing weights (the seed's `data_path_list`, weighted).
+
+    Sample i comes from source k with probability weights[k] (a seeded draw fixed at construction, so the
+    sequence is reproducible and resumable); within a source, blocks are taken in a seeded permutation and
+    start over when exhausted. Length: the total number of blocks of all sources, unless given.
+    """
+
+    def __init__(
+        self, datasets: list[PretrainDataset], weights: list[float], seed: int = 1337, length: int | None = None
+    ):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"{len(datasets)} sources but {len(weights)} weights")
+        if any(weight < 0 for weight in weights) or sum(weights) <= 0:
+            raise ValueError(f"mixing weights must be non-negative and not all zero, got {weights}")
+        self.datasets = datasets
+        self.length = length or sum(len(d) for d in datasets)
+        rng = np.random.default_rng(seed)
+        probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.source_of = rng.choice(len(datasets), size=self.length, p=probabilities).astype(np.int32)
+        # position of each sample among the samples of its source
+        self.rank_in_source = np.zeros(self.length, dtype=np.int64)
+        for k in range(len(datasets)):
+            where = np.flatnonzero(self.source_of == k)
+            self.rank_in_source[where] = np.arange(len(where))
+        self.permutations = [rng.permutation(len(d)) for d in datasets]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        source = int(self.source_of[index])
+        permutation = self.permutations[source]
+        return self.datasets[source][int(permutation[self.rank_in_source[index] % len(permutation)])]

@@ -19,7 +19,7 @@ from transformers import TrainerCallback, default_data_collator
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from tiny_llama2_zh.config import save_config
-from tiny_llama2_zh.data.pretokenized import PretrainDataset
+from tiny_llama2_zh.data.pretokenized import MixedPretrainDataset, PretrainDataset
 from tiny_llama2_zh.evaluate import evaluate_loss
 from tiny_llama2_zh.generate import SamplingOptions, generate_text
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
@@ -62,8 +62,9 @@ class DataOptions:
     """The `data:` section: tokenizer folder and pretokenized files (`tinyllm data tokenize`)."""
 
     tokenizer: str
-    train: str
+    train: str | list[str]  # a .bin, a glob of shards (train-*.bin), or a list of them to mix
     validation: str | None = None
+    train_weights: list[float] | None = None  # mixing weights when `train` is a list (default: by size)
     seq_len: int = 256
     eval_blocks: int = 200  # validation blocks per evaluation (a fixed, deterministic subset)
 
@@ -126,7 +127,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     model = TinyLlama2ForCausalLM(model_config)
     model.fused_loss_chunk_rows = config.model.fused_loss_chunk_rows or None
 
-    train_dataset = PretrainDataset(config.data.train, config.data.seq_len, expected_fingerprint=fingerprint)
+    train_dataset = training_data(config.data, fingerprint, config.train.seed)
     eval_dataset = None
     if config.data.validation:
         validation = PretrainDataset(config.data.validation, config.data.seq_len, expected_fingerprint=fingerprint)
@@ -200,6 +201,15 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     )
     (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def training_data(data: DataOptions, fingerprint: str, seed: int) -> PretrainDataset | MixedPretrainDataset:
+    paths = [data.train] if isinstance(data.train, str) else data.train
+    datasets = [PretrainDataset(path, data.seq_len, expected_fingerprint=fingerprint) for path in paths]
+    if len(datasets) == 1 and data.train_weights is None:
+        return datasets[0]
+    weights = data.train_weights or [float(len(d)) for d in datasets]
+    return MixedPretrainDataset(datasets, weights, seed=seed)
 
 
 def write_samples(model, tokenizer, config: PretrainConfig, path: Path | None, step: int) -> dict[str, str]:

@@ -1,0 +1,283 @@
+"""`tinyllm data prepare`: corpus files -> cleaned, deduplicated text -> sharded `.bin` training files.
+
+Pretraining sources go through two stages, each restartable:
+
+1. clean: records from every source, in the order given, through one `Cleaner` (so duplicates are found across
+   sources), split into train/validation by a hash of the text, written as `cleaned/{train,validation}.jsonl`
+   with `cleaned/report.json`. Written under temporary names and renamed when complete; a finished stage whose
+   options match is not run again.
+2. tokenize: the cleaned text in shards of `docs_per_shard` documents, each encoded in batches by worker
+   processes (`multiprocessing.Pool.imap` keeps the order) and streamed to `train-00000.bin` + manifest.
+   Memory is bounded by one shard's batches in flight. A shard is written to a temporary name and renamed
+   when complete; on restart, finished shards are verified against their manifest (size and SHA-256) and
+   kept. Shard contents depend only on the document order, so the output is byte-identical for any number of
+   workers.
+
+SFT and preference sources are normalised (chat `messages`; `prompt`/`chosen`/`rejected`) and written as JSONL
+splits after exact deduplication. Never pickle: loading a pickle runs arbitrary code.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tiny_llama2_zh.data.cleaning import Cleaner, CleaningOptions
+from tiny_llama2_zh.data.demo_corpus import is_validation
+from tiny_llama2_zh.data.pretokenized import Manifest, manifest_path, token_dtype
+from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
+from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+
+@dataclass
+class PrepareOptions:
+    output_dir: str
+    sources: list[tuple[str, list[str]]]  # (source name, files)
+    tokenizer: str | None = None  # needed for pretraining sources
+    workers: int = 2
+    docs_per_shard: int = 100_000
+    batch_size: int = 512
+    validation_per_mille: int = 5
+    strict: bool = False
+    cleaning: CleaningOptions = field(default_factory=CleaningOptions)
+
+
+@dataclass
+class PrepareResult:
+    kind: str
+    output_dir: str
+    documents: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, int] = field(default_factory=dict)
+    bad_records: dict[str, int] = field(default_factory=dict)
+    bad_examples: list[str] = field(default_factory=list)
+    cleaning: dict | None = None
+    seconds: float = 0.0
+
+
+def prepare(options: PrepareOptions) -> PrepareResult:
+    kinds = {get_source(name).kind for name, _ in options.sources}
+    if len(kinds) != 1:
+        raise ValueError(f"one call prepares one kind of data; these sources mix {sorted(kinds)}")
+    kind = kinds.pop()
+    output_dir = Path(options.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    bad = BadRecords(strict=options.strict)
+    if kind == "pretrain":
+        if options.tokenizer is None:
+            raise ValueError("pretraining sources need --tokenizer")
+        result = _prepare_pretrain(options, output_dir, bad)
+    else:
+        result = _prepare_records(options, output_dir, kind, bad)
+    result.bad_records = dict(bad.counts)
+    result.bad_examples = bad.examples
+    result.seconds = round(time.perf_counter() - started, 2)
+    (output_dir / "prepare_report.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def _records(options: PrepareOptions, bad: BadRecords) -> Iterator[dict]:
+    for name, paths in options.sources:
+        yield from read_records(get_source(name), paths, bad)
+
+
+def _options_hash(options: PrepareOptions) -> str:
+    described = {
+        "sources": options.sources,
+        "cleaning": asdict(options.cleaning),
+        "split": options.validation_per_mille,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- pretraining
+def _prepare_pretrain(options: PrepareOptions, output_dir: Path, bad: BadRecords) -> PrepareResult:
+    result = PrepareResult(kind="pretrain", output_dir=str(output_dir))
+    cleaned_dir = output_dir / "cleaned"
+    done_marker = cleaned_dir / "report.json"
+    options_hash = _options_hash(options)
+    if done_marker.is_file() and json.loads(done_marker.read_text()).get("options_hash") == options_hash:
+        print(f"{cleaned_dir}: cleaned text is complete for these options; keeping it")
+        result.cleaning = json.loads(done_marker.read_text())["report"]
+    else:
+        result.cleaning = _clean(options, cleaned_dir, options_hash, bad)
+    tokenizer = load_tokenizer(options.tokenizer)
+    for split in ("train", "validation"):
+        documents, tokens, shards = _tokenize_split(
+            options, cleaned_dir / f"{split}.jsonl", output_dir, split, tokenizer
+        )
+        result.documents[split], result.tokens[split], result.shards[split] = documents, tokens, shards
+    return result
+
+
+def _clean(options: PrepareOptions, cleaned_dir: Path, options_hash: str, bad: BadRecords) -> dict:
+    cleaned_dir.mkdir(parents=True, exist_ok=True)
+    cleaner = Cleaner(options.cleaning)
+    temporary = {split: cleaned_dir / f"{split}.jsonl.tmp" for split in ("train", "validation")}
+    with (
+        temporary["train"].open("w", encoding="utf-8") as train,
+        temporary["validation"].open("w", encoding="utf-8") as validation,
+        tqdm(desc="clean", unit="doc") as progress,
+    ):
+        for record in _records(options, bad):
+            progress.update()
+            text = cleaner.clean(record["text"])
+            if text is None:
+                continue
+            out = validation if is_validation(text, options.validation_per_mille) else train
+            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    for split, path in temporary.items():
+        path.replace(cleaned_dir / f"{split}.jsonl")
+    report = asdict(cleaner.report)
+    print(cleaner.report.summary())
+    (cleaned_dir / "report.json").write_text(
+        json.dumps({"options_hash": options_hash, "report": report}, indent=2, ensure_ascii=False) + "\n"
+    )
+    return report
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _encode_batch(texts: list[str]) -> np.ndarray:
+    """Token ids of a batch of documents, each followed by eos, as one int64 array."""
+    encoded = _worker_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = _worker_tokenizer.eos_token_id
+    lengths = [len(ids) + 1 for ids in encoded]
+    out = np.empty(sum(lengths), dtype=np.int64)
+    position = 0
+    for ids, length in zip(encoded, lengths):
+        out[position : position + length - 1] = ids
+        out[position + length - 1] = eos
+        position += length
+    return out
+
+
+def _read_texts(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            yield json.loads(line)["text"]
+
+
+def _shards(texts: Iterator[str], docs_per_shard: int) -> Iterator[list[str]]:
+    shard: list[str] = []
+    for text in texts:
+        shard.append(text)
+        if len(shard) == docs_per_shard:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished_shard(bin_path: Path, fingerprint: str) -> Manifest | None:
+    try:
+        manifest = Manifest.read(bin_path)
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    expected_size = manifest.num_tokens * np.dtype(manifest.dtype).itemsize
+    if (
+        not bin_path.is_file()
+        or bin_path.stat().st_size != expected_size
+        or manifest.tokenizer_fingerprint != fingerprint
+        or manifest.sha256 != _file_sha256(bin_path)
+    ):
+        return None
+    return manifest
+
+
+def _tokenize_split(options: PrepareOptions, cleaned: Path, output_dir: Path, split: str, tokenizer):
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    documents = tokens = shards = 0
+    pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, (options.tokenizer,))
+    progress = tqdm(desc=f"tokenize {split}", unit="doc")
+    try:
+        for index, shard in enumerate(_shards(_read_texts(cleaned), options.docs_per_shard)):
+            bin_path = output_dir / f"{split}-{index:05d}.bin"
+            manifest = _finished_shard(bin_path, fingerprint)
+            if manifest is None:
+                manifest = _write_shard(pool, shard, bin_path, options, tokenizer, fingerprint, dtype, progress)
+            else:
+                progress.update(len(shard))
+            documents += manifest.num_documents
+            tokens += manifest.num_tokens
+            shards += 1
+            progress.set_postfix(tokens=f"{tokens:,}")
+    finally:
+        pool.close()
+        pool.join()
+        progress.close()
+    return documents, tokens, shards
+
+
+def _write_shard(pool, shard, bin_path: Path, options, tokenizer, fingerprint: str, dtype, progress) -> Manifest:
+    batches = [shard[i : i + options.batch_size] for i in range(0, len(shard), options.batch_size)]
+    temporary = bin_path.with_name(bin_path.name + ".tmp")
+    digest = hashlib.sha256()
+    num_tokens = 0
+    with temporary.open("wb") as out:
+        for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
+            data = ids.astype(dtype).tobytes()
+            out.write(data)
+            digest.update(data)
+            num_tokens += len(ids)
+            progress.update(len(batch))
+    manifest = Manifest(
+        dtype=dtype.name,
+        num_tokens=num_tokens,
+        num_documents=len(shard),
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        tokenizer_fingerprint=fingerprint,
+        sources=[name for name, _ in options.sources],
+        sha256=digest.hexdigest(),
+    )
+    manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    temporary.replace(bin_path)  # the .bin appears only when complete, after its manifest
+    return manifest
+
+
+# ---------------------------------------------------------------------------------- SFT and preferences
+def _prepare_records(options: PrepareOptions, output_dir: Path, kind: str, bad: BadRecords) -> PrepareResult:
+    result = PrepareResult(kind=kind, output_dir=str(output_dir))
+    seen: set[bytes] = set()
+    duplicates = 0
+    temporary = {split: output_dir / f"{kind}-{split}.jsonl.tmp" for split in ("train", "test")}
+    counts = {"train": 0, "test": 0}
+    with temporary["train"].open("w", encoding="utf-8") as train, temporary["test"].open("w", encoding="utf-8") as test:
+        for record in tqdm(_records(options, bad), desc=f"normalise {kind}", unit="record"):
+            line = json.dumps(record, ensure_ascii=False)
+            digest = hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+            split = "test" if is_validation(line, options.validation_per_mille) else "train"
+            (test if split == "test" else train).write(line + "\n")
+            counts[split] += 1
+    for split, path in temporary.items():
+        path.replace(output_dir / f"{kind}-{split}.jsonl")
+    result.documents = counts
+    result.cleaning = {"exact_duplicates_removed": duplicates}
+    return result
