@@ -279,3 +279,35 @@ def test_demo_tasks_have_checkable_answers_and_disjoint_splits(tmp_path):
         sft = [json.loads(line) for line in (tmp_path / task / "sft-test.jsonl").open(encoding="utf-8")]
         assert [m["messages"][1]["content"] for m in sft] == [r["chosen"] for r in test]
     assert os.path.getsize(tmp_path / "stats.json") > 0
+
+
+def test_sentencepiece_fast_path_gives_the_fast_tokenizers_ids(
+    chatglm3_model_file, demo_corpus, small_tokenizer, tmp_path
+):
+    from tiny_llama2_zh.data.prepare import sentencepiece_encoder
+    from tiny_llama2_zh.data.pretokenized import write_token_file
+    from tiny_llama2_zh.tokenizer import convert_chatglm3, load_tokenizer
+
+    folder = tmp_path / "chatglm3"
+    tokenizer = convert_chatglm3(chatglm3_model_file, folder)
+    assert sentencepiece_encoder(folder, tokenizer) is not None
+    lines = (demo_corpus / "validation.jsonl").read_text(encoding="utf-8").splitlines()
+    corpus = tmp_path / "cleaned.jsonl"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    options = PrepareOptions(
+        output_dir=str(tmp_path / "out"), sources=[("jsonl", [str(corpus)])], tokenizer=str(folder)
+    )
+    from tiny_llama2_zh.data.prepare import tokenize_to_shards
+
+    tokenize_to_shards(options, corpus, tmp_path / "out", "train", tokenizer)
+    texts = [json.loads(line)["text"] for line in lines]
+    write_token_file(texts, tokenizer, tmp_path / "reference.bin")  # the transformers fast tokenizer's ids
+    assert (tmp_path / "out" / "train-00000.bin").read_bytes() == (tmp_path / "reference.bin").read_bytes()
+
+    # a folder whose SentencePiece model does not match its tokenizer.json is not trusted
+    mismatched = tmp_path / "mismatched"
+    import shutil
+
+    shutil.copytree(small_tokenizer, mismatched)
+    shutil.copyfile(chatglm3_model_file, mismatched / "tokenizer.model")
+    assert sentencepiece_encoder(mismatched, load_tokenizer(mismatched)) is None

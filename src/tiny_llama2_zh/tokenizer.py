@@ -8,6 +8,7 @@ chat template shared by every later stage (SFT, reward model, PPO, DPO, chat, se
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -140,6 +141,9 @@ def convert_chatglm3(model_file: str | Path, output_dir: str | Path) -> PreTrain
     # No pad piece exists; <unk> never appears in encodings (byte fallback), so it pads safely.
     wrapped = _wrap(tokenizer, pad_token=UNK)
     wrapped.save_pretrained(str(output_dir))
+    # Kept beside tokenizer.json (the usual name in transformers folders): the data pipeline encodes with
+    # SentencePiece itself, which gives the same ids several times faster.
+    shutil.copyfile(model_file, Path(output_dir) / "tokenizer.model")
     return wrapped
 
 
