@@ -66,28 +66,33 @@ def token_files(small_tokenizer, demo_corpus, tmp_path_factory) -> dict[str, Pat
     return {"train": folder / "train.bin", "validation": folder / "validation.bin"}
 
 
+def smoke_overrides(small_tokenizer, token_files, output_dir, *extra) -> list[str]:
+    """Overrides of the demo YAML for a tiny, fast run on the test token files; later `extra` ones win."""
+    return [
+        f"data.tokenizer={small_tokenizer}",
+        f"data.train={token_files['train']}",
+        f"data.validation={token_files['validation']}",
+        f"train.output_dir={output_dir}",
+        "model.hidden_size=32",
+        "model.num_hidden_layers=2",
+        "data.seq_len=32",
+        "data.eval_blocks=4",
+        "train.max_steps=2",
+        "train.per_device_batch_size=2",
+        "train.warmup_steps=0",
+        "train.logging_steps=1",
+        "train.eval_steps=0",
+        "train.report_to=[]",
+        "sample_max_new_tokens=5",
+        *extra,
+    ]
+
+
 def smoke_config(small_tokenizer, token_files, output_dir, *extra) -> PretrainConfig:
     return load_config(
         PretrainConfig,
         REPO_ROOT / "configs" / "pretrain" / "demo.yaml",
-        [
-            f"data.tokenizer={small_tokenizer}",
-            f"data.train={token_files['train']}",
-            f"data.validation={token_files['validation']}",
-            f"train.output_dir={output_dir}",
-            "model.hidden_size=32",
-            "model.num_hidden_layers=2",
-            "data.seq_len=32",
-            "data.eval_blocks=4",
-            "train.max_steps=2",
-            "train.per_device_batch_size=2",
-            "train.warmup_steps=0",
-            "train.logging_steps=1",
-            "train.eval_steps=0",
-            "train.report_to=[]",
-            "sample_max_new_tokens=5",
-            *extra,
-        ],
+        smoke_overrides(small_tokenizer, token_files, output_dir, *extra),
     )
 
 

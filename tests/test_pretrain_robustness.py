@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from conftest import REPO_ROOT, smoke_config
+from conftest import REPO_ROOT, smoke_config, smoke_overrides
 from tiny_llama2_zh.train.common import TrainingDivergedError, latest_complete_checkpoint
 from tiny_llama2_zh.train.pretrain import pretrain
 
@@ -40,23 +40,8 @@ CHILD = textwrap.dedent(
 
 
 def overrides(small_tokenizer, token_files, output_dir, *extra) -> list[str]:
-    return [
-        f"data.tokenizer={small_tokenizer}",
-        f"data.train={token_files['train']}",
-        f"data.validation={token_files['validation']}",
-        f"train.output_dir={output_dir}",
-        "model.hidden_size=32",
-        "model.num_hidden_layers=2",
-        "data.seq_len=32",
-        "data.eval_blocks=4",
-        "train.per_device_batch_size=4",
-        "train.warmup_steps=2",
-        "train.logging_steps=1",
-        "train.eval_steps=0",
-        "train.report_to=[]",
-        "sample_max_new_tokens=3",
-        *extra,
-    ]
+    batch = ["train.per_device_batch_size=4", "train.warmup_steps=2"]
+    return smoke_overrides(small_tokenizer, token_files, output_dir, *batch, *extra)
 
 
 def run_child(args: list[str], kill_at: int | None = None, launcher: list[str] | None = None):

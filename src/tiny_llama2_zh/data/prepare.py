@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from tiny_llama2_zh.data.cleaning import Cleaner, CleaningOptions
 from tiny_llama2_zh.data.demo_corpus import is_validation
-from tiny_llama2_zh.data.pretokenized import Manifest, manifest_path, token_dtype
+from tiny_llama2_zh.data.pretokenized import Manifest, batched, manifest_path, token_dtype
 from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -204,17 +204,6 @@ def _read_lines(path: Path) -> Iterator[str]:
         yield from (line for line in lines if line.strip())
 
 
-def _shards(texts: Iterator[str], docs_per_shard: int) -> Iterator[list[str]]:
-    shard: list[str] = []
-    for text in texts:
-        shard.append(text)
-        if len(shard) == docs_per_shard:
-            yield shard
-            shard = []
-    if shard:
-        yield shard
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -253,7 +242,7 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
     )
     progress = tqdm(desc=f"tokenize {split}", unit="doc")
     try:
-        for index, shard in enumerate(_shards(_read_lines(cleaned), options.docs_per_shard)):
+        for index, shard in enumerate(batched(_read_lines(cleaned), options.docs_per_shard)):
             bin_path = output_dir / f"{split}-{index:05d}.bin"
             manifest = _finished_shard(bin_path, fingerprint)
             if manifest is None:

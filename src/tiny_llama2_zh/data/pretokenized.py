@@ -76,7 +76,7 @@ def write_token_file(
     temporary = bin_path.with_name(bin_path.name + ".tmp")
     num_tokens = num_documents = 0
     with temporary.open("wb") as out, tqdm(total=total, desc=f"tokenize {bin_path.name}", unit="doc") as progress:
-        for batch in _batches(texts, batch_size):
+        for batch in batched(texts, batch_size):
             encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
             ids = np.fromiter(
                 (token for document in encoded for token in (*document, tokenizer.eos_token_id)), dtype=np.int64
@@ -101,7 +101,8 @@ def write_token_file(
     return manifest
 
 
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Lists of `size` items (the last may be shorter); itertools.batched arrives only in Python 3.12."""
     batch: list[str] = []
     for text in texts:
         batch.append(text)
