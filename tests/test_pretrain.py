@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -64,3 +65,24 @@ def test_unknown_or_mistyped_keys_are_errors(tmp_path):
     bad.write_text("data:\n  tokenizer: t\n  train: t.bin\ntrain:\n  output_dir: o\nmodle:\n  size: 9m\n")
     with pytest.raises(ConfigError, match=rf"{bad}.*modle"):
         load_config(PretrainConfig, bad)
+
+
+def test_generate_and_eval_commands_on_a_trained_folder(small_tokenizer, token_files, tmp_path, capsys):
+    from tiny_llama2_zh.cli import main
+
+    pretrain(smoke_config(small_tokenizer, token_files, tmp_path / "run", "train.max_steps=3"))
+    final = str(tmp_path / "run" / "final")
+    args = ["--model", final, "--prompt", "中国", "--max-new-tokens", "8"]
+    assert main(["generate", *args]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("中国") and len(greedy.strip()) > len("中国")
+    assert main(["generate", *args]) == 0 and capsys.readouterr().out == greedy  # greedy is deterministic
+    assert main(["generate", *args, "--temperature", "0.9", "--top-p", "0.9", "--seed", "7"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "ppl.json"
+    data = str(token_files["validation"])
+    assert main(["eval", "ppl", "--model", final, "--data", data, "--seq-len", "32", "--output", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"])) and result["tokens"] == result["blocks"] * 31
+    assert main(["plot", str(tmp_path / "run"), "--output", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 1000
