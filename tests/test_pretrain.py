@@ -71,6 +71,7 @@ def test_generate_and_eval_commands_on_a_trained_folder(small_tokenizer, token_f
     from tiny_llama2_zh.cli import main
 
     pretrain(smoke_config(small_tokenizer, token_files, tmp_path / "run", "train.max_steps=3"))
+    capsys.readouterr()  # the training run's own output
     final = str(tmp_path / "run" / "final")
     args = ["--model", final, "--prompt", "中国", "--max-new-tokens", "8"]
     assert main(["generate", *args]) == 0
