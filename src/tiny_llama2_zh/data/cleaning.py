@@ -7,7 +7,6 @@ Chinese-character ratio, repeated lines, repeated characters, exact duplicates (
 near-duplicates (MinHash-LSH from `datasketch`, Broder 1997; Leskovec et al., Mining of Massive Datasets ch. 3).
 """
 
-import hashlib
 import html
 import re
 import unicodedata
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
+
+from tiny_llama2_zh.data.hashing import ExactDuplicates
 
 # Lines that advertise a site rather than tell a story: site names, URLs, "bookmark / read on your phone"
 # requests, chapter-update notices. Users add their own with `CleaningOptions.extra_ad_patterns_file`.
@@ -117,7 +118,7 @@ class Cleaner:
         self.options = options or CleaningOptions()
         self.report = CleaningReport()
         self.ads = load_ad_patterns(self.options)
-        self.seen_hashes: set[bytes] = set()
+        self.exact = ExactDuplicates()
         self.lsh = MinHashLSH(threshold=self.options.near_dedup_threshold, num_perm=self.options.num_perm)
         self._next_key = 0
 
@@ -166,11 +167,8 @@ class Cleaner:
         return None
 
     def _duplicate(self, text: str) -> str | None:
-        if self.options.exact_dedup:
-            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-            if digest in self.seen_hashes:
-                return "exact duplicate"
-            self.seen_hashes.add(digest)
+        if self.options.exact_dedup and self.exact.seen_before(text):
+            return "exact duplicate"
         if self.options.near_dedup:
             signature = MinHash(num_perm=self.options.num_perm)
             signature.update_batch([shingle.encode("utf-8") for shingle in shingles(text)])

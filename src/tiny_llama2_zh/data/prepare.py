@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tiny_llama2_zh.data.cleaning import Cleaner, CleaningOptions
-from tiny_llama2_zh.data.demo_corpus import is_validation
+from tiny_llama2_zh.data.hashing import ExactDuplicates, is_validation
 from tiny_llama2_zh.data.pretokenized import Manifest, batched, manifest_path, token_dtype
 from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -109,9 +109,10 @@ def _prepare_pretrain(options: PrepareOptions, output_dir: Path, bad: BadRecords
     cleaned_dir = output_dir / "cleaned"
     done_marker = cleaned_dir / "report.json"
     options_hash = _options_hash(options)
-    if done_marker.is_file() and json.loads(done_marker.read_text()).get("options_hash") == options_hash:
+    finished = json.loads(done_marker.read_text()) if done_marker.is_file() else {}
+    if finished.get("options_hash") == options_hash:
         print(f"{cleaned_dir}: cleaned text is complete for these options; keeping it")
-        result.cleaning = json.loads(done_marker.read_text())["report"]
+        result.cleaning = finished["report"]
     else:
         result.cleaning = _clean(options, cleaned_dir, options_hash, bad, result.records_per_source)
     tokenizer = load_tokenizer(options.tokenizer)
@@ -262,7 +263,7 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
 
 
 def _write_shard(pool, shard, bin_path: Path, options, tokenizer, fingerprint: str, dtype, progress) -> Manifest:
-    batches = [shard[i : i + options.batch_size] for i in range(0, len(shard), options.batch_size)]
+    batches = list(batched(shard, options.batch_size))
     temporary = bin_path.with_name(bin_path.name + ".tmp")
     digest = hashlib.sha256()
     num_tokens = 0
@@ -291,18 +292,16 @@ def _write_shard(pool, shard, bin_path: Path, options, tokenizer, fingerprint: s
 # ---------------------------------------------------------------------------------- SFT and preferences
 def _prepare_records(options: PrepareOptions, output_dir: Path, kind: str, bad: BadRecords) -> PrepareResult:
     result = PrepareResult(kind=kind, output_dir=str(output_dir))
-    seen: set[bytes] = set()
+    exact = ExactDuplicates()
     duplicates = 0
     temporary = {split: output_dir / f"{kind}-{split}.jsonl.tmp" for split in ("train", "test")}
     counts = {"train": 0, "test": 0}
     with temporary["train"].open("w", encoding="utf-8") as train, temporary["test"].open("w", encoding="utf-8") as test:
         for record in tqdm(_records(options, bad, result.records_per_source), desc=f"normalise {kind}", unit="record"):
             line = json.dumps(record, ensure_ascii=False)
-            digest = hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
-            if digest in seen:
+            if exact.seen_before(line):
                 duplicates += 1
                 continue
-            seen.add(digest)
             split = "test" if is_validation(line, options.validation_per_mille) else "train"
             (test if split == "test" else train).write(line + "\n")
             counts[split] += 1

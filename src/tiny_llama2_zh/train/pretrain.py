@@ -8,7 +8,6 @@ tokenizer in `final/` (a `save_pretrained` folder).
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from tiny_llama2_zh.train.common import (
     GuardedTrainer,
     MetricsFileCallback,
     TrainOptions,
+    checkpoint_step,
     latest_complete_checkpoint,
     peak_flops,
     training_arguments,
@@ -134,7 +134,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         eval_dataset = Subset(validation, range(min(config.data.eval_blocks, len(validation))))
 
     args = training_arguments(config.train)
-    resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else (0 if config.resume else None)
+    resume_step = checkpoint_step(checkpoint) if checkpoint else (0 if config.resume else None)
     metrics_file = MetricsFileCallback(output_dir / "metrics.jsonl", resume_step=resume_step)
     trainer = GuardedTrainer(
         model=model,
@@ -163,9 +163,10 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     # transformers 5.23 / accelerate 1.15: ranks trained apart under torchrun).
     initial_loss = None
     if eval_dataset is not None and checkpoint is None:
-        initial_loss = evaluate_loss(model, eval_dataset, args.per_device_eval_batch_size).loss
+        initial = evaluate_loss(model, eval_dataset, args.per_device_eval_batch_size)
+        initial_loss = initial.loss
         if trainer.is_world_process_zero():
-            metrics_file.write({"step": 0, "eval_loss": initial_loss, "eval_perplexity": math.exp(initial_loss)})
+            metrics_file.write({"step": 0, "eval_loss": initial.loss, "eval_perplexity": initial.perplexity})
 
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
@@ -192,9 +193,9 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         output_dir=str(output_dir),
         final_model_dir=str(final_dir),
         parameters=count_parameters(model_config),
-        steps=train_output.global_step,
+        steps=step,
         train_seconds=round(train_seconds, 2),
-        tokens_seen=train_output.global_step * trainer.tokens_per_step,
+        tokens_seen=step * trainer.tokens_per_step,
         initial_validation_loss=initial_loss,
         final_validation_loss=final_loss,
         samples=samples,
