@@ -78,7 +78,7 @@ def smoke_overrides(small_tokenizer, token_files, output_dir, *extra) -> list[st
         "data.seq_len=32",
         "data.eval_blocks=4",
         "train.max_steps=2",
-        "train.per_device_batch_size=2",
+        "train.per_device_train_batch_size=2",
         "train.warmup_steps=0",
         "train.logging_steps=1",
         "train.eval_steps=0",

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from conftest import REPO_ROOT, smoke_config, smoke_overrides
-from tiny_llama2_zh.train.common import TrainingDivergedError, latest_complete_checkpoint
+from tiny_llama2_zh.train.callbacks import TrainingDivergedError
+from tiny_llama2_zh.train.checkpoints import latest_complete_checkpoint
 from tiny_llama2_zh.train.pretrain import pretrain
 
 DEMO_YAML = REPO_ROOT / "configs" / "pretrain" / "demo.yaml"
@@ -40,7 +41,7 @@ CHILD = textwrap.dedent(
 
 
 def overrides(small_tokenizer, token_files, output_dir, *extra) -> list[str]:
-    batch = ["train.per_device_batch_size=4", "train.warmup_steps=2"]
+    batch = ["train.per_device_train_batch_size=4", "train.warmup_steps=2"]
     return smoke_overrides(small_tokenizer, token_files, output_dir, *batch, *extra)
 
 
@@ -101,7 +102,7 @@ def test_non_finite_loss_stops_with_step_and_last_good_checkpoint(small_tokenize
     with pytest.raises(TrainingDivergedError) as error:
         pretrain(config, callbacks=[PoisonWeights(step=3)])
     message = str(error.value)
-    assert "step 4" in message and "loss is nan" in message
+    assert "step 4" in message and "gradient norm is nan" in message and "Nothing of this step was applied" in message
     assert str(tmp_path / "run" / "checkpoint-2") in message
     assert not (tmp_path / "run" / "checkpoint-4").exists()
 
@@ -136,7 +137,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
 ):
     """torchrun on CPU (gloo): plain DDP, and DeepSpeed ZeRO-2/3 through the Trainer with the shipped configs."""
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "tiny_llama2_zh.cli"]
-    extra = ["train.max_steps=4", "train.per_device_batch_size=2"]
+    extra = ["train.max_steps=4", "train.per_device_train_batch_size=2"]
     if engine != "ddp":
         extra.append(f"train.deepspeed={REPO_ROOT / 'configs' / 'deepspeed' / f'{engine}.json'}")
     args = ["pretrain", "--config", str(DEMO_YAML), *overrides(small_tokenizer, token_files, tmp_path / "run", *extra)]

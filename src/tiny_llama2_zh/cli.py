@@ -229,8 +229,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     result = pretrain(load_config(PretrainConfig, args.config, overrides))
     if result is not None:
         print(
-            f"final model: {result.final_model_dir}; validation loss "
-            f"{result.initial_validation_loss} -> {result.final_validation_loss}"
+            f"final model: {result['final_model_dir']}; validation loss "
+            f"{result['initial_validation_loss']} -> {result['final_validation_loss']}"
         )
 
 
@@ -247,7 +247,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from tiny_llama2_zh.generate import SamplingOptions, generate_text, load_model
+    from tiny_llama2_zh.infer.generate import SamplingOptions, generate_text
+    from tiny_llama2_zh.loading import load_model
 
     model, tokenizer = load_model(args.model)
     options = SamplingOptions(
@@ -260,17 +261,22 @@ def _generate(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ eval
 def _eval_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved model folder (with its tokenizer)")
-    parser.add_argument("--data", required=True, help="a .bin from `tinyllm data tokenize` with the same tokenizer")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="pretokenized data with the model's tokenizer: a .bin, or a quoted glob of shards such as "
+        "'data/pretrain/validation-*.bin' (from `tinyllm data prepare`)",
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's context)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
-    parser.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks")
+    parser.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks (N >= 1)")
     parser.add_argument("--output", help="also write the result as JSON to this file")
 
 
 def _eval_ppl(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from tiny_llama2_zh.evaluate import evaluate_perplexity
+    from tiny_llama2_zh.eval.perplexity import evaluate_perplexity
 
     result = evaluate_perplexity(args.model, args.data, args.seq_len, args.batch_size, args.max_blocks)
     print(
@@ -288,9 +294,9 @@ def _plot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from tiny_llama2_zh.plot import plot_loss_curves
+    from tiny_llama2_zh.runfiles import plot_curves
 
-    print(f"wrote {plot_loss_curves(args.run_dir, args.output)}")
+    print(f"wrote {plot_curves(args.run_dir, args.output)}")
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -387,13 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help answers here, before the heavy imports below
-    from tiny_llama2_zh.train.common import TrainingDivergedError
+    from tiny_llama2_zh.train.callbacks import TrainingDivergedError
 
     try:
         args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError, TrainingDivergedError) as error:
+        # ConfigError and BadInputError are ValueErrors: bad input is a message, never a traceback
         print(f"tinyllm: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ntinyllm: interrupted (a training run resumes with --resume from its last checkpoint)", file=sys.stderr)
+        return 130
     return 0
 
 

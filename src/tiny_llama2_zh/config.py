@@ -1,10 +1,14 @@
 """Typed recipe configuration: YAML files and `section.key=value` overrides into nested dataclasses.
 
 Every key must name a dataclass field: a misspelled key is an error with the file and the valid keys, never
-silently ignored. Values are checked against the field's type annotation.
+silently ignored. Values are checked against the field's type annotation. A stage's `train:` section is checked
+the same way against the library's own argument class (`TrainingArguments`, TRL's `SFTConfig`, ...): see
+`check_library_options`.
 """
 
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +21,22 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration file or override that does not match the recipe's options."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string; YAML 1.2, Python and every user read it as a
+    number. This loader resolves such scalars as floats, in files and in `key=value` overrides alike."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9]*[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -64,13 +84,23 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _unknown_keys_message(where: str, unknown: list[str], valid: list[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=3)
+        if close:
+            hints.append(f"{key!r}: did you mean {', '.join(close)}?")
+    listing = ", ".join(valid) if len(valid) <= 40 else f"{len(valid)} keys; the closest are named above"
+    return f"{where}: unknown key(s) {unknown}. " + " ".join(hints) + f" Valid keys: {listing}"
+
+
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+        raise ConfigError(_unknown_keys_message(where, unknown, sorted(fields)))
     missing = [
         name
         for name, f in fields.items()
@@ -91,7 +121,7 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form section.key=value")
     key, raw = override.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), parse_yaml(raw) if raw.strip() else None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -103,7 +133,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):
@@ -121,4 +151,34 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (reloadable with `load_config`)."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def check_library_options(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Build a library's argument dataclass (transformers' TrainingArguments, TRL's SFTConfig, DPOConfig, ...) from
+    a YAML section. Unknown keys are errors naming the closest valid ones; scalar values are checked against the
+    field's annotation (an int where a float is expected is fine, a string is not); the class's own checks
+    (`__post_init__`) run last and their complaints come back as ConfigError naming the section."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(_unknown_keys_message(f"{where} ({cls.__name__} options)", unknown, sorted(fields)))
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for name, value in values.items():
+        scalar = _scalar_annotation(hints.get(name))
+        checked[name] = _check_type(value, scalar, f"{where}.{name}") if scalar is not None else value
+    try:
+        return cls(**checked)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def _scalar_annotation(annotation: Any) -> Any:
+    """int/float/bool/str (optionally | None) annotations, which are safe to check strictly; else None."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    plain = [option for option in options if option is not type(None)] if options else [annotation]
+    if len(plain) == 1 and plain[0] in (int, float, bool, str):
+        return annotation
+    return None

@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from tiny_llama2_zh.config import load_config
@@ -15,8 +16,9 @@ from tiny_llama2_zh.data.pretokenized import write_token_file
 from tiny_llama2_zh.tokenizer import iter_texts, train_bpe_tokenizer
 from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_CONFIG = REPO_CONFIGS / "pretrain" / "demo.yaml"
+# The shipped recipes are package data (the repository's `configs/` links here), so the demo runs from any install.
+PACKAGE_CONFIGS = Path(str(files("tiny_llama2_zh") / "configs"))
+DEMO_CONFIG = PACKAGE_CONFIGS / "pretrain" / "demo.yaml"
 DEMO_VOCAB_SIZE = 4096
 
 
@@ -68,9 +70,7 @@ def run_demo(
         print(f"--force: removing the earlier demo run in {output_dir}")
         shutil.rmtree(output_dir)
     if not Path(config_path).is_file():
-        raise FileNotFoundError(
-            f"demo config {config_path} not found; run from a clone installed with `pip install -e .`"
-        )
+        raise FileNotFoundError(f"demo config {config_path} not found")
     report = DemoReport(output_dir=str(output_dir))
     total = time.perf_counter()
 
@@ -116,10 +116,10 @@ def run_demo(
     timed("pretrain", started)
     report.stage_seconds["total"] = round(time.perf_counter() - total, 2)
 
-    report.parameters = result.parameters
-    report.initial_validation_loss = result.initial_validation_loss
-    report.final_validation_loss = result.final_validation_loss
-    report.samples = result.samples
+    report.parameters = result["parameters"]
+    report.initial_validation_loss = result["initial_validation_loss"]
+    report.final_validation_loss = result["final_validation_loss"]
+    report.samples = result["samples"]
     (output_dir / "summary.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     (output_dir / "summary.md").write_text(report.markdown() + "\n", encoding="utf-8")
     return report

@@ -6,6 +6,8 @@ and is shared with the output head). `tinyllm sizes --tokenizer DIR` prints the 
 
 from dataclasses import dataclass
 
+from huggingface_hub.errors import StrictDataclassError
+
 from tiny_llama2_zh.model import TinyLlama2Config
 
 
@@ -42,8 +44,12 @@ def preset_config(name: str, vocab_size: int, **overrides) -> TinyLlama2Config:
         "max_position_embeddings": preset.max_seq_len,
         "multiple_of": preset.multiple_of,
     }
-    fields.update({key: value for key, value in overrides.items() if value is not None})
-    return TinyLlama2Config(**fields)
+    fields_given = {key: value for key, value in overrides.items() if value is not None}
+    fields.update(fields_given)
+    try:
+        return TinyLlama2Config(**fields)
+    except StrictDataclassError as error:  # the config's own checks (heads divide the width, ...)
+        raise ValueError(f"model options {name} + {fields_given}: {str(error).splitlines()[-1].strip()}") from error
 
 
 def count_parameters(config: TinyLlama2Config) -> dict[str, int]:

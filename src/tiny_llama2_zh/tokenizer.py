@@ -4,6 +4,10 @@ Both produce the same kind of folder: a transformers fast tokenizer (`tokenizer.
 `AutoTokenizer.from_pretrained(folder)` loads with no remote code, with bos `<s>`, eos `</s>`, a pad token,
 the chat-role tokens `<|system|>`, `<|user|>`, `<|assistant|>`, `<|observation|>` (ChatGLM3's names) and one
 chat template shared by every later stage (SFT, reward model, PPO, DPO, chat, serve).
+
+One BOS convention everywhere (llama2.c's): every document starts with `<s>`. Pretraining shards hold
+`<s> document </s>`; `tokenizer(text)` prepends `<s>` (as Llama's tokenizer does; `add_special_tokens=False`
+leaves it out), so a prompt to continue starts like a document; the chat template starts with `<s>` too.
 """
 
 import hashlib
@@ -12,7 +16,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.tokenization_utils_base import generate_merges
@@ -66,6 +70,10 @@ def iter_texts(paths: Iterable[str | Path], text_field: str = "text") -> Iterato
 
 
 def _wrap(tokenizer: Tokenizer, pad_token: str) -> PreTrainedTokenizerFast:
+    # `tokenizer(text)` starts every text with <s>, like every pretraining document (see the module docstring)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+    )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,

@@ -1,1 +1,1 @@
-"""Training recipes; every stage shares the plumbing in `common.py`."""
+"""Training: one plumbing (`runner`, `callbacks`, `checkpoints`) and a thin recipe per stage (`pretrain`, ...)."""

@@ -1,4 +1,5 @@
-"""Validation loss and perplexity of a causal LM on pretokenized blocks (`tinyllm eval ppl`)."""
+"""Validation loss and perplexity of a causal LM on pretokenized blocks (`tinyllm eval ppl`, and every training
+stage's evaluation before and after)."""
 
 import math
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, default_data_collator
 
 from tiny_llama2_zh.data.pretokenized import PretrainDataset
+from tiny_llama2_zh.loading import load_model
 from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
 
 
@@ -26,6 +28,8 @@ def evaluate_loss(
     model: PreTrainedModel, dataset: Dataset, batch_size: int = 8, show_progress: bool = False
 ) -> PerplexityResult:
     """Token-weighted mean loss over every block of `dataset` (each block predicts seq_len - 1 tokens)."""
+    if len(dataset) == 0:
+        raise ValueError("nothing to evaluate: the dataset holds no blocks")
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -47,10 +51,14 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_blocks: int | None = None,
 ) -> PerplexityResult:
-    from tiny_llama2_zh.generate import load_model
-
+    if max_blocks is not None and max_blocks < 1:
+        raise ValueError(f"--max-blocks must be at least 1, got {max_blocks}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     model, tokenizer = load_model(model_dir)
     seq_len = seq_len or model.config.max_position_embeddings
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings}")
     dataset: Dataset = PretrainDataset(data, seq_len, expected_fingerprint=tokenizer_fingerprint(tokenizer))
     if max_blocks is not None:
         dataset = Subset(dataset, range(min(max_blocks, len(dataset))))

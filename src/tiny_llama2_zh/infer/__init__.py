@@ -1,0 +1,1 @@
+"""Inference: generation, chat and serving."""

@@ -1,0 +1,57 @@
+"""Loading and saving model folders (`save_pretrained` folders with their tokenizer), in one place for every
+command: generation, evaluation, the later training stages, export.
+
+A folder loads through transformers' Auto classes: with this package imported they resolve our model class
+directly; in a process that never imports it, `trust_remote_code=True` uses the copy of model.py saved beside the
+weights. TRL's own loader (`trl.trainer.utils.create_model_from_path`) takes the same folders.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+import tiny_llama2_zh  # noqa: F401  (registers the model with the Auto classes)
+from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a saved model folder (no config.json); a training run writes one to RUN_DIR/final"
+        )
+    return path
+
+
+def load_model(
+    path: str | Path, device: str | None = None, auto_class=AutoModelForCausalLM
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The model (in eval mode, on `device`) and its tokenizer from a saved folder."""
+    path = check_model_folder(path)
+    model = auto_class.from_pretrained(str(path)).to(device or default_device()).eval()
+    tokenizer = load_tokenizer(path)
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
+            "the folder mixes a model and a tokenizer that were not trained together"
+        )
+    return model, tokenizer
+
+
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    path = Path(path)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def same_tokenizer_or_refuse(first: str | Path, second: str | Path) -> None:
+    """Two folders used together (a policy and its reward model, init weights and data) must share a tokenizer."""
+    a, b = tokenizer_fingerprint(load_tokenizer(first)), tokenizer_fingerprint(load_tokenizer(second))
+    if a != b:
+        raise ValueError(f"{first} (tokenizer {a}) and {second} (tokenizer {b}) were made with different tokenizers")

@@ -1,0 +1,42 @@
+"""Which checkpoint of a run folder is complete, and which one to resume from.
+
+transformers' Trainer writes a checkpoint folder piece by piece (weights, optimizer, scheduler, RNG states) and
+`trainer_state.json` last, so a checkpoint with a readable one is complete; a crash mid-write leaves it missing
+or unparseable, and such a folder is never resumed from.
+"""
+
+import json
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoint_step(path: Path) -> int:
+    """checkpoint-1200 -> 1200."""
+    return int(path.name.split("-")[-1])
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint-N folder, newest first (complete or not)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = (p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit())
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def latest_complete_checkpoint(output_dir: str | Path, announce: bool = True) -> Path | None:
+    for checkpoint in checkpoints(output_dir):
+        if checkpoint_is_complete(checkpoint):
+            return checkpoint
+        if announce:
+            print(f"ignoring incomplete checkpoint {checkpoint} (interrupted while it was written)")
+    return None

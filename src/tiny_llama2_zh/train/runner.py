@@ -1,0 +1,235 @@
+"""The stage runner: what every training stage (pretrain, sft, reward, dpo, grpo, ...) does around its trainer.
+
+The loop itself is transformers' `Trainer` or a TRL trainer built on it: mixed precision, gradient accumulation,
+checkpoints with optimizer/scheduler/RNG state and data position, torchrun, accelerate, DeepSpeed and FSDP.
+Around it, every stage needs the same things, and gets them here:
+
+- its `train:` YAML section turned into the stage's own argument class (`TrainingArguments`, `SFTConfig`,
+  `RewardConfig`, `DPOConfig`, `GRPOConfig`) and validated by it, with this project's defaults beneath
+  (`training_arguments`); a misspelled key names the closest valid ones;
+- refuse-or-resume for the run folder, the resolved config in the run and beside every checkpoint;
+- `metrics.jsonl`, tokens/s and MFU, the divergence guard, sample replies at every evaluation;
+- evaluation before and after training, the final model saved with its tokenizer, curves as PNG, `summary.json`.
+
+A recipe builds its data, model and trainer, and hands the trainer to `StageRun`.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+from tiny_llama2_zh.config import ConfigError, check_library_options, save_config
+from tiny_llama2_zh.runfiles import METRICS_FILE, plot_curves, read_metrics
+from tiny_llama2_zh.train.callbacks import (
+    CopyConfigToCheckpoints,
+    DivergenceGuard,
+    MetricsFileCallback,
+    SamplesCallback,
+    ThroughputCallback,
+)
+from tiny_llama2_zh.train.checkpoints import checkpoint_step, checkpoints, latest_complete_checkpoint
+
+ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
+
+# Dense bf16 peak of common accelerators, TFLOP/s (vendor data sheets), for MFU as in PaLM (Chowdhery et al.
+# 2022, appendix B). Override with the recipe's `peak_tflops`. On a CPU there is no published peak to divide by.
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def project_defaults() -> dict[str, Any]:
+    """This project's defaults beneath every stage's `train:` section (the YAML wins). llama2.c's optimiser
+    settings: AdamW betas (0.9, 0.95), weight decay 0.1, cosine decay to a tenth of the peak learning rate."""
+    gpu = torch.cuda.is_available()
+    return {
+        "max_steps": 1000,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 5e-4,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        "warmup_steps": 100,
+        "weight_decay": 0.1,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "max_grad_norm": 1.0,
+        # fused AdamW is one kernel for all parameters on a GPU; on a CPU torch's default AdamW path measured faster
+        "optim": "adamw_torch_fused" if gpu else "adamw_torch",
+        "logging_steps": 10,
+        "logging_first_step": True,
+        "logging_nan_inf_filter": False,  # a NaN must be seen (and stop the run), not averaged away
+        "eval_strategy": "no",
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "seed": 1337,
+        "report_to": ["tensorboard"],
+        "include_num_input_tokens_seen": "non_padding",  # tokens/s from each batch's real tokens
+        "dataloader_pin_memory": gpu,
+        "use_cpu": not gpu,  # also what makes torchrun on a CPU run distributed (gloo)
+    }
+
+
+def training_arguments(
+    args_class: type[ArgsT], values: dict[str, Any], where: str = "train", **stage_defaults: Any
+) -> ArgsT:
+    """The stage's argument class from its `train:` section: project defaults, then the stage's own defaults, then
+    the YAML. Conveniences: `eval_steps: N` alone turns periodic evaluation on (0 turns it off); a scheduler other
+    than the default drops the default's `min_lr_rate`; `data_seed` follows `seed`. Limits that the libraries
+    accept but that train nothing (or garbage) are refused here, before a run folder is touched."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of {args_class.__name__} options, got {values!r}")
+    values = dict(values)
+    if "output_dir" not in values:
+        raise ConfigError(f"{where}.output_dir is required: the folder the run writes to")
+    merged = {**project_defaults(), **stage_defaults, **values}
+    if values.get("eval_steps") == 0:
+        merged.pop("eval_steps")
+        merged["eval_strategy"] = "no"
+    elif values.get("eval_steps") and "eval_strategy" not in values:
+        merged["eval_strategy"] = "steps"
+    if "lr_scheduler_type" in values and "lr_scheduler_kwargs" not in values:
+        merged["lr_scheduler_kwargs"] = {}
+    merged.setdefault("data_seed", merged["seed"])
+    args = check_library_options(args_class, merged, where)
+    _check_limits(args, where)
+    return args
+
+
+def _check_limits(args: TrainingArguments, where: str) -> None:
+    if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0):
+        raise ConfigError(f"{where}.max_steps is {args.max_steps}: the run would train nothing")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ConfigError(f"{where}.learning_rate must be a positive finite number, got {args.learning_rate}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{where}.{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_grad_norm is not None and not math.isfinite(args.max_grad_norm):
+        raise ConfigError(f"{where}.max_grad_norm must be finite, got {args.max_grad_norm}")
+
+
+def peak_flops(peak_tflops: float | None) -> float | None:
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def run_folder_state(output_dir: Path) -> str:
+    """'empty', 'residue' (a start that failed before its first step: config and a step-0 evaluation at most),
+    or 'run' (a checkpoint, a final model or a training record exists)."""
+    if checkpoints(output_dir) or (output_dir / "final").exists():
+        return "run"
+    metrics = output_dir / METRICS_FILE
+    if metrics.is_file():
+        if any(record.get("step", 0) > 0 for record in read_metrics(metrics)):
+            return "run"
+        return "residue"
+    return "empty"
+
+
+class StageRun:
+    """One training run of one stage in one folder. Construct it after the data and options are validated: it
+    refuses a folder that holds another run (unless resuming), then writes the resolved config.
+
+        run = StageRun("sft", config, args, resume=config.resume)
+        trainer = SomeTrainer(..., callbacks=run.callbacks(samples))
+        run.attach(trainer, flops_per_token=...)
+        run.evaluate_before(lambda: {"eval_loss": ...})
+        output = run.train(trainer)
+        run.finish(trainer, tokenizer, summary={...})
+    """
+
+    def __init__(self, stage: str, config: Any, args: TrainingArguments, resume: bool = False):
+        self.stage = stage
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.main_process = args.process_index == 0
+        state = run_folder_state(self.output_dir)
+        self.checkpoint = latest_complete_checkpoint(self.output_dir) if resume else None
+        if state == "run" and not resume:
+            raise FileExistsError(
+                f"{self.output_dir} already holds a run; pass --resume (resume=true) to continue it, "
+                "or choose another train.output_dir"
+            )
+        if state == "residue" and not resume and self.main_process:
+            print(f"{self.output_dir}: an earlier start failed before its first step; starting over")
+            (self.output_dir / METRICS_FILE).unlink()
+        # metrics.jsonl keeps what the checkpoint saw; resuming with no checkpoint starts the records over
+        self.resume_step = checkpoint_step(self.checkpoint) if self.checkpoint else (-1 if resume else None)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file = self.output_dir / "config.yaml"
+        if self.main_process:
+            save_config(config, self.config_file)
+        self.metrics = MetricsFileCallback(self.output_dir / METRICS_FILE, resume_step=self.resume_step)
+        self.samples: SamplesCallback | None = None
+        self.stage_seconds = 0.0
+
+    def callbacks(self, samples: SamplesCallback | None = None, extra: list[TrainerCallback] | None = None) -> list:
+        self.samples = samples
+        chosen = [self.metrics, CopyConfigToCheckpoints(self.config_file), DivergenceGuard()]
+        return [*chosen, *([samples] if samples else []), *(extra or [])]
+
+    def attach(self, trainer: Trainer, flops_per_token: float = 0.0, peak_tflops: float | None = None) -> None:
+        """Put the throughput callback first, so that the loggers (TensorBoard, metrics.jsonl) see its values."""
+        trainer.callback_handler.callbacks.insert(0, ThroughputCallback(flops_per_token, peak_flops(peak_tflops)))
+
+    def evaluate_before(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float] | None:
+        """Evaluation at step 0 (skipped when resuming: the record is already in metrics.jsonl)."""
+        if self.checkpoint is not None:
+            return None
+        metrics = evaluate()
+        if "eval_loss" in metrics and "eval_perplexity" not in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        if self.main_process:
+            self.metrics.write({"step": 0, **metrics})
+        return metrics
+
+    def train(self, trainer: Trainer):
+        if self.checkpoint is not None:
+            print(f"resuming from {self.checkpoint}")
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        self.stage_seconds = time.perf_counter() - started
+        return output
+
+    def evaluate_after(self, step: int, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        metrics = evaluate()
+        if self.main_process:
+            self.metrics.write({"step": step, "final": True, **metrics})
+        return metrics
+
+    def finish(
+        self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, summary: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Save the final model with its tokenizer (`final/`), sample once more, draw the curves and write
+        `summary.json`. Every process takes part in saving and sampling (ZeRO-3); the main one returns the
+        summary, the others None."""
+        final_dir = self.output_dir / "final"
+        trainer.save_model(str(final_dir))
+        step = trainer.state.global_step
+        if self.samples is not None:
+            summary["samples"] = self.samples.write(trainer.model, step, self.main_process)
+        if not self.main_process:
+            return None
+        tokenizer.save_pretrained(str(final_dir))
+        plot_curves(self.output_dir)
+        summary = {
+            "stage": self.stage,
+            "output_dir": str(self.output_dir),
+            "final_model_dir": str(final_dir),
+            "steps": step,
+            "train_seconds": round(self.stage_seconds, 2),
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            **summary,
+        }
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return summary
