@@ -123,13 +123,18 @@ def deepspeed_available() -> bool:
     return True
 
 
+NO_DEEPSPEED = pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "engine",
     [
         "ddp",
-        pytest.param("zero1", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")),
-        pytest.param("zero2", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")),
-        pytest.param("zero3", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed not installed")),
+        # ZeRO-1 and ZeRO-3 take minutes on 2 cores: the slow tier (pytest -m slow); ZeRO-2 runs in CI
+        pytest.param("zero1", marks=[NO_DEEPSPEED, pytest.mark.slow]),
+        pytest.param("zero2", marks=NO_DEEPSPEED),
+        pytest.param("zero3", marks=[NO_DEEPSPEED, pytest.mark.slow]),
     ],
 )
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
