@@ -48,12 +48,14 @@ def test_token_file_round_trip(small_tokenizer, corpus_texts, tmp_path):
     manifest = write_token_file(iter(texts), tokenizer, tmp_path / "val.bin", sources=["test"], batch_size=64)
     assert manifest == Manifest.read(tmp_path / "val.bin")
     assert manifest.dtype == "uint16" and manifest.num_documents == 200
+    assert manifest.bos_token_id == tokenizer.bos_token_id and manifest.format.endswith("-v2")
     tokens = read_tokens(tmp_path / "val.bin")
     assert len(tokens) == manifest.num_tokens == (tmp_path / "val.bin").stat().st_size // 2
     eos_positions = np.flatnonzero(tokens == tokenizer.eos_token_id)
     assert len(eos_positions) == 200 and eos_positions[-1] == len(tokens) - 1
     documents = np.split(np.asarray(tokens), eos_positions[:-1] + 1)
-    assert [tokenizer.decode(d[:-1].tolist()) for d in documents] == texts
+    assert all(d[0] == tokenizer.bos_token_id and d[-1] == tokenizer.eos_token_id for d in documents)
+    assert [tokenizer.decode(d[1:-1].tolist()) for d in documents] == texts
     assert not (tmp_path / "val.bin.tmp").exists()
 
 
@@ -66,7 +68,8 @@ def test_uint32_file_for_a_large_vocabulary(small_tokenizer, tmp_path):
     manifest = write_token_file([text], tokenizer, tmp_path / "big.bin")
     assert manifest.dtype == "uint32"
     tokens = read_tokens(tmp_path / "big.bin").tolist()
-    assert tokens == [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokens == [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
     assert max(tokens) > 65535
 
 
@@ -78,6 +81,7 @@ def test_a_crash_while_writing_leaves_no_complete_looking_file(small_tokenizer, 
     with pytest.raises(RuntimeError):
         write_token_file(texts(), load_tokenizer(small_tokenizer), tmp_path / "x.bin", batch_size=1)
     assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.json").exists()
+    assert not (tmp_path / "x.bin.tmp").exists()
 
 
 def test_pretrain_dataset_blocks_cover_every_pair_once(small_tokenizer, corpus_texts, tmp_path):
@@ -104,3 +108,21 @@ def test_pretrain_dataset_refuses_another_tokenizer(small_tokenizer, tmp_path):
         PretrainDataset(tmp_path / "d.bin", seq_len=8, expected_fingerprint="0000000000000000")
     with pytest.raises(FileNotFoundError, match=r"missing\.bin\.json is missing"):
         PretrainDataset(tmp_path / "missing.bin", seq_len=8)
+
+
+def test_files_without_bos_are_refused_with_the_command_to_run(small_tokenizer, tmp_path):
+    write_token_file(["一些文字"] * 20, load_tokenizer(small_tokenizer), tmp_path / "d.bin")
+    manifest = json.loads((tmp_path / "d.bin.json").read_text())
+    manifest["format"] = "tiny-llama2-zh/pretokenized-v1"  # as written before every document had a bos
+    del manifest["bos_token_id"], manifest["inputs_hash"]
+    (tmp_path / "d.bin.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"no bos token before each document; re-run `tinyllm data prepare`"):
+        PretrainDataset(tmp_path / "d.bin", seq_len=8)
+
+
+def test_a_tokenizer_without_bos_is_refused(small_tokenizer, tmp_path):
+    tokenizer = load_tokenizer(small_tokenizer)
+    tokenizer.bos_token = None
+    with pytest.raises(ValueError, match="the tokenizer has no bos token"):
+        write_token_file(["一些文字"], tokenizer, tmp_path / "d.bin")
+    assert not list(tmp_path.iterdir())

@@ -7,20 +7,24 @@ Pretraining sources go through two stages, each restartable:
    with `cleaned/report.json`. Written under temporary names and renamed when complete; a finished stage whose
    options match is not run again.
 2. tokenize: the cleaned text in shards of `docs_per_shard` documents, each encoded in batches by worker
-   processes (`multiprocessing.Pool.imap` keeps the order) and streamed to `train-00000.bin` + manifest.
-   Memory is bounded by one shard's batches in flight. A shard is written to a temporary name and renamed
-   when complete; on restart, finished shards are verified against their manifest (size and SHA-256) and
-   kept. Shard contents depend only on the document order, so the output is byte-identical for any number of
-   workers.
+   processes (`multiprocessing.Pool.imap` keeps the order) and streamed to `train-00000.bin` + manifest, every
+   document framed as bos + tokens + eos. Memory is bounded by one shard's batches in flight. A shard is
+   written to a temporary name and renamed when complete; on restart, finished shards are verified against
+   their manifest (size, SHA-256, tokenizer, and the hash of the inputs and options that made them) and kept;
+   a shard made from other inputs is rebuilt, and shards beyond this run's count are removed, each with a
+   printed message. Shard contents depend only on the document order, so the output is byte-identical for any
+   number of workers.
 
 SFT and preference sources are normalised (chat `messages`; `prompt`/`chosen`/`rejected`) and written as JSONL
-splits after exact deduplication. Never pickle: loading a pickle runs arbitrary code.
+splits after exact deduplication, split by prompt so that no test prompt is trained on. Never pickle: loading a
+pickle runs arbitrary code. A run that stops (strict mode, bad input, Ctrl-C) leaves no temporary files.
 """
 
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,7 +35,14 @@ from tqdm import tqdm
 
 from tiny_llama2_zh.data.cleaning import Cleaner, CleaningOptions
 from tiny_llama2_zh.data.hashing import ExactDuplicates, is_validation
-from tiny_llama2_zh.data.pretokenized import Manifest, batched, manifest_path, token_dtype
+from tiny_llama2_zh.data.pretokenized import (
+    MANIFEST_FORMAT,
+    Manifest,
+    batched,
+    framing_tokens,
+    manifest_path,
+    token_dtype,
+)
 from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -94,11 +105,44 @@ def _records(options: PrepareOptions, bad: BadRecords, per_source: dict[str, int
             yield record
 
 
+def _file_identity(path: str | Path | None) -> list | None:
+    """[path, size, mtime] of a file: a changed or replaced input file changes the hashes below. (Not a content
+    hash: reading a 100 GB corpus again on every restart to decide whether to keep its shards costs too much.)"""
+    if path is None:
+        return None
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
 def _options_hash(options: PrepareOptions) -> str:
+    """What the cleaned text depends on: sources and their files, cleaning options, the split."""
     described = {
-        "sources": options.sources,
+        "sources": [[name, [_file_identity(path) for path in paths]] for name, paths in options.sources],
+        "text_field": options.text_field,
         "cleaning": asdict(options.cleaning),
+        "ad_patterns_file": _file_identity(options.cleaning.extra_ad_patterns_file),
         "split": options.validation_per_mille,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_inputs_hash(options: PrepareOptions, cleaned: Path, split: str, fingerprint: str, tokenizer) -> str:
+    """What a split's shards depend on: everything the cleaned text does, the cleaned file itself, the split,
+    docs_per_shard, the tokenizer and the framing. Not the batch size or the number of workers: they do not
+    change a byte."""
+    bos, eos = framing_tokens(tokenizer)
+    identity = _file_identity(cleaned)
+    described = {
+        "format": MANIFEST_FORMAT,
+        "clean": _options_hash(options),
+        "cleaned": identity[1:],  # size and mtime: a re-run clean stage rewrites it
+        "split": split,
+        "docs_per_shard": options.docs_per_shard,
+        "tokenizer": fingerprint,
+        "framing": [bos, eos],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -106,6 +150,8 @@ def _options_hash(options: PrepareOptions) -> str:
 # ------------------------------------------------------------------------------------------- pretraining
 def _prepare_pretrain(options: PrepareOptions, output_dir: Path, bad: BadRecords) -> PrepareResult:
     result = PrepareResult(kind="pretrain", output_dir=str(output_dir))
+    tokenizer = load_tokenizer(options.tokenizer)
+    framing_tokens(tokenizer)  # a tokenizer without bos or eos is refused before hours of cleaning, not after
     cleaned_dir = output_dir / "cleaned"
     done_marker = cleaned_dir / "report.json"
     options_hash = _options_hash(options)
@@ -115,7 +161,6 @@ def _prepare_pretrain(options: PrepareOptions, output_dir: Path, bad: BadRecords
         result.cleaning = finished["report"]
     else:
         result.cleaning = _clean(options, cleaned_dir, options_hash, bad, result.records_per_source)
-    tokenizer = load_tokenizer(options.tokenizer)
     for split in ("train", "validation"):
         documents, tokens, shards = tokenize_to_shards(
             options, cleaned_dir / f"{split}.jsonl", output_dir, split, tokenizer
@@ -128,20 +173,26 @@ def _clean(
     options: PrepareOptions, cleaned_dir: Path, options_hash: str, bad: BadRecords, per_source: dict[str, int]
 ) -> dict:
     cleaned_dir.mkdir(parents=True, exist_ok=True)
+    # the done-marker of an earlier run must not vouch for text this run is about to replace
+    (cleaned_dir / "report.json").unlink(missing_ok=True)
     cleaner = Cleaner(options.cleaning)
     temporary = {split: cleaned_dir / f"{split}.jsonl.tmp" for split in ("train", "validation")}
-    with (
-        temporary["train"].open("w", encoding="utf-8") as train,
-        temporary["validation"].open("w", encoding="utf-8") as validation,
-        tqdm(desc="clean", unit="doc") as progress,
-    ):
-        for record in _records(options, bad, per_source):
-            progress.update()
-            text = cleaner.clean(record["text"])
-            if text is None:
-                continue
-            out = validation if is_validation(text, options.validation_per_mille) else train
-            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    try:
+        with (
+            temporary["train"].open("w", encoding="utf-8") as train,
+            temporary["validation"].open("w", encoding="utf-8") as validation,
+            tqdm(desc="clean", unit="doc") as progress,
+        ):
+            for record in _records(options, bad, per_source):
+                progress.update()
+                text = cleaner.clean(record["text"])
+                if text is None:
+                    continue
+                out = validation if is_validation(text, options.validation_per_mille) else train
+                out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    except BaseException:
+        _remove(temporary.values())  # a stopped run (strict mode, bad input, Ctrl-C) leaves nothing half-made
+        raise
     for split, path in temporary.items():
         path.replace(cleaned_dir / f"{split}.jsonl")
     report = asdict(cleaner.report)
@@ -152,17 +203,23 @@ def _clean(
     return report
 
 
+def _remove(paths) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
 _worker_encode = None
-_worker_eos = 0
+_worker_bos = 1
+_worker_eos = 2
 
 
 def _init_worker(tokenizer_dir: str, threads_per_worker: bool) -> None:
-    global _worker_encode, _worker_eos
+    global _worker_encode, _worker_bos, _worker_eos
     if not threads_per_worker:
         # the processes already fill the cores; Rust threads inside each would only contend for them
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(tokenizer_dir)
-    _worker_eos = tokenizer.eos_token_id
+    _worker_bos, _worker_eos = framing_tokens(tokenizer)
     _worker_encode = sentencepiece_encoder(Path(tokenizer_dir), tokenizer) or (
         lambda texts: [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
     )
@@ -189,12 +246,15 @@ def sentencepiece_encoder(tokenizer_dir: Path, tokenizer) -> Callable[[list[str]
 
 
 def _encode_batch(lines: list[str]) -> np.ndarray:
-    """Token ids of a batch of JSONL lines ({"text": ...}), each document followed by eos, as one int64 array.
-    The worker parses the JSON and encodes: the main process only moves lines."""
+    """Token ids of a batch of JSONL lines ({"text": ...}), each document framed as bos + ids + eos (as
+    `write_token_file` does), as one int64 array. The worker parses the JSON and encodes: the main process only
+    moves lines."""
     encoded = _worker_encode([json.loads(line)["text"] for line in lines])
+    bos = np.array([_worker_bos], dtype=np.int64)
     eos = np.array([_worker_eos], dtype=np.int64)
     pieces = []
     for ids in encoded:
+        pieces.append(bos)
         pieces.append(np.asarray(ids, dtype=np.int64))
         pieces.append(eos)
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
@@ -213,26 +273,37 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _finished_shard(bin_path: Path, fingerprint: str) -> Manifest | None:
+def _finished_shard(bin_path: Path, fingerprint: str, inputs_hash: str) -> tuple[Manifest | None, str | None]:
+    """(manifest, None) for a complete shard made from these inputs; else (None, why it is not reusable), where
+    the reason is None when there is simply nothing there yet."""
+    if not bin_path.is_file() and not manifest_path(bin_path).is_file():
+        return None, None
     try:
         manifest = Manifest.read(bin_path)
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        return None, f"unusable manifest ({error})"
+    if not bin_path.is_file():
+        return None, "the .bin is missing"
     expected_size = manifest.num_tokens * np.dtype(manifest.dtype).itemsize
-    if (
-        not bin_path.is_file()
-        or bin_path.stat().st_size != expected_size
-        or manifest.tokenizer_fingerprint != fingerprint
-        or manifest.sha256 != _file_sha256(bin_path)
-    ):
-        return None
-    return manifest
+    if bin_path.stat().st_size != expected_size:
+        return None, f"{bin_path.stat().st_size} bytes where its manifest says {expected_size} (interrupted?)"
+    if manifest.tokenizer_fingerprint != fingerprint:
+        return None, f"tokenized with tokenizer {manifest.tokenizer_fingerprint}, not this one ({fingerprint})"
+    if manifest.inputs_hash != inputs_hash:
+        return None, (
+            f"made from other inputs or options (inputs hash {manifest.inputs_hash}, now {inputs_hash}: sources, "
+            "their files, cleaning options, split or docs_per_shard changed)"
+        )
+    if manifest.sha256 != _file_sha256(bin_path):
+        return None, "its bytes do not match the SHA-256 in its manifest (corrupted)"
+    return manifest, None
 
 
 def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path, split: str, tokenizer):
     """Tokenize a JSONL of {"text"} into `{split}-NNNNN.bin` shards (see the module docstring); resumable."""
     output_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = tokenizer_fingerprint(tokenizer)
+    inputs_hash = _shard_inputs_hash(options, cleaned, split, fingerprint, tokenizer)
     dtype = token_dtype(len(tokenizer))
     documents = tokens = shards = 0
     # fork: workers inherit the imported libraries instead of importing torch and transformers again (seconds
@@ -245,9 +316,13 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
     try:
         for index, shard in enumerate(batched(_read_lines(cleaned), options.docs_per_shard)):
             bin_path = output_dir / f"{split}-{index:05d}.bin"
-            manifest = _finished_shard(bin_path, fingerprint)
+            manifest, reason = _finished_shard(bin_path, fingerprint, inputs_hash)
             if manifest is None:
-                manifest = _write_shard(pool, shard, bin_path, options, tokenizer, fingerprint, dtype, progress)
+                if reason is not None:
+                    progress.write(f"{bin_path}: rebuilding: {reason}")
+                manifest = _write_shard(
+                    pool, shard, bin_path, options, tokenizer, fingerprint, inputs_hash, dtype, progress
+                )
             else:
                 progress.update(len(shard))
             documents += manifest.num_documents
@@ -259,52 +334,97 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
         pool.close()
         pool.join()
         progress.close()
+    _remove_surplus_shards(output_dir, split, shards)
     return documents, tokens, shards
 
 
-def _write_shard(pool, shard, bin_path: Path, options, tokenizer, fingerprint: str, dtype, progress) -> Manifest:
+def _remove_surplus_shards(output_dir: Path, split: str, count: int) -> None:
+    """Shards of an earlier run beyond this run's `count` (fewer documents, a larger docs_per_shard) would still
+    match `train-*.bin` and be trained on: remove them, their manifests, and any leftover temporary file."""
+    pattern = re.compile(rf"{re.escape(split)}-(\d{{5,}})\.bin(\.json|\.tmp)?")
+    for path in sorted(output_dir.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_file():
+            continue
+        if match.group(2) == ".tmp":
+            path.unlink()
+        elif int(match.group(1)) >= count:
+            print(f"{path}: removed: a shard of an earlier run (this run writes {count} {split} shards)")
+            path.unlink()
+
+
+def _write_shard(
+    pool, shard, bin_path: Path, options, tokenizer, fingerprint: str, inputs_hash: str, dtype, progress
+) -> Manifest:
     batches = list(batched(shard, options.batch_size))
     temporary = bin_path.with_name(bin_path.name + ".tmp")
     digest = hashlib.sha256()
     num_tokens = 0
-    with temporary.open("wb") as out:
-        for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
-            data = ids.astype(dtype).tobytes()
-            out.write(data)
-            digest.update(data)
-            num_tokens += len(ids)
-            progress.update(len(batch))
-    manifest = Manifest(
-        dtype=dtype.name,
-        num_tokens=num_tokens,
-        num_documents=len(shard),
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        tokenizer_fingerprint=fingerprint,
-        sources=[name for name, _ in options.sources],
-        sha256=digest.hexdigest(),
-    )
-    manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    temporary.replace(bin_path)  # the .bin appears only when complete, after its manifest
+    try:
+        with temporary.open("wb") as out:
+            for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
+                data = ids.astype(dtype).tobytes()
+                out.write(data)
+                digest.update(data)
+                num_tokens += len(ids)
+                progress.update(len(batch))
+        manifest = Manifest(
+            dtype=dtype.name,
+            num_tokens=num_tokens,
+            num_documents=len(shard),
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            tokenizer_fingerprint=fingerprint,
+            sources=[name for name, _ in options.sources],
+            sha256=digest.hexdigest(),
+            bos_token_id=tokenizer.bos_token_id,
+            inputs_hash=inputs_hash,
+        )
+        manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        temporary.replace(bin_path)  # the .bin appears only when complete, after its manifest
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return manifest
 
 
 # ---------------------------------------------------------------------------------- SFT and preferences
+def split_key(record: dict, kind: str) -> str:
+    """The text a record's train/test split is decided by: its prompt, so that the answers to one prompt all
+    land on one side (hashing the whole record put one prompt's answers in both). For SFT the first user
+    message, as `data tasks` does; a conversation without one is keyed by all its non-assistant content."""
+    if kind == "preference":
+        return record["prompt"]
+    messages = record["messages"]
+    first_user = next((m["content"] for m in messages if m.get("role") == "user"), None)
+    if first_user is not None:
+        return first_user
+    return "\n".join(m["content"] for m in messages if m.get("role") != "assistant")
+
+
 def _prepare_records(options: PrepareOptions, output_dir: Path, kind: str, bad: BadRecords) -> PrepareResult:
     result = PrepareResult(kind=kind, output_dir=str(output_dir))
     exact = ExactDuplicates()
     duplicates = 0
     temporary = {split: output_dir / f"{kind}-{split}.jsonl.tmp" for split in ("train", "test")}
     counts = {"train": 0, "test": 0}
-    with temporary["train"].open("w", encoding="utf-8") as train, temporary["test"].open("w", encoding="utf-8") as test:
-        for record in tqdm(_records(options, bad, result.records_per_source), desc=f"normalise {kind}", unit="record"):
-            line = json.dumps(record, ensure_ascii=False)
-            if exact.seen_before(line):
-                duplicates += 1
-                continue
-            split = "test" if is_validation(line, options.validation_per_mille) else "train"
-            (test if split == "test" else train).write(line + "\n")
-            counts[split] += 1
+    try:
+        with (
+            temporary["train"].open("w", encoding="utf-8") as train,
+            temporary["test"].open("w", encoding="utf-8") as test,
+        ):
+            records = _records(options, bad, result.records_per_source)
+            for record in tqdm(records, desc=f"normalise {kind}", unit="record"):
+                line = json.dumps(record, ensure_ascii=False)
+                if exact.seen_before(line):
+                    duplicates += 1
+                    continue
+                split = "test" if is_validation(split_key(record, kind), options.validation_per_mille) else "train"
+                (test if split == "test" else train).write(line + "\n")
+                counts[split] += 1
+    except BaseException:
+        _remove(temporary.values())  # a stopped run (strict mode, bad input, Ctrl-C) leaves nothing half-made
+        raise
     for split, path in temporary.items():
         path.replace(output_dir / f"{kind}-{split}.jsonl")
     result.documents = counts

@@ -1,5 +1,6 @@
-"""Pretraining data on disk, as the seed stores it: token ids, an eos after every document, concatenated into
-one flat binary file, with a JSON manifest beside it (`train.bin` + `train.bin.json`).
+"""Pretraining data on disk: token ids, every document framed as `<s>` + tokens + `</s>` (bos before, eos after,
+as llama2.c does), concatenated into one flat binary file, with a JSON manifest beside it (`train.bin` +
+`train.bin.json`).
 
 uint16 when every id fits (vocabulary <= 65,536 ids: ChatGLM3's 64,798 does), else uint32. The dataset
 memory-maps the file, so a corpus of any size costs no RAM and no per-step copies beyond one block.
@@ -20,7 +21,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
 
-MANIFEST_FORMAT = "tiny-llama2-zh/pretokenized-v1"
+# v2: every document starts with bos (v1 files have eos only, and a model trained on them never sees the bos
+# that generation starts from); v1 files are refused rather than silently mixed with v2 ones.
+MANIFEST_FORMAT = "tiny-llama2-zh/pretokenized-v2"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,6 +40,8 @@ class Manifest:
     tokenizer_fingerprint: str
     sources: list[str] = field(default_factory=list)
     sha256: str | None = None  # of the .bin, so a restarted `data prepare` can verify a finished shard
+    bos_token_id: int | None = None  # before every document; None only in manifests written by hand
+    inputs_hash: str | None = None  # `data prepare`: the inputs, options and tokenizer that made this shard
     format: str = MANIFEST_FORMAT
 
     @classmethod
@@ -44,9 +49,16 @@ class Manifest:
         path = manifest_path(bin_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {bin_path} was not written by `tinyllm data tokenize`")
-        values = json.loads(path.read_text())
-        if values.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path}: format {values.get('format')!r} is not {MANIFEST_FORMAT!r}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a manifest (malformed JSON: {error})") from None
+        if not isinstance(values, dict) or values.get("format") != MANIFEST_FORMAT:
+            found = values.get("format") if isinstance(values, dict) else None
+            raise ValueError(
+                f"{path}: format {found!r} is not {MANIFEST_FORMAT!r}: files written before v2 have no bos token "
+                "before each document; re-run `tinyllm data prepare` (shards) or `tinyllm data tokenize` (a .bin)"
+            )
         return cls(**values)
 
 
@@ -62,43 +74,61 @@ def write_token_file(
     batch_size: int = 1024,
     total: int | None = None,
 ) -> Manifest:
-    """Tokenize texts in batches with the fast tokenizer and stream the ids to bin_path.
+    """Tokenize texts in batches with the fast tokenizer and stream the ids to bin_path, each document framed
+    as bos + tokens + eos.
 
     Memory is bounded by one batch. The file is written under a temporary name and renamed at the end, so a
-    crash never leaves a `.bin` that looks complete.
+    crash never leaves a `.bin` that looks complete (and the temporary file is removed).
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; documents could not be separated")
+    bos, eos = framing_tokens(tokenizer)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     bin_path = Path(bin_path)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = bin_path.with_name(bin_path.name + ".tmp")
     num_tokens = num_documents = 0
-    with temporary.open("wb") as out, tqdm(total=total, desc=f"tokenize {bin_path.name}", unit="doc") as progress:
-        for batch in batched(texts, batch_size):
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            ids = np.fromiter(
-                (token for document in encoded for token in (*document, tokenizer.eos_token_id)), dtype=np.int64
-            )
-            out.write(ids.astype(dtype).tobytes())
-            num_tokens += len(ids)
-            num_documents += len(batch)
-            progress.update(len(batch))
-        out.flush()
-        os.fsync(out.fileno())
-    manifest = Manifest(
-        dtype=dtype.name,
-        num_tokens=num_tokens,
-        num_documents=num_documents,
-        vocab_size=vocab_size,
-        eos_token_id=tokenizer.eos_token_id,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        sources=sources or [],
-    )
-    manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    temporary.replace(bin_path)
+    try:
+        with (
+            temporary.open("wb") as out,
+            tqdm(total=total, desc=f"tokenize {bin_path.name}", unit="doc") as progress,
+        ):
+            for batch in batched(texts, batch_size):
+                encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+                ids = np.fromiter((token for document in encoded for token in (bos, *document, eos)), dtype=np.int64)
+                out.write(ids.astype(dtype).tobytes())
+                num_tokens += len(ids)
+                num_documents += len(batch)
+                progress.update(len(batch))
+            out.flush()
+            os.fsync(out.fileno())
+        manifest = Manifest(
+            dtype=dtype.name,
+            num_tokens=num_tokens,
+            num_documents=num_documents,
+            vocab_size=vocab_size,
+            eos_token_id=eos,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            sources=sources or [],
+            bos_token_id=bos,
+        )
+        manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        temporary.replace(bin_path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return manifest
+
+
+def framing_tokens(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:
+    """(bos, eos) ids that frame every document; a tokenizer without either cannot write pretraining data."""
+    if tokenizer.bos_token_id is None:
+        raise ValueError(
+            "the tokenizer has no bos token; every pretraining document starts with one (the llama2.c convention): "
+            "give it one (e.g. <s>) or use a folder from `tinyllm tokenizer train` / `convert-chatglm3`"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; documents could not be separated")
+    return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
 def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:

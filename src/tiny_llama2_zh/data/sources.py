@@ -8,10 +8,14 @@ conversations or preference pairs), the fields it needs, and how a raw row becom
     preference:  {"prompt": str, "chosen": str, "rejected": str}      (the names TRL expects)
 
 Reading never crashes a long run silently and never passes a broken row on: a malformed line, a missing field,
-a non-UTF-8 byte or an empty file is skipped, counted and reported with file, line and reason
-(`BadRecords`), or, with `strict=True`, stops the run at the first one with that message.
+a value of the wrong type, a non-UTF-8 byte, an unreadable parquet page or an empty file is skipped, counted
+and reported with file, line (or record, or row) and reason (`BadRecords`), or, with `strict=True`, stops the
+run at the first one with that message. SFT and preference records with an empty prompt or reply, or with
+chosen equal to rejected, are dropped and counted the same way (strict mode does not stop for them: they are
+well-formed). A non-empty file from which nothing could be read is an error naming the file, never `0 records`.
 """
 
+import csv
 import json
 import re
 from collections import Counter
@@ -21,10 +25,17 @@ from pathlib import Path
 from typing import Literal
 
 Kind = Literal["pretrain", "sft", "preference"]
+# Where a row is: a line number (int), a description such as "record 3 (line 12)" or "row 5", or None (the file).
+Location = int | str | None
+
+# Bytes that are not UTF-8, decoded with errors="surrogateescape", become these code points (PEP 383); valid
+# UTF-8 never decodes to them, so each one found in decoded text marks one bad byte.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BadInputError(ValueError):
-    """A row that cannot be read, in strict mode."""
+    """A row that cannot be read, in strict mode; or a file that yields nothing at all."""
 
 
 @dataclass
@@ -35,13 +46,21 @@ class BadRecords:
     keep_examples: int = 10
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    first_per_file: dict[str, str] = field(default_factory=dict)  # file -> its first problem, without the path
 
-    def report(self, path: Path, line: int | None, reason: str) -> None:
-        where = f"{path}:{line}" if line is not None else str(path)
-        message = f"{where}: {reason}"
-        if self.strict:
+    def report(self, path: Path, where: Location, reason: str, fatal: bool = True) -> None:
+        """Count a bad row. `fatal=False`: a well-formed but unusable record, which strict mode also skips."""
+        located = reason if where is None else f"{'line ' if isinstance(where, int) else ''}{where}: {reason}"
+        if where is None:
+            message = f"{path}: {reason}"
+        elif isinstance(where, int):
+            message = f"{path}:{where}: {reason}"
+        else:
+            message = f"{path}: {where}: {reason}"
+        if self.strict and fatal:
             raise BadInputError(message)
         self.counts[re.split(r"[:;(]", reason)[0].strip()] += 1
+        self.first_per_file.setdefault(str(path), located)
         if len(self.examples) < self.keep_examples:
             self.examples.append(message)
 
@@ -76,7 +95,8 @@ def _preference(chosen: str = "chosen", rejected: str = "rejected") -> Callable[
 
 
 def _baike(row: dict) -> dict:
-    sections = row["sections"] or []
+    # `"sections": null` is common in the published file: the title and summary still make a document
+    sections = row.get("sections") or []
     body = [_join(section.get("title"), section.get("content")) for section in sections if isinstance(section, dict)]
     return {"text": _join(row["title"], row.get("summary"), *body)}
 
@@ -103,7 +123,7 @@ SOURCES: dict[str, Source] = {
         Source(
             "baidubaike",
             "pretrain",
-            ("title", "sections"),
+            ("title",),  # sections may be null or missing; the title and summary are kept
             _baike,
             "xuqinyang/BaiduBaike-5.63M: JSON Lines of {title, summary?, sections: [{title, content}]}",
         ),
@@ -194,24 +214,20 @@ def _decoded_lines(path: Path, bad: BadRecords) -> Iterator[tuple[int, str]]:
     """(line number, text) for each line; lines that are not UTF-8 are reported, not guessed at."""
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark, as some Windows tools write: not part of the first row
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 bad.report(path, number, f"not UTF-8: byte {raw[error.start]:#04x} at column {error.start + 1}")
 
 
-def _json_rows(path: Path, bad: BadRecords) -> Iterator[tuple[int | None, object]]:
+def _json_rows(path: Path, bad: BadRecords) -> Iterator[tuple[Location, object]]:
     """Sniffs the format: a file whose first non-space character is '[' is one JSON array, else JSON Lines."""
     with path.open("rb") as stream:
-        head = stream.read(4096).lstrip()
+        head = stream.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith(b"["):
-        try:
-            rows = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            bad.report(path, getattr(error, "lineno", None), f"malformed JSON array: {error}")
-            return
-        # a pretty-printed array has no row-to-line mapping worth computing; the element index stands in
-        yield from ((None, row) for row in rows)
+        yield from _json_array_rows(path, bad)
         return
     for number, line in _decoded_lines(path, bad):
         if not line.strip():
@@ -222,41 +238,137 @@ def _json_rows(path: Path, bad: BadRecords) -> Iterator[tuple[int | None, object
             bad.report(path, number, f"malformed JSON: {error.msg} at column {error.colno}")
 
 
-def _parquet_rows(path: Path, bad: BadRecords) -> Iterator[tuple[int | None, object]]:
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_rows(path: Path, bad: BadRecords) -> Iterator[tuple[Location, object]]:
+    """The elements of one JSON array, as `record N (line L)`, parsed one at a time.
+
+    Per element, so that damage costs only what it touches: an element holding a byte that is not UTF-8 is
+    reported (with the byte's offset in the file) and skipped, the others are kept; a syntax error keeps every
+    element before it. (wikipedia-cn is one array: reading it whole would lose the corpus to one bad byte.)
+    """
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    byte_cursor = (0, 0)  # (character position, its byte offset in the file): offsets are computed forward, once
+    if text.startswith("\ufeff"):  # a byte-order mark: 3 bytes in the file
+        text, byte_cursor = text[1:], (0, 3)
+    decoder = json.JSONDecoder()
+    position = _JSON_SPACE.match(text).end() + 1  # past the '['
+    line = 1 + text.count("\n", 0, position)
+
+    def byte_offset(char_position: int) -> int:
+        nonlocal byte_cursor
+        last_char, last_byte = byte_cursor
+        byte = last_byte + len(text[last_char:char_position].encode("utf-8", errors="surrogateescape"))
+        byte_cursor = (char_position, byte)
+        return byte
+
+    if text.startswith("]", _JSON_SPACE.match(text, position).end()):
+        return
+    number = 0
+    while True:
+        number += 1
+        start = _JSON_SPACE.match(text, position).end()
+        line += text.count("\n", position, start)
+        where = f"record {number} (line {line})"
+        try:
+            row, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as error:
+            at = f"line {error.lineno} column {error.colno}"
+            bad.report(path, where, f"malformed JSON array: {error.msg} at {at}; nothing after it can be read")
+            return
+        escaped = _ESCAPED_BYTE.search(text, start, end)
+        if escaped:
+            offset = byte_offset(escaped.start())
+            value = ord(escaped.group()) - 0xDC00
+            bad.report(path, where, f"not UTF-8: byte {value:#04x} at byte offset {offset}")
+        else:
+            yield where, row
+        line += text.count("\n", start, end)
+        position = _JSON_SPACE.match(text, end).end()
+        line += text.count("\n", end, position)
+        separator = text[position : position + 1]
+        if separator == ",":
+            position += 1
+            continue
+        if separator != "]":
+            found = repr(separator) if separator else "the end of the file"
+            reason = f"malformed JSON array: {found} where ',' or ']' belongs; nothing after it can be read"
+            bad.report(path, f"after record {number} (line {line})", reason)
+        return
+
+
+def _parquet_rows(path: Path, bad: BadRecords) -> Iterator[tuple[Location, object]]:
+    """Rows by row group: a damaged page costs the rest of its row group, reported, and the next groups are read."""
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several types for a damaged file
-        bad.report(path, None, f"unreadable parquet: {error}")
+        bad.report(path, None, f"unreadable parquet file: {error}")
         return
-    row_number = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield row_number, row
+    row = 0
+    for group in range(parquet.num_row_groups):
+        group_rows = parquet.metadata.row_group(group).num_rows
+        read = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=4096, row_groups=[group]):
+                for values in batch.to_pylist():
+                    read += 1
+                    yield f"row {row + read}", values
+        except Exception as error:  # OSError "Corrupt snappy compressed data", ArrowInvalid, ...
+            bad.report(
+                path,
+                f"row {row + read + 1}",
+                f"unreadable parquet data ({error}); rows {row + read + 1}-{row + group_rows} of row group {group} "
+                "are lost",
+            )
+        row += group_rows
 
 
-def _tsv_rows(path: Path, bad: BadRecords) -> Iterator[tuple[int | None, object]]:
+# zhihu answers run to hundreds of thousands of characters; the csv module's default limit is 131,072
+csv.field_size_limit(2**31 - 1)
+
+
+def _tsv_rows(path: Path, bad: BadRecords) -> Iterator[tuple[Location, object]]:
+    """A TSV with a header row, as the csv module's excel-tab dialect reads it: quoted fields, doubled quotes
+    and newlines inside quotes. The line given is the one where the row starts."""
     header: list[str] | None = None
-    for number, line in _decoded_lines(path, bad):
-        cells = line.rstrip("\r\n").split("\t")
-        if header is None:
-            header = cells
-            continue
-        if len(cells) != len(header):
-            bad.report(path, number, f"malformed TSV: {len(cells)} columns, the header has {len(header)}")
-            continue
-        yield number, dict(zip(header, cells))
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as stream:
+        reader = csv.reader(stream, dialect="excel-tab")
+        start = 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                bad.report(path, start, f"malformed TSV: {error}")
+                start = reader.line_num + 1
+                continue
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in cells):
+                continue
+            escaped = next((match for cell in cells if (match := _ESCAPED_BYTE.search(cell))), None)
+            if escaped:
+                bad.report(path, line, f"not UTF-8: byte {ord(escaped.group()) - 0xDC00:#04x}")
+                continue
+            if header is None:
+                header = [cell.strip().removeprefix("\ufeff") for cell in cells]
+                continue
+            if len(cells) != len(header):
+                bad.report(path, line, f"malformed TSV: {len(cells)} columns, the header has {len(header)}")
+                continue
+            yield line, dict(zip(header, cells))
 
 
-def _text_rows(path: Path, bad: BadRecords) -> Iterator[tuple[int | None, object]]:
+def _text_rows(path: Path, bad: BadRecords) -> Iterator[tuple[Location, object]]:
     for number, line in _decoded_lines(path, bad):
         if line.strip():
             yield number, {"text": line.rstrip("\r\n")}
 
 
-def raw_rows(source: Source, path: Path, bad: BadRecords) -> Iterator[tuple[int | None, object]]:
+def raw_rows(source: Source, path: Path, bad: BadRecords) -> Iterator[tuple[Location, object]]:
     if source.name == "text":
         return _text_rows(path, bad)
     if path.suffix == ".parquet":
@@ -266,9 +378,49 @@ def raw_rows(source: Source, path: Path, bad: BadRecords) -> Iterator[tuple[int 
     return _json_rows(path, bad)
 
 
+# ------------------------------------------------------------------------------------------ record checks
+def _strings(record: dict, kind: Kind) -> Iterator[tuple[str, object]]:
+    """(name, value) of every text of a record: the values that must be strings."""
+    if kind == "pretrain":
+        yield "text", record.get("text")
+    elif kind == "sft":
+        messages = record.get("messages")
+        for index, message in enumerate(messages if isinstance(messages, list) else [None]):
+            yield f"messages[{index}].content", message.get("content") if isinstance(message, dict) else message
+    else:
+        for name in ("prompt", "chosen", "rejected"):
+            yield name, record.get(name)
+
+
+def malformed(record: dict, kind: Kind) -> str | None:
+    """Why a converted record cannot be used at all (a field of the wrong type), or None."""
+    for name, value in _strings(record, kind):
+        if not isinstance(value, str):
+            return f"field {name} is {type(value).__name__}, not a string"
+        if _SURROGATE.search(value):
+            # a JSON escape such as "\ud83d" without its pair: no UTF-8 file can hold it
+            return f"field {name} holds an invalid Unicode escape (lone surrogate)"
+    return None
+
+
+def unusable(record: dict, kind: Kind) -> str | None:
+    """Why a well-formed SFT or preference record teaches nothing (empty text, chosen == rejected), or None."""
+    if kind == "sft":
+        for message in record["messages"]:
+            if not message["content"].strip():
+                return "empty reply" if message.get("role") == "assistant" else "empty prompt"
+    elif kind == "preference":
+        for name in ("prompt", "chosen", "rejected"):
+            if not record[name].strip():
+                return f"empty {name}"
+        if record["chosen"].strip() == record["rejected"].strip():
+            return "chosen equals rejected"
+    return None
+
+
 def read_records(source: Source, paths: list[str | Path], bad: BadRecords, text_field: str = "text") -> Iterator[dict]:
     """Records of `source` from every file, in order; bad rows go to `bad`. `text_field` names the field
-    that the generic `jsonl` source reads."""
+    that the generic `jsonl` source reads. A non-empty file that yields no usable record raises BadInputError."""
     if source.name == "jsonl" and text_field != "text":
         source = Source("jsonl", "pretrain", (text_field,), _text(text_field), source.description)
     schema = f"{source.name} expects {{{', '.join(source.fields)}}} ({source.description})"
@@ -281,18 +433,35 @@ def read_records(source: Source, paths: list[str | Path], bad: BadRecords, text_
         if path.stat().st_size == 0:
             bad.report(path, None, "empty file")
             continue
-        for line, row in raw_rows(source, path, bad):
+        well_formed = 0
+        for where, row in raw_rows(source, path, bad):
             if not isinstance(row, dict):
-                bad.report(path, line, f"not an object: {type(row).__name__}; {schema}")
+                bad.report(path, where, f"not an object: {type(row).__name__}; {schema}")
                 continue
             missing = [name for name in source.fields if row.get(name) is None]
             if missing:
-                bad.report(path, line, f"missing field {', '.join(missing)}; {schema}")
+                bad.report(path, where, f"missing field {', '.join(missing)}; {schema}")
                 continue
             try:
                 record = source.convert(row)
             except (TypeError, AttributeError, KeyError) as error:
-                bad.report(path, line, f"unexpected value ({error}); {schema}")
+                bad.report(path, where, f"unexpected value ({error}); {schema}")
                 continue
-            if record is not None:
-                yield record
+            if record is None:
+                continue
+            problem = malformed(record, source.kind)
+            if problem is not None:
+                bad.report(path, where, f"unexpected value: {problem}; {schema}")
+                continue
+            well_formed += 1
+            problem = unusable(record, source.kind)
+            if problem is not None:
+                bad.report(path, where, problem, fatal=False)
+                continue
+            yield record
+        if well_formed == 0:
+            first = bad.first_per_file.get(str(path), "no rows")
+            raise BadInputError(
+                f"{path}: nothing could be read from this non-empty file (first problem: {first}); "
+                f"is it a {source.name} file? {schema}"
+            )
