@@ -116,3 +116,21 @@ def tiny_config(**overrides) -> TinyLlama2Config:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_tokenizer, tmp_path_factory) -> Path:
+    """A random tiny model saved with the small tokenizer: a stand-in for a pretrained `final/` folder."""
+    from tiny_llama2_zh.loading import save_model_folder
+    from tiny_llama2_zh.model import TinyLlama2ForCausalLM
+
+    tokenizer = load_tokenizer(small_tokenizer)
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return save_model_folder(TinyLlama2ForCausalLM(config), tokenizer, tmp_path_factory.mktemp("tiny_model"))

@@ -205,57 +205,167 @@ def _data_tasks(args: argparse.Namespace) -> None:
         print(f"{task}: {counts['train']:,} train / {counts['test']:,} test examples")
 
 
-# -------------------------------------------------------------------------------------------- pretrain
-def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/pretrain/demo.yaml")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in train.output_dir from its newest complete checkpoint (same as resume=true)",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.key=value",
-        help="override any YAML value, e.g. train.max_steps=100 model.size=24m",
-    )
+# ----------------------------------------------------------------------------------- training recipes
+# Every training stage is a recipe: a YAML (its first line says how to run it), `section.key=value` overrides,
+# and --resume. The recipe modules are imported only when the command runs.
+RECIPES = {
+    "pretrain": ("tiny_llama2_zh.train.pretrain", "PretrainConfig", "pretrain", "configs/pretrain/demo.yaml"),
+    "sft": ("tiny_llama2_zh.train.sft", "SFTRecipeConfig", "sft", "configs/sft/demo.yaml"),
+}
 
 
-def _pretrain(args: argparse.Namespace) -> None:
-    from tiny_llama2_zh.config import load_config
-    from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
-
-    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
-    result = pretrain(load_config(PretrainConfig, args.config, overrides))
-    if result is not None:
-        print(
-            f"final model: {result['final_model_dir']}; validation loss "
-            f"{result['initial_validation_loss']} -> {result['final_validation_loss']}"
+def _recipe_arguments(stage: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", required=True, help=f"recipe YAML, e.g. {RECIPES[stage][3]}")
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in train.output_dir from its newest complete checkpoint (same as resume=true)",
         )
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="section.key=value",
+            help="override any YAML value, e.g. train.max_steps=100 train.learning_rate=3e-4",
+        )
+
+    return add
+
+
+def _run_recipe(stage: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        from tiny_llama2_zh.config import load_config
+
+        module_name, config_class, function, _ = RECIPES[stage]
+        module = importlib.import_module(module_name)
+        overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+        result = getattr(module, function)(load_config(getattr(module, config_class), args.config, overrides))
+        if result is not None:
+            print(
+                f"{stage}: {result['steps']} steps in {result['train_seconds']:.0f}s; final model: "
+                f"{result['final_model_dir']}; validation loss "
+                f"{result['initial_validation_loss']} -> {result['final_validation_loss']}"
+            )
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ lora
+def _lora_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="a LoRA adapter folder (an SFT run's final/ with model.lora)")
+    parser.add_argument("--output", required=True, help="folder for the merged model (must be new or empty)")
+    parser.add_argument("--base", help="the base model folder (default: the one recorded in the adapter)")
+
+
+def _lora_merge(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.train.lora import merge_adapter
+
+    print(f"wrote the merged model to {merge_adapter(args.adapter, args.output, args.base)}")
 
 
 # -------------------------------------------------------------------------------------------- generate
+def _sampling_arguments(
+    parser: argparse.ArgumentParser,
+    max_new_tokens: int | None = 100,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> None:
+    """The sampling flags `generate` and `chat` share (chat samples by default: greedy replies repeat)."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"tokens to generate at most (default: {max_new_tokens})"
+        if max_new_tokens
+        else "tokens per reply at most (default: half the model's context, at most 256)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=temperature, help=f"0 = greedy; > 0 samples (default: {temperature})"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=top_p, help=f"nucleus sampling mass, 1.0 = off (default: {top_p})"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=repetition_penalty,
+        help=f"> 1 discourages repeats (CTRL; default: {repetition_penalty})",
+    )
+    parser.add_argument("--seed", type=int, default=1337, help="random seed for sampling (default: 1337)")
+
+
+def _sampling_options(args: argparse.Namespace, max_new_tokens: int):
+    from tiny_llama2_zh.infer.generate import SamplingOptions
+
+    return SamplingOptions(max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+
+
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved model folder (with its tokenizer)")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL)")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
+    parser.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="answer --prompt as a single user message through the chat template (an SFT model) and print the "
+        "reply, instead of continuing the text",
+    )
+    parser.add_argument("--system", help="system prompt for --chat")
+    _sampling_arguments(parser)
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from tiny_llama2_zh.infer.generate import SamplingOptions, generate_text
+    from tiny_llama2_zh.loading import load_model
+
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    model, tokenizer = load_model(args.model)
+    options = _sampling_options(args, args.max_new_tokens)
+    if args.chat:
+        from tiny_llama2_zh.infer.chat import ReplyStreamer, check_room
+        from tiny_llama2_zh.infer.generate import generate_reply
+
+        check_room(model, options)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        generate_reply(
+            model, tokenizer, [*system, {"role": "user", "content": args.prompt}], options, ReplyStreamer(tokenizer)
+        )
+        return
+    from tiny_llama2_zh.infer.generate import generate_text
+
+    print(args.prompt, end="", flush=True)
+    generate_text(model, tokenizer, args.prompt, options, stream=True)
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="saved model folder: SFT, merged LoRA, or a base model (with --plain)"
+    )
+    parser.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="continue each line as text, without the chat template or history (for a pretrained-only model; "
+        "automatic when the tokenizer has no chat template)",
+    )
+    _sampling_arguments(parser, max_new_tokens=None, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+    parser.epilog = (
+        "In the chat: /reset clears the history, /system TEXT sets the system prompt, /help, /exit. Ctrl-C stops a "
+        "reply, Ctrl-D leaves. stdout holds only the replies (each after 'assistant> '); notices go to stderr."
+    )
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.infer.chat import chat_main
     from tiny_llama2_zh.loading import load_model
 
     model, tokenizer = load_model(args.model)
-    options = SamplingOptions(
-        args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed
-    )
-    print(args.prompt, end="", flush=True)
-    generate_text(model, tokenizer, args.prompt, options, stream=True)
+    max_new_tokens = args.max_new_tokens or min(256, model.config.max_position_embeddings // 2)
+    chat_main(model, tokenizer, _sampling_options(args, max_new_tokens), args.system, args.plain)
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -285,6 +395,18 @@ def _eval_ppl(args: argparse.Namespace) -> None:
     )
     if args.output:
         Path(args.output).write_text(json.dumps(asdict(result), indent=2) + "\n")
+
+
+def _eval_tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    from tiny_llama2_zh.eval.tasks import add_arguments
+
+    add_arguments(parser)
+
+
+def _eval_tasks(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.eval.tasks import run
+
+    run(args)
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -357,13 +479,38 @@ COMMANDS = [
             ),
         ],
     ),
-    Command("pretrain", "pretrain a model from a recipe YAML", _pretrain_arguments, _pretrain),
-    Command("generate", "continue a prompt with a saved model (streams)", _generate_arguments, _generate),
+    Command("pretrain", "pretrain a model from a recipe YAML", _recipe_arguments("pretrain"), _run_recipe("pretrain")),
+    Command(
+        "sft",
+        "supervised fine-tuning on chat conversations (TRL SFTTrainer; LoRA with model.lora)",
+        _recipe_arguments("sft"),
+        _run_recipe("sft"),
+    ),
+    Command(
+        "lora",
+        "LoRA adapters",
+        subcommands=[
+            Command("merge", "merge an adapter into its base: a plain model folder", _lora_merge_arguments, _lora_merge)
+        ],
+    ),
+    Command(
+        "generate",
+        "continue a prompt with a saved model, or answer it with --chat (streams)",
+        _generate_arguments,
+        _generate,
+    ),
+    Command("chat", "chat with a saved model in the terminal (multi-turn, streamed)", _chat_arguments, _chat),
     Command(
         "eval",
         "evaluate saved models",
         subcommands=[
             Command("ppl", "validation loss and perplexity on a .bin", _eval_ppl_arguments, _eval_ppl),
+            Command(
+                "tasks",
+                "accuracy on the demo tasks' held-out prompts (sentiment, segmentation, pinyin), models vs baselines",
+                _eval_tasks_arguments,
+                _eval_tasks,
+            ),
         ],
     ),
     Command("plot", "draw a run's loss curves as PNG", _plot_arguments, _plot),
@@ -402,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinyllm: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ntinyllm: interrupted (a training run resumes with --resume from its last checkpoint)", file=sys.stderr)
+        print(
+            "\ntinyllm: interrupted (a training run continues with --resume from its last checkpoint)", file=sys.stderr
+        )
         return 130
     return 0
 

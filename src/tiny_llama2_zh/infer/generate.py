@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TextStreamer
 
+from tiny_llama2_zh.tokenizer import ROLE_TOKENS
+
 
 @dataclass
 class SamplingOptions:
@@ -48,3 +50,104 @@ def generate_text(
             synced_gpus=synced_gpus,  # DeepSpeed ZeRO-3: every process steps until all have finished
         )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------------- chat
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | "observation", "content": str}
+
+
+def turn_end_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Every id that ends an assistant turn: eos (the chat template closes each reply with it) and the role tokens
+    that open the next turn (ChatGLM3's convention), in case a model skips the eos."""
+    return sorted({tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list(ROLE_TOKENS))})
+
+
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerFast, messages: list[Message], max_prompt_tokens: int
+) -> tuple[list[int], int]:
+    """The chat template's ids for `messages` plus the assistant prompt, cut to `max_prompt_tokens` by dropping
+    whole turns from the oldest (a system message stays). Returns (ids, number of messages dropped). A single
+    turn that alone is too long is an error, never cut mid-token."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system) :]
+    dropped = 0
+    while True:
+        ids = tokenizer.apply_chat_template([*system, *turns], add_generation_prompt=True, return_dict=True)
+        ids = list(ids["input_ids"])
+        if len(ids) <= max_prompt_tokens:
+            return ids, dropped
+        if len(turns) <= 1:
+            raise ValueError(
+                f"the message is {len(ids)} tokens with the template, more than the {max_prompt_tokens} the model's "
+                "context leaves for it; shorten it or lower max_new_tokens"
+            )
+        turns = turns[1:]
+        dropped += 1
+        while turns and turns[0]["role"] == "assistant":  # a conversation restarts at a user turn
+            turns = turns[1:]
+            dropped += 1
+
+
+@torch.inference_mode()
+def generate_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    messages: list[Message],
+    options: SamplingOptions,
+    streamer=None,
+) -> tuple[str, int]:
+    """The assistant's reply to a conversation (through the chat template), and how many old messages were
+    dropped to fit the context. `streamer` (a transformers streamer) receives the tokens as they come."""
+    context = model.config.max_position_embeddings
+    ids, dropped = chat_prompt_ids(tokenizer, messages, context - options.max_new_tokens)
+    input_ids = torch.tensor([ids], device=model.device)
+    sampling = options.temperature > 0
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(options.seed)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=options.max_new_tokens,
+            do_sample=sampling,
+            temperature=options.temperature if sampling else None,
+            top_p=options.top_p if sampling else None,
+            top_k=options.top_k if sampling else None,
+            repetition_penalty=options.repetition_penalty,
+            eos_token_id=turn_end_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+        )
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip(), dropped
+
+
+@torch.inference_mode()
+def greedy_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    conversations: list[list[Message]],
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy replies to many conversations, batched with left padding (for evaluation)."""
+    replies: list[str] = []
+    context = model.config.max_position_embeddings
+    for start in range(0, len(conversations), batch_size):
+        prompts = [
+            chat_prompt_ids(tokenizer, c, context - max_new_tokens)[0]
+            for c in conversations[start : start + batch_size]
+        ]
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=turn_end_ids(tokenizer),
+            pad_token_id=pad,
+        )
+        replies += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+    return replies

@@ -233,3 +233,25 @@ class StageRun:
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return summary
+
+
+@torch.no_grad()
+def trainer_eval_loss(trainer: Trainer) -> dict[str, float]:
+    """The eval loss on the trainer's own eval dataloader (its collator, packing and label masking), token-
+    weighted, computed without `trainer.evaluate()`: evaluating through the Trainer before `train()` marks the
+    model as prepared by accelerate, which then skips wrapping it in DistributedDataParallel (transformers 5.23 /
+    accelerate 1.15: ranks trained apart under torchrun)."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in trainer.get_eval_dataloader():
+        batch = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in batch.items()}
+        predicted = int((batch["labels"][:, 1:] != -100).sum())
+        if predicted:
+            total += float(model(**batch).loss) * predicted
+            tokens += predicted
+    model.train(was_training)
+    if not tokens:
+        raise ValueError("the evaluation data holds no tokens to predict")
+    return {"eval_loss": total / tokens}

@@ -1,0 +1,137 @@
+"""Chat conversations for supervised fine-tuning: `{"messages": [{"role", "content"}, ...]}` JSON Lines (what
+`tinyllm data prepare --source belle|firefly|tigerbot_sft` and `tinyllm data tasks` write), checked one by one.
+
+A conversation that a chat template would render into something a model should not learn is skipped and counted,
+never trained on: an unknown role, two assistant turns in a row, an empty reply, no reply at all, a malformed line.
+One longer than `max_length` tokens (with the template) is skipped, or cut from the left by whole turns
+(`too_long: truncate_left`), keeping the last reply.
+"""
+
+import glob
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from tiny_llama2_zh.tokenizer import CHAT_ROLES
+
+TooLong = Literal["skip", "truncate_left"]
+
+
+@dataclass
+class ConversationReport:
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first few skipped, with file and line
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in self.skipped.most_common()) or "none"
+        kept = f"{self.kept:,} of {self.read:,} conversations kept ({self.truncated:,} cut from the left)"
+        return f"{kept}; skipped: {skipped}"
+
+
+def expand_paths(patterns: str | list[str]) -> list[Path]:
+    """Files named directly or by glob (`data/sft/*/sft-train.jsonl`); a pattern that matches nothing is an error."""
+    paths: list[Path] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matched = sorted(glob.glob(pattern)) if any(char in pattern for char in "*?[") else [pattern]
+        if not matched or not all(Path(p).is_file() for p in matched):
+            raise FileNotFoundError(
+                f"{pattern} does not exist; make chat data with `tinyllm data tasks` or "
+                "`tinyllm data prepare --source belle|firefly|tigerbot_sft`"
+            )
+        paths += map(Path, matched)
+    return paths
+
+
+def problem(messages: object) -> str | None:
+    """Why a `messages` value cannot be trained on, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "no messages list"
+    previous = None
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return "a message without string content"
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            return f"unknown role {role!r}"
+        if role == "assistant" and previous == "assistant":
+            return "two assistant turns in a row"
+        if role == "assistant" and not message["content"].strip():
+            return "empty reply"
+        previous = role
+    if not any(message["role"] == "assistant" for message in messages):
+        return "no assistant reply"
+    return None
+
+
+def _length(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> int:
+    return len(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+
+
+def fit(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> list[dict] | None:
+    """Drop whole turns from the left (a system message stays) until the conversation fits; None if even the
+    last exchange is too long. The result still ends with an assistant reply."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while turns:
+        if _length(tokenizer, [*system, *turns]) <= max_length:
+            return [*system, *turns]
+        turns = turns[1:]
+        while turns and turns[0]["role"] == "assistant":
+            turns = turns[1:]
+    return None
+
+
+def load_conversations(
+    patterns: str | list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    too_long: TooLong = "skip",
+    limit: int | None = None,
+) -> tuple[list[dict], ConversationReport]:
+    """The trainable conversations of the files (`[{"messages": [...]}, ...]`, at most `limit`) and the report."""
+    report = ConversationReport()
+    kept: list[dict] = []
+    for path in expand_paths(patterns):
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                if limit is not None and len(kept) >= limit:
+                    return kept, report
+                if not raw.strip():
+                    continue
+                report.read += 1
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    report.skip(where, f"malformed line ({type(error).__name__})")
+                    continue
+                messages = record.get("messages") if isinstance(record, dict) else None
+                reason = problem(messages)
+                if reason is not None:
+                    report.skip(where, reason)
+                    continue
+                messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+                if messages[-1]["role"] != "assistant":  # trailing user turns teach nothing
+                    messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
+                if _length(tokenizer, messages) > max_length:
+                    fitted = fit(tokenizer, messages, max_length) if too_long == "truncate_left" else None
+                    if fitted is None:
+                        report.skip(where, f"longer than max_length {max_length}")
+                        continue
+                    messages = fitted
+                    report.truncated += 1
+                kept.append({"messages": messages})
+                report.kept += 1
+    return kept, report

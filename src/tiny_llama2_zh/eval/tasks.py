@@ -1,0 +1,601 @@
+"""`tinyllm eval tasks`: score saved models on the held-out demo tasks (`tinyllm data tasks`), beside trivial
+baselines on the same rows.
+
+For every task folder under --data (sentiment, segmentation, pinyin: whichever are present) the rows of
+`sft-test.jsonl` are read (prompts never trained on: `build_tasks` splits by a hash of the prompt); the
+conversation up to the final assistant message is the prompt and that message is the reference. Each model answers
+with greedy decoding through the chat template (`greedy_replies`), and the replies are scored:
+
+- sentiment: `accuracy` -- the reply's first label word is the reference label (see `sentiment_label`); `exact` --
+  the whole reply, stripped of surrounding whitespace and punctuation, is exactly the label.
+- segmentation: word-level `precision` / `recall` / `f1` over word spans by character offset, micro-averaged over
+  all rows as the SIGHAN bakeoff scorer does (Sproat & Emerson 2003, "The First International Chinese Word
+  Segmentation Bakeoff"; Emerson 2005, the Second Bakeoff), and `exact` -- the same word sequence.
+- pinyin: `exact` -- the same syllable sequence; `syllable_accuracy` -- position-wise matches over
+  max(len(reference), len(reply)) syllables, summed over all rows.
+
+Baselines on the same rows (one "trivial baseline" row): sentiment predicts the majority label of `sft-train.jsonl`;
+segmentation puts every character in a word of its own; pinyin answers the train split's most frequent syllable
+once per character. `--baseline-model` adds model rows marked as baselines (say, the pretrained-only model).
+
+`--limit N` keeps N rows per task, chosen by a hash of the prompt (the N smallest SHA-256 digests), not the first N
+lines: `build_tasks` writes every positive review before every negative one, so the first lines would be a
+single-label sample. The choice is deterministic and a larger N keeps every row of a smaller one.
+
+Output: a markdown table on stdout; with --output DIR also DIR/tasks.json (every number, per row of the table and
+per task, a few example replies) and DIR/tasks.md. Without --output nothing is written: with several models there
+is no folder the result obviously belongs to, and an evaluation should not write into model folders unasked.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import sys
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+TASK_NAMES = ("sentiment", "segmentation", "pinyin")
+SENTIMENT_LABELS = ("正面", "负面")  # as written by tiny_llama2_zh.data.tasks
+CHAT_ROLES = ("system", "user", "assistant", "observation")  # the chat template's roles (tokenizer.CHAT_ROLES)
+TEST_FILE, TRAIN_FILE = "sft-test.jsonl", "sft-train.jsonl"
+EXAMPLES_PER_TASK = 3
+PROBLEMS_KEPT = 5
+
+# The table's columns: (task, metric key, header).
+TABLE_COLUMNS = (
+    ("sentiment", "accuracy", "sentiment acc"),
+    ("sentiment", "exact", "sentiment exact"),
+    ("segmentation", "f1", "seg F1"),
+    ("segmentation", "exact", "seg exact"),
+    ("pinyin", "exact", "pinyin exact"),
+    ("pinyin", "syllable_accuracy", "pinyin syllable acc"),
+)
+
+METRIC_NOTES = {
+    "sentiment": "accuracy: the first of 正面/负面 found in the reply (whitespace removed) is the reference label; "
+    "exact: the reply stripped of surrounding whitespace and punctuation is exactly the label",
+    "segmentation": "precision/recall/f1: a predicted word is correct when its [start, end) character span and its "
+    "text match a reference word, micro-averaged over all rows (SIGHAN bakeoff scoring); exact: the same words",
+    "pinyin": "exact: the same syllables; syllable_accuracy: position-wise matches over max(len(reference), "
+    "len(reply)) syllables, summed over all rows",
+}
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+def _is_punctuation_or_symbol(char: str) -> bool:
+    return unicodedata.category(char)[0] in "PS"  # P*: ，。“” etc.; S*: symbols such as ～ or emoji
+
+
+def sentiment_label(reply: str) -> str | None:
+    """The label a reply gives: the label word that starts earliest in it, after NFKC and with all whitespace
+    removed (so "正 面" and "情感：正面。" both read as 正面); None when it names neither. A reply naming both
+    ("正面或负面") counts as its first, which is why `sentiment_exact` is reported beside it."""
+    text = "".join(unicodedata.normalize("NFKC", reply).split())
+    found = [(text.find(label), label) for label in SENTIMENT_LABELS if label in text]
+    return min(found)[1] if found else None
+
+
+def sentiment_exact(reference: str, reply: str) -> bool:
+    """The reply is the label and nothing else, apart from whitespace and punctuation around it ("“正面”。")."""
+    text = unicodedata.normalize("NFKC", reply).strip()
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or _is_punctuation_or_symbol(text[start])):
+        start += 1
+    while end > start and (text[end - 1].isspace() or _is_punctuation_or_symbol(text[end - 1])):
+        end -= 1
+    return text[start:end] == reference
+
+
+def _word_spans(words: Sequence[str]) -> dict[tuple[int, int], str]:
+    spans, start = {}, 0
+    for word in words:
+        spans[start, start + len(word)] = word
+        start += len(word)
+    return spans
+
+
+@dataclass(frozen=True)
+class SpanCounts:
+    """One segmentation row: words right, words predicted, words in the reference."""
+
+    correct: int
+    predicted: int
+    gold: int
+    exact: bool
+    same_characters: bool
+
+
+def segmentation_counts(reference: str, reply: str) -> SpanCounts:
+    """Word spans of a reply against the reference (both: words separated by any whitespace).
+
+    SIGHAN bakeoff scoring: each word is the [start, end) span of its characters in the concatenated sentence, and a
+    predicted word is right when a reference word has the same span. The bakeoff's `score` script aligns the two
+    word sequences with `diff` when the characters differ; here a predicted word must also have the reference
+    word's text, so a reply that adds, drops or changes characters gets no credit for the words whose text or
+    offsets the change touches (stricter, and counted by `same_characters`)."""
+    gold_words, predicted_words = reference.split(), reply.split()
+    gold = _word_spans(gold_words)
+    predicted = _word_spans(predicted_words)
+    correct = sum(1 for span, word in predicted.items() if gold.get(span) == word)
+    return SpanCounts(
+        correct=correct,
+        predicted=len(predicted_words),
+        gold=len(gold_words),
+        exact=predicted_words == gold_words,
+        same_characters="".join(predicted_words) == "".join(gold_words),
+    )
+
+
+def precision_recall_f1(correct: int, predicted: int, gold: int) -> tuple[float, float, float]:
+    """0 where a denominator is 0 (an empty reply has no precision to speak of, and earns nothing)."""
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def segmentation_f1(reference: str, reply: str) -> float:
+    """F1 of one row (the task's score micro-averages counts over rows instead)."""
+    counts = segmentation_counts(reference, reply)
+    return precision_recall_f1(counts.correct, counts.predicted, counts.gold)[2]
+
+
+def _syllables(text: str) -> list[str]:
+    # NFC: a tone mark typed as a combining character (a + U+0304) is the same syllable as the composed ā
+    return unicodedata.normalize("NFC", text).split()
+
+
+@dataclass(frozen=True)
+class SyllableCounts:
+    """One pinyin row: syllables matching by position, out of max(len(reference), len(reply))."""
+
+    matched: int
+    total: int
+    exact: bool
+
+
+def pinyin_counts(reference: str, reply: str) -> SyllableCounts:
+    """Position-wise syllable matches; extra or missing syllables count as wrong, so the denominator is the longer
+    of the two. No case folding or punctuation stripping: "zhōng guó。" misses its last syllable."""
+    gold, predicted = _syllables(reference), _syllables(reply)
+    matched = sum(g == p for g, p in zip(gold, predicted))
+    return SyllableCounts(matched=matched, total=max(len(gold), len(predicted)), exact=gold == predicted)
+
+
+def sentiment_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
+    labels = [sentiment_label(reply) for reply in replies]
+    n = len(references)
+    return {
+        "accuracy": sum(label == ref for label, ref in zip(labels, references)) / n if n else 0.0,
+        "exact": sum(sentiment_exact(ref, reply) for ref, reply in zip(references, replies)) / n if n else 0.0,
+        "no_label": sum(label is None for label in labels),
+    }
+
+
+def segmentation_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
+    counts = [segmentation_counts(ref, reply) for ref, reply in zip(references, replies)]
+    precision, recall, f1 = precision_recall_f1(
+        sum(c.correct for c in counts), sum(c.predicted for c in counts), sum(c.gold for c in counts)
+    )
+    n = len(counts)
+    return {
+        "f1": f1,
+        "precision": precision,
+        "recall": recall,
+        "exact": sum(c.exact for c in counts) / n if n else 0.0,
+        "changed_characters": sum(not c.same_characters for c in counts),
+    }
+
+
+def pinyin_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
+    counts = [pinyin_counts(ref, reply) for ref, reply in zip(references, replies)]
+    total = sum(c.total for c in counts)
+    n = len(counts)
+    return {
+        "exact": sum(c.exact for c in counts) / n if n else 0.0,
+        "syllable_accuracy": sum(c.matched for c in counts) / total if total else 0.0,
+        "wrong_length": sum(len(_syllables(reply)) != len(_syllables(ref)) for ref, reply in zip(references, replies)),
+    }
+
+
+TASK_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], dict[str, float | int]]] = {
+    "sentiment": sentiment_metrics,
+    "segmentation": segmentation_metrics,
+    "pinyin": pinyin_metrics,
+}
+
+
+# -------------------------------------------------------------------------------------------- reading rows
+@dataclass
+class TaskRow:
+    conversation: list[dict[str, str]]  # every message before the reference reply
+    reference: str
+    line: int
+
+    @property
+    def prompt(self) -> str:
+        return next(m["content"] for m in reversed(self.conversation) if m["role"] == "user")
+
+
+@dataclass
+class TaskFile:
+    """The usable rows of one file, and the lines skipped (counted, the first few kept with file and line)."""
+
+    path: Path
+    rows: list[TaskRow] = field(default_factory=list)
+    skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def skip(self, line: int, reason: str) -> None:
+        self.skipped += 1
+        if len(self.problems) < PROBLEMS_KEPT:
+            self.problems.append(f"{self.path}:{line}: {reason}")
+
+
+def _row_problem(record: object, task: str) -> str | None:
+    """Why a decoded line cannot be a row, or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        return "expected an object with a 'messages' list"
+    messages = record["messages"]
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return "every message needs a string 'content'"
+        if message.get("role") not in CHAT_ROLES:
+            return f"unknown role {message.get('role')!r} (expected one of {', '.join(CHAT_ROLES)})"
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's reference answer"
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        return "no user message before the answer"
+    reference = messages[-1]["content"].strip()
+    if not reference:
+        return "empty reference answer"
+    if task == "sentiment" and reference not in SENTIMENT_LABELS:
+        return f"sentiment answer {reference!r} is not one of {'/'.join(SENTIMENT_LABELS)}"
+    return None
+
+
+def read_task_file(path: str | Path, task: str) -> TaskFile:
+    """Every usable row of a task's SFT file, in file order; malformed lines are counted and skipped."""
+    result = TaskFile(Path(path))
+    with result.path.open("rb") as lines:  # bytes: a line that is not UTF-8 is one skipped row, not a crash
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                result.skip(number, "not UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                result.skip(number, f"not JSON ({error.msg})")
+                continue
+            problem = _row_problem(record, task)
+            if problem:
+                result.skip(number, problem)
+                continue
+            messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+            result.rows.append(TaskRow(messages[:-1], messages[-1]["content"].strip(), number))
+    return result
+
+
+def limit_rows(rows: list[TaskRow], limit: int | None) -> list[TaskRow]:
+    """`limit` rows chosen by the SHA-256 of the prompt (not the split's SHA-1, which picked these rows), kept in
+    file order; every row when limit is None."""
+    if limit is None or limit >= len(rows):
+        return rows
+    chosen = sorted(rows, key=lambda row: hashlib.sha256(row.prompt.encode("utf-8")).digest())[:limit]
+    return sorted(chosen, key=lambda row: row.line)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def majority_label(references: Sequence[str]) -> tuple[str, Counter]:
+    """The most frequent label; a tie goes to the one listed first in SENTIMENT_LABELS."""
+    counts = Counter(ref for ref in references if ref in SENTIMENT_LABELS)
+    return max(SENTIMENT_LABELS, key=lambda label: (counts[label], -SENTIMENT_LABELS.index(label))), counts
+
+
+def trivial_replies(task: str, rows: Sequence[TaskRow], train: TaskFile | None) -> tuple[list[str], str] | None:
+    """The trivial baseline's replies for a task's rows and a description of it; None if it needs a missing
+    train split."""
+    references = [row.reference for row in rows]
+    if task == "segmentation":
+        return [" ".join("".join(ref.split())) for ref in references], "every character a word of its own"
+    if train is None or not train.rows:
+        return None
+    train_references = [row.reference for row in train.rows]
+    if task == "sentiment":
+        label, counts = majority_label(train_references)
+        total = sum(counts.values())
+        return [label] * len(rows), f"majority class {label} ({counts[label]:,} of {total:,} train rows)"
+    # pinyin: the most frequent syllable, once per character of the word (= the reference's syllable count)
+    syllable, count = Counter(s for ref in train_references for s in _syllables(ref)).most_common(1)[0]
+    return (
+        [" ".join([syllable] * len(_syllables(ref))) for ref in references],
+        f"the train split's most frequent syllable {syllable} ({count:,} times), once per character",
+    )
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class TaskData:
+    name: str
+    test: TaskFile
+    train: TaskFile | None
+    rows: list[TaskRow]
+
+
+def load_task_data(data_dir: str | Path, limit: int | None, warn: Callable[[str], None]) -> tuple[dict, dict]:
+    """(task name -> TaskData, task name -> why it was skipped) for the task folders under data_dir."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data {data_dir} is not a folder; `tinyllm data tasks --output DIR` writes one")
+    tasks, skipped = {}, {}
+    for name in TASK_NAMES:
+        folder = data_dir / name
+        if not folder.is_dir():
+            continue
+        test_path = folder / TEST_FILE
+        if not test_path.is_file():
+            skipped[name] = f"{test_path} does not exist"
+            warn(f"skipping task {name}: {skipped[name]}")
+            continue
+        test = read_task_file(test_path, name)
+        train = read_task_file(folder / TRAIN_FILE, name) if (folder / TRAIN_FILE).is_file() else None
+        for read in (test, train):
+            if read is not None and read.skipped:
+                shown = "; ".join(read.problems) + ("; ..." if read.skipped > len(read.problems) else "")
+                warn(f"skipped {read.skipped} malformed lines of {read.path}: {shown}")
+        if not test.rows:
+            skipped[name] = f"{test_path} holds no usable row ({test.skipped} malformed lines)"
+            warn(f"skipping task {name}: {skipped[name]}")
+            continue
+        tasks[name] = TaskData(name, test, train, limit_rows(test.rows, limit))
+    if not tasks:
+        found = ", ".join(f"{name} ({reason})" for name, reason in skipped.items()) or "none"
+        raise ValueError(
+            f"--data {data_dir} holds no usable task: expected {'/, '.join(TASK_NAMES)}/ folders with {TEST_FILE} "
+            f"(from `tinyllm data tasks`); skipped: {found}"
+        )
+    return tasks, skipped
+
+
+def _examples(rows: Sequence[TaskRow], replies: Sequence[str]) -> list[dict[str, str]]:
+    return [
+        {"prompt": row.prompt, "reference": row.reference, "reply": reply}
+        for row, reply in zip(rows[:EXAMPLES_PER_TASK], replies)
+    ]
+
+
+def _score(task: str, rows: Sequence[TaskRow], replies: Sequence[str]) -> dict:
+    return {
+        "rows": len(rows),
+        "metrics": TASK_METRICS[task]([row.reference for row in rows], replies),
+        "examples": _examples(rows, replies),
+    }
+
+
+def model_replies(
+    model, tokenizer, rows: Sequence[TaskRow], max_new_tokens: int | None, batch_size: int, progress: tqdm
+) -> tuple[list[str], int, int]:
+    """Greedy replies to every row, (replies, max_new_tokens used, prompts too long for the context). A prompt
+    that does not fit the context with the reply budget gets an empty reply (scored as wrong), so that every row of
+    the table is scored on the same rows."""
+    from tiny_llama2_zh.infer.generate import chat_prompt_ids, greedy_replies
+
+    if max_new_tokens is None:
+        # room for the longest reference plus a margin for the eos and a slightly longer reply; the references only
+        # size the budget, they never reach the model
+        longest = max(len(tokenizer(row.reference, add_special_tokens=False)["input_ids"]) for row in rows)
+        max_new_tokens = longest + max(8, longest // 4)
+    context = model.config.max_position_embeddings
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}")
+    lengths: dict[int, int] = {}
+    for index, row in enumerate(rows):
+        with contextlib.suppress(ValueError):  # too long: left out of generation, replied to with ""
+            lengths[index] = len(chat_prompt_ids(tokenizer, row.conversation, context - max_new_tokens)[0])
+    replies = [""] * len(rows)
+    progress.update(len(rows) - len(lengths))
+    order = sorted(lengths, key=lengths.__getitem__)  # similar lengths together: less left padding per batch
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        answers = greedy_replies(model, tokenizer, [rows[i].conversation for i in chunk], max_new_tokens, batch_size)
+        for index, answer in zip(chunk, answers):
+            replies[index] = answer
+        progress.update(len(chunk))
+    return replies, max_new_tokens, len(rows) - len(lengths)
+
+
+def _stderr(message: str) -> None:
+    print(f"tinyllm eval tasks: {message}", file=sys.stderr)
+
+
+def evaluate_tasks(
+    model_dirs: Sequence[str | Path],
+    data_dir: str | Path,
+    limit: int | None = None,
+    *,
+    baseline_model_dirs: Sequence[str | Path] = (),
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    show_progress: bool = True,
+    warn: Callable[[str], None] = _stderr,
+) -> dict:
+    """Score the trivial baselines, each baseline model and each model on the test rows of every task under
+    data_dir. Returns a JSON-ready dict: `tasks` (file, rows evaluated, rows available, skipped lines), `skipped_tasks`,
+    and `rows` -- one per table row, each {name, kind, path, tasks: {task: {rows, metrics, examples, ...}}}."""
+    from tiny_llama2_zh.loading import check_model_folder, load_model
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not model_dirs and not baseline_model_dirs:
+        raise ValueError("no model to evaluate: pass --model DIR")
+    models = [("baseline-model", Path(d)) for d in baseline_model_dirs] + [("model", Path(d)) for d in model_dirs]
+    for _, folder in models:  # before any slow step: a typo fails at once
+        check_model_folder(folder)
+    tasks, skipped = load_task_data(data_dir, limit, warn)
+
+    baseline: dict = {"name": "trivial baseline", "kind": "baseline", "path": None, "tasks": {}}
+    for name, task in tasks.items():
+        trivial = trivial_replies(name, task.rows, task.train)
+        if trivial is None:
+            warn(f"no trivial baseline for {name}: it needs {task.test.path.parent / TRAIN_FILE}")
+            continue
+        replies, method = trivial
+        baseline["tasks"][name] = {**_score(name, task.rows, replies), "method": method}
+    result_rows = [baseline]
+
+    for kind, folder in models:
+        model, tokenizer = load_model(folder)
+        row: dict = {"name": str(folder), "kind": kind, "path": str(folder.resolve()), "tasks": {}}
+        for name, task in tasks.items():
+            with tqdm(total=len(task.rows), desc=f"{folder} {name}", disable=not show_progress) as progress:
+                replies, budget, too_long = model_replies(
+                    model, tokenizer, task.rows, max_new_tokens, batch_size, progress
+                )
+            if too_long:
+                warn(f"{folder}: {too_long} {name} prompts do not fit the context with {budget} new tokens (scored 0)")
+            row["tasks"][name] = {
+                **_score(name, task.rows, replies),
+                "max_new_tokens": budget,
+                "prompts_too_long": too_long,
+            }
+        del model
+        result_rows.append(row)
+
+    return {
+        "data": str(data_dir),
+        "limit": limit,
+        "tasks": {
+            name: {
+                "file": str(task.test.path),
+                "rows": len(task.rows),
+                "available_rows": len(task.test.rows),
+                "skipped_lines": task.test.skipped,
+                "problems": task.test.problems,
+                "train_skipped_lines": task.train.skipped if task.train else None,
+                "metrics": METRIC_NOTES[name],
+            }
+            for name, task in tasks.items()
+        },
+        "skipped_tasks": skipped,
+        "rows": result_rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- output
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def markdown_table(result: dict) -> str:
+    """One line per baseline and model; columns: each task's headline metrics, then the rows scored per task."""
+    columns = [column for column in TABLE_COLUMNS if column[0] in result["tasks"]]
+    tasks = list(result["tasks"])
+    counts_header = f"rows ({'/'.join(tasks)})"
+    lines = [
+        "| " + " | ".join(["model", *(header for _, _, header in columns), counts_header]) + " |",
+        "|" + "---|" + "---:|" * (len(columns) + 1),
+    ]
+    for row in result["rows"]:
+        name = row["name"] if row["kind"] != "baseline-model" else f"{row['name']} (baseline)"
+        cells = [name.replace("|", "\\|")]
+        for task, metric, _ in columns:
+            scored = row["tasks"].get(task)
+            cells.append(_percent(scored["metrics"][metric]) if scored else "—")
+        cells.append("/".join(str(row["tasks"][t]["rows"]) if t in row["tasks"] else "—" for t in tasks))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _code(text: str) -> str:
+    """Text as one markdown code span: a random model's reply may hold newlines, control bytes or backticks."""
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
+def markdown_report(result: dict) -> str:
+    """tasks.md: the table, what each number means, the baselines' methods and a few replies of each model."""
+    parts = ["# Task evaluation", "", f"Test rows from `{result['data']}`"]
+    parts[-1] += f", {result['limit']} per task (chosen by prompt hash)." if result["limit"] else ", all of them."
+    parts += ["", markdown_table(result), ""]
+    parts += [f"- **{task}**: {info['metrics']}." for task, info in result["tasks"].items()]
+    baseline = next((row for row in result["rows"] if row["kind"] == "baseline"), None)
+    if baseline:
+        parts += [f"- trivial baseline, {task}: {scored['method']}." for task, scored in baseline["tasks"].items()]
+    parts += [f"- skipped task {task}: {reason}." for task, reason in result["skipped_tasks"].items()]
+    for row in result["rows"]:
+        if row["kind"] == "baseline":
+            continue
+        parts += ["", f"## Example replies: {row['name']}"]
+        for task, scored in row["tasks"].items():
+            for example in scored["examples"]:
+                prompt = example["prompt"].splitlines()[-1]  # the item itself, without the instruction
+                reply, reference = _code(example["reply"]), _code(example["reference"])
+                parts.append(f"- {task}: {_code(prompt)} → {reply} (reference {reference})")
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(result: dict, output_dir: str | Path) -> tuple[Path, Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "tasks.json", output_dir / "tasks.md"
+    json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown_report(result), encoding="utf-8")
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", action="append", required=True, metavar="DIR", help="saved model folder; repeat for several"
+    )
+    parser.add_argument("--data", required=True, help="task folder from `tinyllm data tasks` (<task>/sft-test.jsonl)")
+    parser.add_argument("--output", help="folder for tasks.json and tasks.md (default: print the table only)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate N rows per task, chosen by prompt hash (default: all)"
+    )
+    parser.add_argument(
+        "--baseline-model",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a model folder listed as a baseline, e.g. the pretrained-only model; repeatable",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default: 32)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="reply budget (default: per task, the longest reference in tokens plus a quarter, at least 8)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    result = evaluate_tasks(
+        args.model,
+        args.data,
+        args.limit,
+        baseline_model_dirs=args.baseline_model,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(markdown_table(result))
+    if args.output:
+        json_path, md_path = write_outputs(result, args.output)
+        print(f"wrote {json_path} and {md_path}")
+    else:
+        print("(pass --output DIR to keep tasks.json and tasks.md)")

@@ -1,0 +1,147 @@
+"""Supervised fine-tuning recipe: chat conversations on TRL's `SFTTrainer`, optionally with LoRA.
+
+    tinyllm sft --config configs/sft/demo.yaml model.init_from=runs/demo/pretrain/final
+
+The loss covers the assistant's replies only (`assistant_only_loss`: the chat template marks each reply and its
+closing eos with `{% generation %}`), so the model learns to answer, not to imitate users. With `packing: true`
+several conversations share one row, each attending only to itself (block-diagonal attention from
+`position_ids`). Writes what every stage writes (`train/runner.py`); `final/` is a model folder, or with LoRA an
+adapter folder that `tinyllm lora merge` turns into one.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from tiny_llama2_zh.data.conversations import TooLong, load_conversations
+from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
+from tiny_llama2_zh.loading import check_model_folder
+from tiny_llama2_zh.presets import flops_per_token
+from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
+from tiny_llama2_zh.train.callbacks import SamplesCallback
+from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
+from tiny_llama2_zh.train.runner import StageRun, trainer_eval_loss, training_arguments
+
+SAMPLE_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？"]
+
+
+@dataclass
+class SFTModelOptions:
+    init_from: str  # a pretrained `final/` folder (or a checkpoint-N folder)
+    tokenizer: str | None = None  # if given, init_from's tokenizer must be this one (same fingerprint)
+    lora: LoraOptions | None = None  # train low-rank adapters only
+
+
+@dataclass
+class SFTDataOptions:
+    train: str | list[str]  # JSONL files of {"messages": [...]}, globs allowed
+    validation: str | list[str] | None = None
+    too_long: TooLong = "skip"  # or truncate_left: drop whole turns from the start until it fits
+    max_train_examples: int | None = None
+    max_validation_examples: int = 500
+
+
+@dataclass
+class SFTRecipeConfig:
+    model: SFTModelOptions
+    data: SFTDataOptions
+    # Any option of TRL's SFTConfig (TrainingArguments plus max_length, packing, assistant_only_loss, ...)
+    train: dict[str, Any]
+    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
+    sample_max_new_tokens: int = 48
+    peak_tflops: float | None = None
+    resume: bool = False
+
+
+def sft_arguments(config: SFTRecipeConfig) -> SFTConfig:
+    gpu = torch.cuda.is_available()
+    return training_arguments(
+        SFTConfig,
+        config.train,
+        "train",
+        assistant_only_loss=True,
+        max_length=512,
+        learning_rate=1e-3 if config.model.lora else 3e-4,
+        warmup_steps=20,
+        # SFTConfig's own defaults assume a GPU; on a CPU bf16 is slow and checkpointing buys nothing
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=False,
+        dataset_num_proc=None,
+    )
+
+
+def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
+    args = sft_arguments(config)
+    init_from = check_model_folder(config.model.init_from)
+    tokenizer = load_tokenizer(init_from)
+    if config.model.tokenizer is not None:
+        expected = tokenizer_fingerprint(load_tokenizer(config.model.tokenizer))
+        if expected != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
+                f"model.tokenizer {config.model.tokenizer} ({expected})"
+            )
+    lora = peft_config(config.model.lora) if config.model.lora else None
+    train_rows, train_report = load_conversations(
+        config.data.train, tokenizer, args.max_length, config.data.too_long, config.data.max_train_examples
+    )
+    print(f"train data: {train_report.summary()}")
+    for example in train_report.examples[:5]:
+        print(f"  skipped {example}")
+    if not train_rows:
+        raise ValueError(f"data.train {config.data.train}: no usable conversation")
+    eval_rows, eval_report = [], None
+    if config.data.validation:
+        eval_rows, eval_report = load_conversations(
+            config.data.validation,
+            tokenizer,
+            args.max_length,
+            config.data.too_long,
+            config.data.max_validation_examples,
+        )
+        print(f"validation data: {eval_report.summary()}")
+
+    run = StageRun("sft", config, args, resume=config.resume)
+    model = AutoModelForCausalLM.from_pretrained(str(init_from))
+    model.fused_loss_chunk_rows = None  # TRL reads the logits (token accuracy, entropy)
+    model.generation_config.eos_token_id = turn_end_ids(tokenizer)  # saved with the model: chat stops at a turn's end
+    options = SamplingOptions(max_new_tokens=config.sample_max_new_tokens)
+
+    def reply(model, prompt: str) -> str:
+        return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], options)[0]
+
+    samples = SamplesCallback(config.sample_prompts, reply, run.output_dir / "samples.jsonl")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=run.callbacks(samples, callbacks),
+    )
+    parameters = count_trainable(trainer.model)
+    print(f"parameters: {parameters['trainable']:,} trainable of {parameters['total']:,}")
+    run.attach(trainer, flops_per_token(model.config, args.max_length), config.peak_tflops)
+    initial = run.evaluate_before(lambda: trainer_eval_loss(trainer)) if eval_rows else None
+    output = run.train(trainer)
+    final = run.evaluate_after(output.global_step, lambda: trainer_eval_loss(trainer)) if eval_rows else None
+    return run.finish(
+        trainer,
+        tokenizer,
+        {
+            "init_from": str(init_from),
+            "lora": lora is not None,
+            "parameters": parameters,
+            "data": {
+                "train": vars(train_report) | {"skipped": dict(train_report.skipped)},
+                "validation": (vars(eval_report) | {"skipped": dict(eval_report.skipped)}) if eval_report else None,
+            },
+            "initial_validation_loss": initial["eval_loss"] if initial else None,
+            "final_validation_loss": final["eval_loss"] if final else None,
+        },
+    )

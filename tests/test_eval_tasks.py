@@ -1,0 +1,341 @@
+"""`tinyllm eval tasks`: the scorers on handcrafted replies, reading task files, and the whole command on a tiny
+random model."""
+
+import argparse
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from tiny_llama2_zh.data.tasks import PINYIN_PROMPT, SEGMENTATION_PROMPT, SENTIMENT_PROMPT
+from tiny_llama2_zh.eval import tasks as eval_tasks
+from tiny_llama2_zh.eval.tasks import (
+    add_arguments,
+    evaluate_tasks,
+    limit_rows,
+    markdown_table,
+    pinyin_counts,
+    pinyin_metrics,
+    read_task_file,
+    run,
+    segmentation_counts,
+    segmentation_f1,
+    segmentation_metrics,
+    sentiment_exact,
+    sentiment_label,
+    sentiment_metrics,
+)
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+@pytest.mark.parametrize(
+    ("reply", "label", "exact"),
+    [
+        ("正面", "正面", True),
+        ("  “正面”。\n", "正面", True),  # punctuation and whitespace around the label
+        ("正 面", "正面", False),  # whitespace inside is removed for the label, not for exact match
+        ("正面，这条评论很满意", "正面", False),  # extra text after the label
+        ("情感：负面", "负面", False),  # text before the label
+        ("负面，不是正面", "负面", False),  # both named: the first counts
+        ("这条评论很好", None, False),  # no label at all
+        ("", None, False),
+        ("ＰＯＳ正面", "正面", False),
+    ],
+)
+def test_sentiment_label_and_exact(reply, label, exact):
+    assert sentiment_label(reply) == label
+    assert sentiment_exact("正面" if label is None else label, reply) is exact
+
+
+def test_sentiment_metrics_counts_wrong_and_missing_labels():
+    metrics = sentiment_metrics(["正面", "负面", "负面", "正面"], ["正面", "正面", "负面。", "不知道"])
+    assert metrics == {"accuracy": 0.5, "exact": 0.5, "no_label": 1}
+
+
+def test_segmentation_right_reply_scores_one():
+    counts = segmentation_counts("在 这 辞旧迎新 的", "在  这\t辞旧迎新 的\n")  # any whitespace separates words
+    assert (counts.correct, counts.predicted, counts.gold, counts.exact, counts.same_characters) == (
+        4,
+        4,
+        4,
+        True,
+        True,
+    )
+    assert segmentation_f1("在 这 辞旧迎新 的", "在 这 辞旧迎新 的") == 1.0
+
+
+def test_segmentation_wrong_boundaries_score_by_span():
+    # "在这" merges two reference words: its span [0, 2) matches none; 辞旧迎新 [2, 6) and 的 [6, 7) still match
+    counts = segmentation_counts("在 这 辞旧迎新 的", "在这 辞旧迎新 的")
+    assert (counts.correct, counts.predicted, counts.gold, counts.exact) == (2, 3, 4, False)
+    assert segmentation_f1("在 这 辞旧迎新 的", "在这 辞旧迎新 的") == pytest.approx(
+        2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2)
+    )
+    # every character its own word: only the single-character reference words are right
+    assert segmentation_counts("在 这 辞旧迎新 的", "在 这 辞 旧 迎 新 的").correct == 3
+
+
+def test_segmentation_changed_characters_earn_nothing_for_the_changed_words():
+    changed = segmentation_counts("在 这 辞旧迎新 的", "在 那 辞旧迎新 的")  # same spans, 那 is not 这
+    assert (changed.correct, changed.same_characters) == (3, False)
+    inserted = segmentation_counts("在 这 辞旧迎新 的", "在 这里 辞旧迎新 的")  # one character more: later spans shift
+    assert (inserted.correct, inserted.predicted, inserted.same_characters) == (1, 4, False)
+    trailing = segmentation_counts("在 这 辞旧迎新 的", "在 这 辞旧迎新 的 。 好的")  # extra text after the answer
+    assert (trailing.correct, trailing.predicted, trailing.exact) == (4, 6, False)
+
+
+def test_segmentation_empty_reply_and_micro_average():
+    empty = segmentation_counts("在 这 辞旧迎新 的", "")
+    assert (empty.correct, empty.predicted, empty.gold) == (0, 0, 4)
+    assert segmentation_f1("在 这 辞旧迎新 的", "") == 0.0
+    # micro-average (SIGHAN): counts are summed over rows before dividing, so a long sentence weighs more
+    metrics = segmentation_metrics(["在 这 辞旧迎新 的", "我 祝 大家"], ["在 这 辞旧迎新 的", ""])
+    assert metrics["precision"] == 1.0
+    assert metrics["recall"] == pytest.approx(4 / 7)
+    assert metrics["f1"] == pytest.approx(2 * (4 / 7) / (1 + 4 / 7))
+    assert metrics["exact"] == 0.5
+    assert metrics["changed_characters"] == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "matched", "total", "exact"),
+    [
+        ("dì qū", 2, 2, True),
+        ("  dì   qū ", 2, 2, True),
+        (unicodedata.normalize("NFD", "dì qū"), 2, 2, True),  # combining tone marks are the same syllables
+        ("dì qu", 1, 2, False),  # wrong tone
+        ("qū dì", 0, 2, False),  # right syllables, wrong order: position-wise
+        ("dì", 1, 2, False),  # too few syllables
+        ("dì qū qū", 2, 3, False),  # too many: the denominator is the longer one
+        ("dì qū。", 1, 2, False),  # extra text stuck to a syllable
+        ("", 0, 2, False),
+        ("Dì Qū", 0, 2, False),  # no case folding
+    ],
+)
+def test_pinyin_counts(reply, matched, total, exact):
+    assert pinyin_counts("dì qū", reply) == eval_tasks.SyllableCounts(matched, total, exact)
+
+
+def test_pinyin_metrics_sum_over_rows():
+    metrics = pinyin_metrics(["dì qū", "fú wù", "zhōng huá rén mín"], ["dì qū", "fú", "zhōng huá rén mín gòng"])
+    assert metrics["exact"] == pytest.approx(1 / 3)
+    assert metrics["syllable_accuracy"] == pytest.approx((2 + 1 + 4) / (2 + 2 + 5))
+    assert metrics["wrong_length"] == 2
+
+
+def test_references_score_perfectly():
+    """The scoring is honest at the top: the references themselves get every metric at 1."""
+    assert sentiment_metrics(["正面", "负面"], ["正面", "负面"])["accuracy"] == 1.0
+    seg = ["在 这 辞旧迎新 的 美好 时刻", "要 尊重 群众 的 意愿"]
+    assert segmentation_metrics(seg, seg)["f1"] == segmentation_metrics(seg, seg)["exact"] == 1.0
+    pinyin = ["dì qū", "fú wù"]
+    assert pinyin_metrics(pinyin, pinyin)["exact"] == pinyin_metrics(pinyin, pinyin)["syllable_accuracy"] == 1.0
+
+
+# -------------------------------------------------------------------------------------------- task files
+SENTIMENT_TEST = [
+    ("这本书真的很值得推荐", "正面"),
+    ("物流很快，包装完好", "正面"),
+    ("质量太差了，不推荐", "负面"),
+    ("用了两天就坏了", "负面"),
+    ("客服态度很差", "负面"),
+    ("完全不值这个价", "负面"),
+]
+SENTIMENT_TRAIN = [("非常满意", "正面"), ("太失望了", "负面"), ("一般般，不会再买", "负面"), ("很差劲", "负面")]
+SEGMENTATION_TEST = ["在 这 辞旧迎新 的 美好 时刻", "要 尊重 群众 的 意愿", "我 祝 大家 新年 快乐", "关心 群众 生活"]
+PINYIN_TEST = [("地区", "dì qū"), ("服务", "fú wù"), ("中国", "zhōng guó"), ("人民", "rén mín")]
+PINYIN_TRAIN = [("发展", "fā zhǎn"), ("国家", "guó jiā"), ("中心", "zhōng xīn"), ("中央", "zhōng yāng")]
+
+
+def _conversation(prompt: str, answer: str) -> str:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return json.dumps({"messages": messages}, ensure_ascii=False)
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_task_data(folder: Path) -> Path:
+    """A few rows per task in `build_tasks`'s format (building the real tasks takes ~20 s)."""
+    _write(
+        folder / "sentiment/sft-test.jsonl",
+        [_conversation(SENTIMENT_PROMPT.format(review=r), a) for r, a in SENTIMENT_TEST],
+    )
+    _write(
+        folder / "sentiment/sft-train.jsonl",
+        [_conversation(SENTIMENT_PROMPT.format(review=r), a) for r, a in SENTIMENT_TRAIN],
+    )
+    segmentation = [
+        _conversation(SEGMENTATION_PROMPT.format(sentence="".join(s.split())), s) for s in SEGMENTATION_TEST
+    ]
+    _write(folder / "segmentation/sft-test.jsonl", segmentation)
+    _write(folder / "pinyin/sft-test.jsonl", [_conversation(PINYIN_PROMPT.format(word=w), p) for w, p in PINYIN_TEST])
+    _write(folder / "pinyin/sft-train.jsonl", [_conversation(PINYIN_PROMPT.format(word=w), p) for w, p in PINYIN_TRAIN])
+    return folder
+
+
+def test_read_task_file_counts_and_names_malformed_lines(tmp_path):
+    good = _conversation(SENTIMENT_PROMPT.format(review="很好"), "正面")
+    lines = [
+        good,
+        "{not json",
+        json.dumps({"text": "no messages"}),
+        json.dumps({"messages": [{"role": "user", "content": "只有问题"}]}),
+        json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "正面"}]}),
+        _conversation(SENTIMENT_PROMPT.format(review="还行"), "中性"),  # not a label of the task
+        _conversation(SENTIMENT_PROMPT.format(review="还行"), "  "),
+        "",  # blank lines are not rows and not problems
+        "[1, 2]",
+        good,
+    ]
+    path = tmp_path / "sft-test.jsonl"
+    _write(path, lines)
+    with path.open("ab") as file:
+        file.write(b'{"messages": "\xff\xfe"}\n')  # not UTF-8
+    read = read_task_file(path, "sentiment")
+    assert [row.line for row in read.rows] == [1, 10]
+    assert read.rows[0].prompt == SENTIMENT_PROMPT.format(review="很好") and read.rows[0].reference == "正面"
+    assert read.skipped == 8
+    assert read.problems[0].startswith(f"{path}:2: not JSON")
+    assert read.problems[3].startswith(f"{path}:5: unknown role 'bot'")
+    assert len(read.problems) == eval_tasks.PROBLEMS_KEPT
+
+
+def test_limit_is_deterministic_nested_and_spread_over_the_file(tmp_path):
+    rows = [_conversation(SENTIMENT_PROMPT.format(review=f"评论{i}"), "正面" if i < 50 else "负面") for i in range(100)]
+    _write(tmp_path / "sft-test.jsonl", rows)
+    read = read_task_file(tmp_path / "sft-test.jsonl", "sentiment")
+    ten, twenty = limit_rows(read.rows, 10), limit_rows(read.rows, 20)
+    assert [r.line for r in ten] == [r.line for r in limit_rows(read.rows, 10)]  # deterministic
+    assert {r.line for r in ten} < {r.line for r in twenty}  # a larger limit keeps the smaller one's rows
+    assert [r.line for r in twenty] == sorted(r.line for r in twenty)  # file order kept
+    assert {r.reference for r in twenty} == {"正面", "负面"}  # not just the first block of the file
+    assert limit_rows(read.rows, 1000) == read.rows
+
+
+# ------------------------------------------------------------------------------------------------ command
+@pytest.fixture(scope="module")
+def model_dir(small_tokenizer, tmp_path_factory) -> Path:
+    from tiny_llama2_zh.loading import save_model_folder
+    from tiny_llama2_zh.model import TinyLlama2ForCausalLM
+    from tiny_llama2_zh.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(small_tokenizer)
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return save_model_folder(TinyLlama2ForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("model"))
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_command_writes_table_json_and_markdown(model_dir, tmp_path, capsys):
+    data = write_task_data(tmp_path / "tasks")
+    output = tmp_path / "eval"
+    run(_args("--model", str(model_dir), "--baseline-model", str(model_dir), "--data", str(data),
+              "--output", str(output), "--limit", "5", "--max-new-tokens", "6"))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| model | sentiment acc | sentiment exact | seg F1 | seg exact | pinyin exact |" in printed
+    assert "| trivial baseline |" in printed and f"| {model_dir} |" in printed and f"{model_dir} (baseline)" in printed
+
+    result = json.loads((output / "tasks.json").read_text(encoding="utf-8"))
+    assert set(result["tasks"]) == {"sentiment", "segmentation", "pinyin"}
+    assert result["tasks"]["sentiment"]["rows"] == 5 and result["tasks"]["sentiment"]["available_rows"] == 6
+    assert result["tasks"]["segmentation"]["rows"] == 4  # fewer rows than the limit: all of them
+    assert [row["kind"] for row in result["rows"]] == ["baseline", "baseline-model", "model"]
+    for row in result["rows"]:
+        assert set(row["tasks"]) == {"sentiment", "segmentation", "pinyin"}
+        for task, scored in row["tasks"].items():
+            assert scored["rows"] == result["tasks"][task]["rows"]
+            assert set(scored["metrics"]) >= {column[1] for column in eval_tasks.TABLE_COLUMNS if column[0] == task}
+            assert all(0.0 <= v <= 1.0 for k, v in scored["metrics"].items() if isinstance(v, float))
+            assert scored["examples"] and set(scored["examples"][0]) == {"prompt", "reference", "reply"}
+    model_row = result["rows"][2]["tasks"]["sentiment"]
+    assert model_row["max_new_tokens"] == 6 and model_row["prompts_too_long"] == 0
+
+    # the majority baseline: 负面 (3 of 4 train rows), scored on exactly the evaluated rows
+    baseline = result["rows"][0]["tasks"]
+    evaluated = [
+        row.reference for row in limit_rows(read_task_file(data / "sentiment/sft-test.jsonl", "sentiment").rows, 5)
+    ]
+    assert baseline["sentiment"]["method"].startswith("majority class 负面")
+    assert baseline["sentiment"]["metrics"]["accuracy"] == pytest.approx(evaluated.count("负面") / len(evaluated))
+    assert baseline["segmentation"]["examples"][0]["reply"] == "在 这 辞 旧 迎 新 的 美 好 时 刻"
+    assert baseline["pinyin"]["examples"][0]["reply"] == "zhōng zhōng"  # the train split's most frequent syllable
+
+    markdown = (output / "tasks.md").read_text(encoding="utf-8")
+    assert markdown_table(result) in markdown and "SIGHAN" in markdown and "## Example replies" in markdown
+    examples = markdown.split("## Example replies", 1)[1].splitlines()[1:]
+    # a random model's replies hold newlines and control bytes: each example must still be a single line
+    assert all(line.startswith(("- ", "## ")) or not line for line in examples)
+    assert sum(line.startswith("- ") for line in examples) == 2 * 3 * eval_tasks.EXAMPLES_PER_TASK
+
+
+def test_a_model_that_answers_right_scores_one(model_dir, tmp_path, monkeypatch):
+    """The pipeline end to end with an oracle in place of generation: replies must come back to their own rows
+    (generation runs sorted by prompt length, in batches) and score 1 everywhere."""
+    data = write_task_data(tmp_path / "tasks")
+    references = {}
+    for task in ("sentiment", "segmentation", "pinyin"):
+        for row in read_task_file(data / task / "sft-test.jsonl", task).rows:
+            references[row.prompt] = row.reference
+
+    def oracle(model, tokenizer, conversations, max_new_tokens, batch_size=32):
+        assert len(conversations) <= 2  # batches of --batch-size
+        return [references[conversation[-1]["content"]] for conversation in conversations]
+
+    monkeypatch.setattr("tiny_llama2_zh.infer.generate.greedy_replies", oracle)
+    result = evaluate_tasks([model_dir], data, batch_size=2, show_progress=False)
+    scored = result["rows"][1]["tasks"]
+    assert scored["sentiment"]["metrics"]["accuracy"] == scored["sentiment"]["metrics"]["exact"] == 1.0
+    assert scored["segmentation"]["metrics"]["f1"] == scored["segmentation"]["metrics"]["exact"] == 1.0
+    assert scored["pinyin"]["metrics"]["exact"] == scored["pinyin"]["metrics"]["syllable_accuracy"] == 1.0
+    assert result["rows"][0]["tasks"]["segmentation"]["metrics"]["f1"] < 1.0  # the per-character baseline is not
+
+
+def test_prompts_longer_than_the_context_score_zero_without_failing(model_dir, tmp_path):
+    data = tmp_path / "tasks"
+    long_review = "这本书的内容非常丰富，" * 40
+    rows = [_conversation(SENTIMENT_PROMPT.format(review=review), "正面") for review in (long_review, "很好")]
+    _write(data / "sentiment/sft-test.jsonl", rows)
+    warnings = []
+    result = evaluate_tasks([model_dir], data, max_new_tokens=4, show_progress=False, warn=warnings.append)
+    scored = result["rows"][1]["tasks"]["sentiment"]
+    assert scored["prompts_too_long"] == 1 and scored["examples"][0]["reply"] == ""
+    assert "no trivial baseline for sentiment" in warnings[0]  # no train split here
+    assert any("do not fit the context" in warning for warning in warnings)
+    assert "—" in markdown_table(result)  # the baseline row has no sentiment score
+
+
+def test_bad_input_is_a_clear_error_or_a_counted_skip(model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-folder is not a folder"):
+        evaluate_tasks([model_dir], tmp_path / "missing-folder")
+    with pytest.raises(FileNotFoundError, match="not a saved model folder"):
+        evaluate_tasks([tmp_path / "no-model"], tmp_path)
+    with pytest.raises(ValueError, match="--limit must be at least 1"):
+        evaluate_tasks([model_dir], tmp_path, limit=0)
+
+    (tmp_path / "data/segmentation").mkdir(parents=True)  # a task folder without sft-test.jsonl
+    with pytest.raises(ValueError, match=r"holds no usable task.*segmentation/sft-test.jsonl does not exist"):
+        evaluate_tasks([model_dir], tmp_path / "data")
+
+    _write(
+        tmp_path / "data/pinyin/sft-test.jsonl", ["{broken", _conversation(PINYIN_PROMPT.format(word="地区"), "dì qū")]
+    )
+    warnings = []
+    result = evaluate_tasks([model_dir], tmp_path / "data", max_new_tokens=4, show_progress=False, warn=warnings.append)
+    assert set(result["tasks"]) == {"pinyin"} and "segmentation" in result["skipped_tasks"]
+    assert result["tasks"]["pinyin"]["skipped_lines"] == 1
+    assert any("pinyin/sft-test.jsonl:1: not JSON" in warning for warning in warnings)
