@@ -7,16 +7,29 @@ from tiny_llama2_zh.cli import main
 
 def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     output = tmp_path / "demo"
-    overrides = ["train.max_steps=3", "train.eval_steps=0", "train.logging_steps=1", "sample_max_new_tokens=4"]
-    assert main(["demo", "--output", str(output), *overrides]) == 0
+    overrides = [
+        *("pretrain.train.max_steps=3", "pretrain.train.eval_steps=0", "pretrain.sample_max_new_tokens=4"),
+        *("sft.train.max_steps=2", "sft.train.eval_steps=0", "sft.data.max_train_examples=64"),
+        *("sft.data.max_validation_examples=8", "sft.sample_max_new_tokens=4"),
+    ]
+    assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     assert summary["tokens"]["train"] > 2_000_000 and summary["parameters"]["total"] > 1_000_000
-    assert set(summary["stage_seconds"]) == {"corpus", "tokenizer", "tokenize", "pretrain", "total"}
+    stages = {"corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "eval", "total"}
+    assert set(summary["stage_seconds"]) == stages
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
     assert set(summary["samples"]) == {"床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："}
     for path in ("summary.md", "pretrain/loss.png", "pretrain/final/model.safetensors", "tokenizer/tokenizer.json"):
         assert (output / path).is_file(), path
-    assert "validation loss" in capsys.readouterr().out
+    for path in ("sft/loss.png", "sft/final/model.safetensors", "eval/tasks.json", "tasks/sentiment/sft-test.jsonl"):
+        assert (output / path).is_file(), path
+    assert summary["sft"]["steps"] == 2 and len(summary["dialogue"]) == 3
+    evaluation = json.loads((output / "eval" / "tasks.json").read_text(encoding="utf-8"))
+    assert evaluation["rows"][0]["name"] == "trivial baseline" and len(evaluation["rows"]) == 3
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "tinyllm chat --model" in out
+    assert main(["demo", "--output", str(tmp_path / "other"), "train.max_steps=3"]) == 2  # which stage?
+    assert "STAGE.section.key=value" in capsys.readouterr().err
 
     # a second demo into the same folder must not silently replace the first
     assert main(["demo", "--output", str(output), *overrides]) == 2

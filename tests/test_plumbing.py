@@ -173,6 +173,7 @@ def test_layering(module, must_not_import):
 
 
 def test_the_demo_recipe_ships_inside_the_package():
-    from tiny_llama2_zh.demo import DEMO_CONFIG
+    from tiny_llama2_zh.demo import DEMO_CONFIGS
 
-    assert DEMO_CONFIG.is_file() and PACKAGE.resolve() in DEMO_CONFIG.resolve().parents
+    for path in DEMO_CONFIGS.values():
+        assert path.is_file() and PACKAGE.resolve() in path.resolve().parents

@@ -424,27 +424,36 @@ def _plot(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ demo
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="folder for every stage's output (default: runs/demo)")
-    parser.add_argument("--config", default=None, help="pretraining YAML (default: configs/pretrain/demo.yaml)")
     parser.add_argument("--force", action="store_true", help="replace an earlier demo run in --output")
+    parser.add_argument(
+        "--eval-rows", type=int, default=200, help="held-out rows per task in the task evaluation (default: 200)"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
-        metavar="section.key=value",
-        help="override pretraining options, e.g. train.max_steps=50",
+        metavar="stage.section.key=value",
+        help="override a stage's recipe (configs/<stage>/demo.yaml), e.g. pretrain.train.max_steps=50 "
+        "sft.train.max_steps=20",
     )
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from tiny_llama2_zh.demo import DEMO_CONFIG, run_demo
+    from tiny_llama2_zh.demo import run_demo
 
-    report = run_demo(args.output, args.config or DEMO_CONFIG, args.overrides, force=args.force)
+    report = run_demo(args.output, args.overrides, force=args.force, eval_rows=args.eval_rows)
     print()
     print(report.markdown())
-    print(f"everything is under {args.output}/ (summary.md, pretrain/loss.png, pretrain/final/)")
+    print(f"everything is under {args.output}/ (summary.md, pretrain/, sft/, eval/tasks.json)")
+    print(f"talk to the SFT model: tinyllm chat --model {Path(args.output) / 'sft' / 'final'}")
 
 
 COMMANDS = [
-    Command("demo", "end-to-end demo on CPU: corpus, tokenizer, .bin, pretraining, samples", _demo_arguments, _demo),
+    Command(
+        "demo",
+        "end-to-end demo on CPU: corpus, tokenizer, pretraining, SFT, task evaluation",
+        _demo_arguments,
+        _demo,
+    ),
     Command("sizes", "print each size preset with its real parameter count", _sizes_arguments, _sizes),
     Command(
         "tokenizer",

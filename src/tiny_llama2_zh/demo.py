@@ -1,6 +1,9 @@
-"""The end-to-end demo: embedded corpus -> tokenizer -> .bin -> pretraining on CPU -> samples, in one folder.
+"""The end-to-end demo on CPU, in one folder: embedded corpus -> tokenizer -> .bin -> pretraining -> demo tasks ->
+SFT -> task evaluation (baseline vs base model vs SFT model) -> summary.
 
-Every stage is the real one the CLI runs on its own; this module only chains them and times them.
+Every stage is the real one the CLI runs on its own (`runs/demo.sh` runs them one command at a time); this module
+only chains them, times them and writes `summary.md`. Stage options are overridden as `STAGE.section.key=value`,
+e.g. `pretrain.train.max_steps=50 sft.train.max_steps=20`.
 """
 
 import json
@@ -10,16 +13,20 @@ from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from tiny_llama2_zh.config import load_config
+from tiny_llama2_zh.config import ConfigError, load_config
 from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
 from tiny_llama2_zh.data.pretokenized import write_token_file
+from tiny_llama2_zh.data.tasks import TASKS, build_tasks
 from tiny_llama2_zh.tokenizer import iter_texts, train_bpe_tokenizer
-from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
 
 # The shipped recipes are package data (the repository's `configs/` links here), so the demo runs from any install.
 PACKAGE_CONFIGS = Path(str(files("tiny_llama2_zh") / "configs"))
-DEMO_CONFIG = PACKAGE_CONFIGS / "pretrain" / "demo.yaml"
+DEMO_CONFIGS = {
+    "pretrain": PACKAGE_CONFIGS / "pretrain" / "demo.yaml",
+    "sft": PACKAGE_CONFIGS / "sft" / "demo.yaml",
+}
 DEMO_VOCAB_SIZE = 4096
+EVAL_ROWS_PER_TASK = 200  # held-out rows per task in the demo's evaluation (all of them: `tinyllm eval tasks`)
 
 
 @dataclass
@@ -32,6 +39,11 @@ class DemoReport:
     initial_validation_loss: float | None = None
     final_validation_loss: float | None = None
     samples: dict[str, str] = field(default_factory=dict)
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+    eval_rows_per_task: int = EVAL_ROWS_PER_TASK
+    task_table: str = ""
+    dialogue: list[dict[str, str]] = field(default_factory=list)
 
     def markdown(self) -> str:
         lines = [
@@ -43,25 +55,56 @@ class DemoReport:
             f"- tokens: {self.tokens['train']:,} train / {self.tokens['validation']:,} validation",
             f"- model: {self.parameters['total']:,} parameters "
             f"({self.parameters['non_embedding']:,} without embedding)",
-            f"- validation loss: {self.initial_validation_loss:.3f} before training -> "
+            f"- pretraining validation loss: {self.initial_validation_loss:.3f} before training -> "
             f"{self.final_validation_loss:.3f} after",
+            "- SFT tasks (train / held-out prompts): "
+            + ", ".join(f"{task} {c['train']:,} / {c['test']:,}" for task, c in self.tasks.items()),
+            f"- SFT validation loss (assistant tokens): {self.sft['initial_validation_loss']:.3f} -> "
+            f"{self.sft['final_validation_loss']:.3f} in {self.sft['steps']} steps",
             "- wall time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in self.stage_seconds.items()),
             "",
-            "## Sampled continuations (seeded; temperature 0.8, top-p 0.9, repetition penalty 1.1)",
+            f"## Held-out task accuracy ({self.eval_rows_per_task} test rows per task, chosen by prompt hash; greedy)",
+            "",
+            self.task_table,
+            "",
+            "## A dialogue with the SFT model (held-out prompts, greedy)",
             "",
         ]
+        for turn in self.dialogue:
+            lines += [f"> **user:** {turn['user']}", ">", f"> **assistant:** {turn['assistant']}", ""]
+        lines += ["## Pretrained model: sampled continuations (temperature 0.8, top-p 0.9)", ""]
         for prompt, continuation in self.samples.items():
             lines += [f"- **{prompt}**{continuation}", ""]
         return "\n".join(lines)
 
 
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """['pretrain.train.max_steps=5', 'sft.train.max_steps=2'] -> {'pretrain': [...], 'sft': [...]}."""
+    by_stage: dict[str, list[str]] = {stage: [] for stage in DEMO_CONFIGS}
+    for override in overrides:
+        stage, _, rest = override.partition(".")
+        if stage not in by_stage or not rest:
+            raise ConfigError(
+                f"demo override {override!r}: write STAGE.section.key=value, STAGE one of {list(by_stage)}"
+            )
+        by_stage[stage].append(rest)
+    return by_stage
+
+
 def run_demo(
     output_dir: str | Path,
-    config_path: str | Path = DEMO_CONFIG,
     overrides: list[str] | None = None,
     force: bool = False,
+    eval_rows: int = EVAL_ROWS_PER_TASK,
 ) -> DemoReport:
+    from tiny_llama2_zh.eval.tasks import evaluate_tasks, markdown_table
+    from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply
+    from tiny_llama2_zh.loading import load_model
+    from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
+    from tiny_llama2_zh.train.sft import SFTRecipeConfig, sft
+
     output_dir = Path(output_dir)
+    stage_overrides = split_overrides(overrides or [])
     if output_dir.exists() and any(output_dir.iterdir()):
         if not force:
             raise FileExistsError(
@@ -69,9 +112,7 @@ def run_demo(
             )
         print(f"--force: removing the earlier demo run in {output_dir}")
         shutil.rmtree(output_dir)
-    if not Path(config_path).is_file():
-        raise FileNotFoundError(f"demo config {config_path} not found")
-    report = DemoReport(output_dir=str(output_dir))
+    report = DemoReport(output_dir=str(output_dir), eval_rows_per_task=eval_rows)
     total = time.perf_counter()
 
     def timed(stage: str, started: float) -> None:
@@ -101,25 +142,64 @@ def run_demo(
     timed("tokenize", started)
 
     started = time.perf_counter()
-    config = load_config(
+    pretrain_config = load_config(
         PretrainConfig,
-        config_path,
+        DEMO_CONFIGS["pretrain"],
         [
             f"data.tokenizer={output_dir / 'tokenizer'}",
             f"data.train={output_dir / 'data' / 'train.bin'}",
             f"data.validation={output_dir / 'data' / 'validation.bin'}",
             f"train.output_dir={output_dir / 'pretrain'}",
-            *(overrides or []),
+            *stage_overrides["pretrain"],
         ],
     )
-    result = pretrain(config)
-    timed("pretrain", started)
-    report.stage_seconds["total"] = round(time.perf_counter() - total, 2)
-
+    result = pretrain(pretrain_config)
     report.parameters = result["parameters"]
     report.initial_validation_loss = result["initial_validation_loss"]
     report.final_validation_loss = result["final_validation_loss"]
     report.samples = result["samples"]
+    timed("pretrain", started)
+
+    started = time.perf_counter()
+    tasks_dir = output_dir / "tasks"
+    report.tasks = build_tasks(tasks_dir)
+    timed("tasks", started)
+
+    started = time.perf_counter()
+    sft_config = load_config(
+        SFTRecipeConfig,
+        DEMO_CONFIGS["sft"],
+        [
+            f"model.init_from={output_dir / 'pretrain' / 'final'}",
+            f"data.train={[str(tasks_dir / task / 'sft-train.jsonl') for task in TASKS]}",
+            f"data.validation={[str(tasks_dir / task / 'sft-test.jsonl') for task in TASKS]}",
+            f"train.output_dir={output_dir / 'sft'}",
+            *stage_overrides["sft"],
+        ],
+    )
+    sft_result = sft(sft_config)
+    report.sft = {key: sft_result[key] for key in ("steps", "initial_validation_loss", "final_validation_loss")}
+    timed("sft", started)
+
+    started = time.perf_counter()
+    evaluation = evaluate_tasks(
+        [output_dir / "pretrain" / "final", output_dir / "sft" / "final"], tasks_dir, limit=eval_rows
+    )
+    (output_dir / "eval").mkdir(exist_ok=True)
+    (output_dir / "eval" / "tasks.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+    report.task_table = markdown_table(evaluation)
+    print(report.task_table)
+    model, chat_tokenizer = load_model(output_dir / "sft" / "final")
+    for task in TASKS:
+        first = json.loads((tasks_dir / task / "sft-test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+        question = first["messages"][0]["content"]
+        answer, _ = generate_reply(
+            model, chat_tokenizer, [{"role": "user", "content": question}], SamplingOptions(max_new_tokens=48)
+        )
+        report.dialogue.append({"user": question, "assistant": answer})
+    timed("eval", started)
+    report.stage_seconds["total"] = round(time.perf_counter() - total, 2)
+
     (output_dir / "summary.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     (output_dir / "summary.md").write_text(report.markdown() + "\n", encoding="utf-8")
     return report
