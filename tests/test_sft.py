@@ -1,6 +1,7 @@
 """Supervised fine-tuning: what the loss covers, packing, bad conversations, the recipe end to end, LoRA merge."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -204,3 +205,55 @@ def test_lora_trains_adapters_only_and_merges_into_a_plain_folder(tiny_model_dir
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     torch.testing.assert_close(torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1])), expected[0, -1, :3])
     assert main(["lora", "merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 2  # not empty
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "sft").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sft_configs_are_valid_and_say_how_to_run_them(path):
+    from tiny_llama2_zh.train.sft import sft_arguments
+
+    assert (
+        path.read_text(encoding="utf-8").splitlines()[0].startswith(f"# tinyllm sft --config configs/sft/{path.name}")
+    )
+    config = load_config(SFTRecipeConfig, path)
+    args = sft_arguments(config)  # TRL's SFTConfig validates the whole train: section as shipped
+    assert args.assistant_only_loss and args.max_length == config.train["max_length"]
+    if config.model.lora:
+        from tiny_llama2_zh.train.lora import peft_config
+
+        assert peft_config(config.model.lora).r == config.model.lora.r
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path):
+    """The same recipe under `torchrun` on CPU (gloo), as pretraining is tested: same global batch, same losses."""
+    single = recipe(tiny_model_dir, tmp_path / "single", "train.packing=false", "sample_prompts=[]")
+    sft(single)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "tiny_llama2_zh.cli"]
+    data = tmp_path / "single" / "train.jsonl"
+    overrides = [
+        f"model.init_from={tiny_model_dir}",
+        f"data.train={data}",
+        f"data.validation={data}",
+        "data.max_validation_examples=8",
+        f"train.output_dir={tmp_path / 'two'}",
+        *("train.max_steps=3", "train.per_device_train_batch_size=2", "train.warmup_steps=0", "train.logging_steps=1"),
+        *("train.eval_steps=0", "train.report_to=[]", "train.max_length=64", "train.packing=false"),
+        "sample_prompts=[]",
+    ]
+    result = subprocess.run(
+        [*torchrun, "sft", "--config", str(SFT_YAML), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(run: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    one, two = losses(tmp_path / "single" / "run"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4), step
