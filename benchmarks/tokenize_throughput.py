@@ -3,7 +3,8 @@
     python benchmarks/tokenize_throughput.py --size-mb 300            # the demo corpus, replicated to 300 MB
     python benchmarks/tokenize_throughput.py --size-mb 100 300 --only seed ours   # memory growth
 
-Methods, each in a fresh child process so that its peak RSS is its own (the parent only coordinates):
+Methods, each in a fresh child process (the parent only coordinates). Peak RSS is the whole pipeline's: the sum over
+the child and all its worker processes, sampled every 20 ms (psutil), at its highest.
   seed       the seed project's loop: per-document `tokenizer.encode`, `all_tokens += tokens`, one `np.array`
              at the end, written as one .bin
   ours       `tinyllm data prepare`'s tokenization stage: batches to worker processes, streamed to shards;
@@ -21,10 +22,12 @@ import multiprocessing
 import os
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 CHATGLM3 = REPO.parent / "shared" / "tokenizers" / "chatglm3" / "tokenizer.model"
@@ -121,8 +124,26 @@ def child(method: str, path: str, tokenizer_dir: str, output: str, queue) -> Non
     tokens = METHODS[method](Path(path), tokenizer_dir, Path(output))
     seconds = time.perf_counter() - started
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest worker process, if any
-    queue.put({"tokens": tokens, "seconds": seconds, "peak_rss_mb": own / 1024, "worker_rss_mb": workers / 1024})
+    queue.put({"tokens": tokens, "seconds": seconds, "main_rss_mb": own / 1024})
+
+
+class TreeRSS(threading.Thread):
+    """The largest sum of resident memory over a process and all its descendants, sampled while it runs."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.root, self.interval, self.peak, self.done = psutil.Process(pid), interval, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            total = 0
+            try:
+                for process in [self.root, *self.root.children(recursive=True)]:
+                    total += process.memory_info().rss
+            except psutil.Error:  # a worker that ended between listing and reading
+                pass
+            self.peak = max(self.peak, total)
+            self.done.wait(self.interval)
 
 
 def main() -> None:
@@ -147,7 +168,8 @@ def main() -> None:
             convert_chatglm3(CHATGLM3, tokenizer_dir)
         context = multiprocessing.get_context("spawn")
         print(f"{os.cpu_count()} cores; tokenizer {tokenizer_dir}")
-        print(f"{'input':>8} {'method':<6} {'tokens':>13} {'seconds':>8} {'MB/s':>6} {'Mtok/s':>7} {'peak RSS':>9}")
+        header = f"{'input':>8} {'method':<6} {'tokens':>13} {'seconds':>8} {'MB/s':>6} {'Mtok/s':>7}"
+        print(f"{header} {'peak RSS (all processes)':>25}")
         for size in args.size_mb:
             path = make_input(folder, size, Path(args.corpus))
             for method in args.only:
@@ -156,13 +178,16 @@ def main() -> None:
                 queue = context.Queue()
                 process = context.Process(target=child, args=(method, str(path), tokenizer_dir, str(output), queue))
                 process.start()
+                sampler = TreeRSS(process.pid)
+                sampler.start()
                 result = queue.get()
+                sampler.done.set()
                 process.join()
-                rss = max(result["peak_rss_mb"], result["worker_rss_mb"])
+                rss = max(sampler.peak / 2**20, result["main_rss_mb"])
                 print(
                     f"{size:>6}MB {method:<6} {result['tokens']:>13,} {result['seconds']:>8.1f} "
                     f"{size / result['seconds']:>6.2f} {result['tokens'] / result['seconds'] / 1e6:>7.2f} "
-                    f"{rss:>7.0f}MB",
+                    f"{rss:>23.0f}MB",
                     flush=True,
                 )
             path.unlink()

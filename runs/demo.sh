@@ -11,7 +11,7 @@ tinyllm data demo --output "$out/corpus"
 # 2. Tokenizer: a 4,096-token byte-level BPE with the chat-role tokens and the shared chat template.
 tinyllm tokenizer train --input "$out/corpus/train.jsonl" --vocab-size 4096 --output "$out/tokenizer"
 
-# 3. Pretraining data: token ids + eos per document in a flat uint16 .bin with a JSON manifest.
+# 3. Pretraining data: <s> document </s> token ids in a flat uint16 .bin with a JSON manifest.
 for split in train validation; do
   tinyllm data tokenize --tokenizer "$out/tokenizer" --input "$out/corpus/$split.jsonl" --output "$out/data/$split.bin"
 done
@@ -20,7 +20,23 @@ done
 tinyllm pretrain --config configs/pretrain/demo.yaml \
   data.tokenizer="$out/tokenizer" data.train="$out/data/train.bin" data.validation="$out/data/validation.bin" \
   train.output_dir="$out/pretrain"
-
-# 5. Look at it: loss curve and a sampled continuation.
-tinyllm plot "$out/pretrain"
 tinyllm generate --model "$out/pretrain/final" --prompt "中国经济" --temperature 0.8 --top-p 0.9 --max-new-tokens 60
+
+# 5. Tasks with checkable answers (sentiment, word segmentation, pinyin), split by prompt.
+tinyllm data tasks --output "$out/tasks"
+
+# 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
+tasks="[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/pinyin/sft-train.jsonl]"
+held_out="[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl,$out/tasks/pinyin/sft-test.jsonl]"
+tinyllm sft --config configs/sft/demo.yaml model.init_from="$out/pretrain/final" \
+  data.train="$tasks" data.validation="$held_out" train.output_dir="$out/sft"
+
+# 7. Held-out accuracy: trivial baselines vs the pretrained model vs the SFT model.
+tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --data "$out/tasks" --limit 200 \
+  --output "$out/eval"
+
+# 8. Talk to it (the curves are in $out/pretrain/loss.png and $out/sft/loss.png).
+tinyllm generate --chat --model "$out/sft/final" \
+  --prompt "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。
+评论：物流很快，包装也很好，非常满意。"
+echo "chat with it: tinyllm chat --model $out/sft/final"
