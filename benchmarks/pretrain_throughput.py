@@ -1,158 +1,160 @@
-"""Pretraining throughput: our model vs transformers' LlamaForCausalLM, side by side in one process.
+"""Pretraining throughput: our model vs transformers' LlamaForCausalLM, in one process, rounds interleaved.
 
-    python benchmarks/pretrain_throughput.py                      # 24m preset, seq 512, ChatGLM3-sized vocab
-    python benchmarks/pretrain_throughput.py --size 9m --steps 20 --batch-size 8
+    python benchmarks/pretrain_throughput.py                  # 24m preset, vocab 64798 (ChatGLM3), seq 256, batch 4
+    python benchmarks/pretrain_throughput.py --seq-len 512 --batch-size 2
+    python benchmarks/pretrain_throughput.py --compile        # also both with torch.compile'd decoder layers
 
-Both models get the identical configuration (the same weights, even), the same Trainer (`GuardedTrainer` with
-the recipe's TrainingArguments), the same data (random token ids in a .bin read by `PretrainDataset`) and batch.
-Prints tokens/s and MFU: 6·N·tokens (+ attention) FLOPs per second over the fp32 matmul peak that this script
-measures on this machine first. On a GPU pass --precision bf16 (and --compile) to measure that path.
+A plain training loop, nothing from the project's Trainer: forward with labels, backward, AdamW step, zero_grad.
+The optimizer is fused AdamW, the Trainer's default ("adamw_torch_fused") on torch >= 2.8. Both models start from
+identical weights (`to_hf_llama` copies ours) and see identical random batches in the same order. Rounds alternate
+the models (A B A B ...), so a neighbour's load on a shared machine slows both alike: trust the ratio of the
+interleaved medians more than the absolute tokens/s. No round starts after --budget-s seconds (2 rounds at least).
+With --compile both models also run with every decoder layer compiled (ours: `model.compile_layers()`).
+
+"MFU" is 6·N·tokens (+ attention, `presets.flops_per_token`) FLOPs per second over the best fp32 matmul this
+script measures first. On a CPU that is relative to a measured matmul best, not to a hardware peak.
 """
 
 import argparse
-import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import TrainerCallback, default_data_collator
+from torch import nn
 
-from tiny_llama2_zh.data.pretokenized import Manifest, PretrainDataset
 from tiny_llama2_zh.export import to_hf_llama
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.presets import count_parameters, flops_per_token, preset_config
-from tiny_llama2_zh.train.common import GuardedTrainer, TrainOptions, training_arguments
+
+BASELINE = "transformers Llama"
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Best FLOP/s of a square matmul on this device (the denominator of MFU)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def device_sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_matmul_best(device: str, size: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of a square matmul on this device: the denominator of "MFU" (on a CPU, not a hardware peak)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
+    for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        device_sync()
         start = time.perf_counter()
         a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
+        device_sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
-class StepTimer(TrainerCallback):
-    def __init__(self):
+def compile_decoder_layers(model: nn.Module) -> nn.Module:
+    """Regional compilation for transformers' Llama: what `TinyLlama2ForCausalLM.compile_layers()` does for ours."""
+    for layer in model.model.layers:
+        layer.compile()
+    return model
+
+
+class Variant:
+    """One model with its own optimizer, and the step times it has recorded."""
+
+    def __init__(self, name: str, model: nn.Module):
+        self.name = name
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         self.times: list[float] = []
-        self._start = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
-
-
-def random_token_file(folder: Path, vocab_size: int, num_tokens: int) -> Path:
-    path = folder / "random.bin"
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    np.random.default_rng(0).integers(3, vocab_size, num_tokens, dtype=np.int64).astype(dtype).tofile(path)
-    manifest = Manifest(np.dtype(dtype).name, num_tokens, 1, vocab_size, 2, "random")
-    Path(f"{path}.json").write_text(json.dumps(manifest.__dict__))
-    return path
-
-
-def time_training(model, dataset, args, steps: int, warmup: int) -> list[float]:
-    timer = StepTimer()
-    trainer = GuardedTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=default_data_collator, callbacks=[timer]
-    )
-    trainer.tokens_per_step = args.per_device_train_batch_size * len(dataset[0]["input_ids"])
-    trainer.train()
-    return timer.times[warmup:]
+    def train_step(self, batch: torch.Tensor) -> float:
+        device_sync()
+        start = time.perf_counter()
+        loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        device_sync()
+        return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="24m", help="size preset (default: 24m)")
     parser.add_argument("--vocab-size", type=int, default=64798, help="vocabulary size (default: ChatGLM3's 64798)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
-    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per model (default: 12)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="training precision")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the models this many times (default: 2)")
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds, each model once per round (default: 8)")
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per model per round (default: 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (default: 1)")
+    parser.add_argument("--budget-s", type=float, default=100, help="start no round after this (default: 100)")
+    parser.add_argument("--chunk-rows", type=int, default=256, help="our fused loss's rows per chunk (default: 256)")
+    parser.add_argument("--plain-loss", action="store_true", help="also time our model with the plain loss")
+    parser.add_argument("--compile", action="store_true", help="also time both with compiled decoder layers")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    threads = torch.get_num_threads()
-    peak = measure_matmul_peak(dtype=torch.float32 if args.precision == "fp32" else torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    best = measure_matmul_best(device)
     config = preset_config(args.size, args.vocab_size, max_position_embeddings=max(512, args.seq_len))
     per_token = flops_per_token(config, args.seq_len)
-    print(
-        f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
-        f"{threads} threads; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({args.precision})"
-    )
+    where = f"cuda {torch.cuda.get_device_name()}" if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {where}; best fp32 matmul measured here: {best / 1e9:.1f} GFLOP/s (the MFU denominator)")
     print(
         f"model: {args.size} preset, {count_parameters(config)['total']:,} parameters, vocab {args.vocab_size}, "
-        f"seq {args.seq_len}, batch {args.batch_size}; {per_token / 1e6:.1f} MFLOP per token"
+        f"seq {args.seq_len}, batch {args.batch_size}, fp32; {per_token / 1e6:.1f} MFLOP per token"
     )
 
-    with tempfile.TemporaryDirectory() as folder:
-        total_steps = args.warmup + args.steps
-        data = random_token_file(Path(folder), args.vocab_size, (args.seq_len - 1) * args.batch_size * total_steps + 1)
-        dataset = PretrainDataset(data, args.seq_len)
-        options = TrainOptions(
-            output_dir=str(Path(folder) / "run"),
-            max_steps=total_steps,
-            per_device_batch_size=args.batch_size,
-            warmup_steps=0,
-            logging_steps=10**9,
-            eval_steps=0,
-            save_steps=10**9,
-            report_to=[],
-            precision=args.precision,
-            torch_compile=args.compile,
-        )
-        training_args = training_arguments(options, disable_tqdm=True, save_strategy="no")
-        torch.manual_seed(0)
-        ours = TinyLlama2ForCausalLM(config)
-        initial_state = {k: v.clone() for k, v in ours.state_dict().items()}
-        results: dict[str, list[float]] = {
-            "tiny_llama2 (ours, recipe)": [],
-            "tiny_llama2 (ours, plain loss)": [],
-            "transformers LlamaForCausalLM": [],
-        }
-        for _ in range(args.rounds):
-            for name, chunk_rows in (("tiny_llama2 (ours, recipe)", 1024), ("tiny_llama2 (ours, plain loss)", None)):
-                ours.load_state_dict(initial_state)
-                ours.fused_loss_chunk_rows = chunk_rows
-                results[name] += time_training(ours, dataset, training_args, args.steps, args.warmup)
-            llama = to_hf_llama(ours)  # same weights, same config
-            llama.load_state_dict(initial_state)
-            llama.train()
-            results["transformers LlamaForCausalLM"] += time_training(
-                llama, dataset, training_args, args.steps, args.warmup
-            )
+    torch.manual_seed(args.seed)
+    initial_state = TinyLlama2ForCausalLM(config).state_dict()
 
-    tokens_per_step = args.seq_len * args.batch_size
-    print(f"\n{'model':<32} {'step (median)':>14} {'tokens/s':>10} {'MFU':>7}")
+    def our_model(chunk_rows: int | None) -> TinyLlama2ForCausalLM:
+        model = TinyLlama2ForCausalLM(config)
+        model.load_state_dict(initial_state)
+        model.fused_loss_chunk_rows = chunk_rows
+        return model.to(device)
+
+    variants = [Variant("ours (fused loss)", our_model(args.chunk_rows))]
+    if args.plain_loss:
+        variants.append(Variant("ours (plain loss)", our_model(None)))
+    variants.append(Variant(BASELINE, to_hf_llama(our_model(None))))
+    if args.compile:
+        variants.append(Variant("ours (fused loss), compiled", our_model(args.chunk_rows).compile_layers()))
+        variants.append(Variant(f"{BASELINE}, compiled", compile_decoder_layers(to_hf_llama(our_model(None)))))
+
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = [
+        torch.randint(3, args.vocab_size, (args.batch_size, args.seq_len), generator=generator).to(device)
+        for _ in range(args.warmup + args.rounds * args.steps)
+    ]
+    for variant in variants:  # warmup: allocator, oneDNN primitives, and compilation for the compiled variants
+        start = time.perf_counter()
+        for batch in batches[: args.warmup]:
+            variant.train_step(batch)
+        print(f"warmup {variant.name}: {time.perf_counter() - start:.1f} s for {args.warmup} step(s)", flush=True)
+    started = time.perf_counter()
+    for round_index in range(args.rounds):
+        if round_index >= 2 and time.perf_counter() - started > args.budget_s:
+            print(f"time budget reached after {round_index} rounds")
+            break
+        first = args.warmup + round_index * args.steps
+        for variant in variants:  # A B A B ...: the same batches, in the same order, for every model
+            variant.times += [variant.train_step(batch) for batch in batches[first : first + args.steps]]
+
+    tokens_per_step = args.batch_size * args.seq_len
+    print(f"\n{'model':<30} {'step (median)':>14} {'tokens/s':>10} {'MFU*':>7}")
     rates = {}
-    for name, times in results.items():
-        step = statistics.median(times)
-        rates[name] = tokens_per_step / step
-        print(f"{name:<32} {step * 1000:>11.0f} ms {rates[name]:>10,.0f} {rates[name] * per_token / peak:>6.1%}")
-    for name in ("tiny_llama2 (ours, recipe)", "tiny_llama2 (ours, plain loss)"):
-        print(f"{name} / transformers Llama: {rates[name] / rates['transformers LlamaForCausalLM']:.2f}x")
+    for variant in variants:
+        step = statistics.median(variant.times)
+        rates[variant.name] = tokens_per_step / step
+        mfu = rates[variant.name] * per_token / best
+        print(f"{variant.name:<30} {step * 1000:>11.0f} ms {rates[variant.name]:>10,.0f} {mfu:>6.1%}")
+    peak_note = ", not a hardware peak" if device == "cpu" else ""
+    print(f"* MFU: relative to the best fp32 matmul measured above{peak_note}")
+    ratios = [(name, BASELINE) for name in rates if not name.startswith(BASELINE) and not name.endswith("compiled")]
+    if args.compile:
+        ratios += [("ours (fused loss), compiled", f"{BASELINE}, compiled"), ("ours (fused loss), compiled", BASELINE)]
+    for name, reference in ratios:
+        print(f"{name} / {reference}: {rates[name] / rates[reference]:.2f}x (interleaved medians)")
 
 
 if __name__ == "__main__":

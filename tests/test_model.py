@@ -206,6 +206,30 @@ def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients(num_item
         torch.testing.assert_close(model(ids, labels=labels, **kwargs).loss, plain_loss)
 
 
+@pytest.mark.parametrize("no_grad_mode", [torch.no_grad, torch.inference_mode])
+def test_fused_loss_without_grad_mode_computes_no_gradients(no_grad_mode):
+    """Evaluation runs under no_grad while the weights still require grad: the fused loss must not build the
+    (vocab, dim) float32 weight gradient then. Measured as the largest single allocation seen by the profiler."""
+    model = random_model(vocab_size=4096)
+    model.fused_loss_chunk_rows = 8  # a logits chunk (8 x vocab) is 4x smaller than the gradient (dim 32 x vocab)
+    ids = torch.randint(3, 4096, (2, 16))
+    gradient_bytes = model.lm_head.weight.numel() * 4
+
+    def largest_allocation() -> tuple[torch.Tensor, int]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = model(ids, labels=ids).loss
+        return loss, max(event.self_cpu_memory_usage for event in prof.events())
+
+    _, with_grad = largest_allocation()
+    assert with_grad >= gradient_bytes  # the measure sees the gradient buffer when there is one
+    with no_grad_mode():
+        fused, without_grad = largest_allocation()
+        model.fused_loss_chunk_rows = None
+        plain = model(ids, labels=ids).loss
+    assert without_grad < gradient_bytes
+    torch.testing.assert_close(fused, plain)
+
+
 def test_fused_loss_under_bf16_autocast_is_close_to_the_plain_loss():
     model = random_model()
     ids = torch.randint(3, 97, (2, 16))

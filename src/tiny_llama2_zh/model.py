@@ -7,6 +7,9 @@ Architecture (Touvron et al. 2023, "Llama 2"; layout after karpathy/llama2.c `mo
 RMSNorm pre-norm, rotary position embeddings, grouped-query attention, SwiGLU feed-forward with llama2.c's
 hidden-size rule, no biases, input and output embeddings tied.
 
+Attention masks (padding, KV cache, packed sequences) come from transformers' `create_causal_mask`, and attention
+runs through transformers' attention functions ("sdpa" by default, or "eager"), as in transformers' Llama.
+
 Parameter names follow transformers' Llama (`model.layers.N.self_attn.q_proj`, `mlp.gate_proj`, ...), so PEFT
 and TRL target them by name and the weights load into `transformers.LlamaForCausalLM` unchanged. The rotary
 embedding uses the "rotate half" pairing of transformers' Llama; llama2.c pairs neighbouring dimensions
@@ -26,13 +29,14 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 # Keys that PreTrainedConfig itself consumes from **kwargs (see its __post_init__) or that transformers writes
@@ -143,7 +147,12 @@ class TinyLlama2RMSNorm(nn.Module):
 
 
 class TinyLlama2RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al. 2021, RoFormer): cos/sin tables for the given positions."""
+    """Rotary position embedding (Su et al. 2021, RoFormer): cos/sin tables for the given positions.
+
+    The sin table comes with the sign of transformers' `rotate_half` folded in, (-sin, sin) over the two halves,
+    so that `apply_rotary` swaps the halves without negating one: one elementwise op less per q/k, per layer, in
+    the forward and the backward pass, for the same numbers.
+    """
 
     def __init__(self, config: TinyLlama2Config):
         super().__init__()
@@ -154,18 +163,54 @@ class TinyLlama2RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, head_dim/2)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos = freqs.cos()
+        sin = freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+    return torch.cat((second, first), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim); cos/sin: (B, T, head_dim)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim); cos, signed_sin: (B, T, head_dim) from TinyLlama2RotaryEmbedding.
+    transformers' Llama: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-second, first)."""
+    return x * cos[:, None] + swap_halves(x) * signed_sin[:, None]
+
+
+def plain_linears(*modules: nn.Module) -> bool:
+    """True when every module is an nn.Linear that nothing wraps or intercepts, so that its weight may join one
+    concatenated matmul. PEFT adapters (LoRA), quantised or parametrized layers replace the module with another
+    class, and hooks (DeepSpeed ZeRO-3 gathering, accelerate offloading) must see the call: those run one by one."""
+    return all(
+        type(module) is nn.Linear
+        and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+        for module in modules
+    )
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, T, hd)
+    key: torch.Tensor,  # (B, KV, T_kv, hd)
+    value: torch.Tensor,  # (B, KV, T_kv, hd)
+    attention_mask: torch.Tensor | None,  # (B, 1, T, T_kv)
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v written out, for `attn_implementation="eager"`; returns (B, T, H, hd) and
+    the attention weights. The mask is create_causal_mask's eager one: additive floats, 0 or the dtype's minimum.
+    Same contract as transformers' Llama `eager_attention_forward`; the default implementation is "sdpa"."""
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    scores = (query @ key.transpose(-2, -1)) * scaling  # (B, H, T, T_kv)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
 
 
 class TinyLlama2Attention(nn.Module):
@@ -173,10 +218,16 @@ class TinyLlama2Attention(nn.Module):
 
     def __init__(self, config: TinyLlama2Config, layer_idx: int):
         super().__init__()
+        # config, layer_idx, num_key_value_groups, scaling and is_causal are what transformers' attention functions
+        # (ALL_ATTENTION_FUNCTIONS: sdpa, eager, ...) read from the module they are given.
+        self.config = config
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.n_heads // self.n_kv_heads
         self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -188,28 +239,34 @@ class TinyLlama2Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, dim)
         rotary: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: torch.Tensor | None,  # (B, 1, T, T_kv) bool, True = may attend; None with is_causal
-        is_causal: bool,
+        attn_mask: torch.Tensor | None,  # (B, 1, T, T_kv) from create_causal_mask; None = plain causal (is_causal)
         past_key_values: Cache | None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        if plain_linears(self.q_proj, self.k_proj, self.v_proj):
+            # One matmul for q, k and v instead of three (fewer, larger GEMMs and kernel launches; the same sums),
+            # and one rotary pass over q and k together.
+            weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # ((H+2KV)*hd, dim)
+            qkv = F.linear(x, weight).view(batch, seq_len, sum(heads), self.head_dim).transpose(1, 2)
+            qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=1)
+        else:
+            q, k, v = (
+                proj(x).view(batch, seq_len, n, self.head_dim)
+                for proj, n in zip((self.q_proj, self.k_proj, self.v_proj), heads, strict=True)
+            )
+            qk, v = torch.cat((q, k), dim=2).transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(qk, *rotary).split(heads[:2], dim=1)  # (B, H, T, hd), (B, KV, T, hd)
         if past_key_values is not None:
+            # transformers 5.x caches track their own positions: Llama passes no cache_position/cache_kwargs either.
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, KV, T_kv, hd)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        # Dispatch as transformers' LlamaAttention does; "sdpa" (the default) is transformers' sdpa_attention_forward,
+        # which sets SDPA's is_causal (its fused kernels) when the mask is None and uses enable_gqa when it can.
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(
+            self, q, k, v, attn_mask, dropout=self.dropout if self.training else 0.0, scaling=self.scaling
+        )  # (B, T, H, hd)
+        out = out.reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.resid_dropout(self.o_proj(out))
 
 
@@ -224,7 +281,12 @@ class TinyLlama2MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        if plain_linears(self.gate_proj, self.up_proj):  # one matmul for both, as q/k/v in TinyLlama2Attention
+            weight = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # (2 * hidden, dim)
+            gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 class TinyLlama2DecoderLayer(GradientCheckpointingLayer):
@@ -242,11 +304,10 @@ class TinyLlama2DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None,
-        is_causal: bool,
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), rotary, attn_mask, is_causal, past_key_values
+            self.input_layernorm(hidden_states), rotary, attn_mask, past_key_values
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -259,6 +320,19 @@ class TinyLlama2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TinyLlama2DecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+
+    def compile_layers(self, **compile_kwargs) -> "TinyLlama2PreTrainedModel":
+        """torch.compile every decoder layer in place and return the model: call it before training.
+
+        Regional compilation (PyTorch's recipe for repeated blocks): the layers share one compiled graph, so it
+        compiles faster than the whole model, and create_causal_mask, the KV cache and the fused loss's chunk loop
+        stay eager. Inductor fuses RMSNorm, rotary, SwiGLU and the residual adds, which on a CPU also saves the
+        thread synchronisation of many small ops. Parameter names do not change (unlike `torch.compile(model)`,
+        which wraps them in `_orig_mod.`), so checkpoints and `save_pretrained` are unaffected. compile_kwargs go to
+        `nn.Module.compile` (e.g. mode="max-autotune-no-cudagraphs", dynamic=False)."""
+        for layer in self.base_model.layers:
+            layer.compile(**compile_kwargs)
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         """llama2.c's init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * n_layers)
@@ -276,33 +350,6 @@ class TinyLlama2PreTrainedModel(PreTrainedModel):
         if isinstance(module, (TinyLlama2Attention, TinyLlama2MLP)):
             out_proj = module.o_proj if isinstance(module, TinyLlama2Attention) else module.down_proj
             init.normal_(out_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
-
-
-def _attention_mask(
-    attention_mask: torch.Tensor | None, query_len: int, past_len: int
-) -> tuple[torch.Tensor | None, bool]:
-    """Returns (mask, is_causal) for scaled_dot_product_attention.
-
-    attention_mask: (B, past_len + query_len), 1 for real tokens and 0 for padding, or None.
-    Without padding, SDPA's built-in causal mask is used (it allows the fast fused kernels). With padding or a
-    chunk after a cache, an explicit boolean mask (B, 1, query_len, past_len + query_len) is built. Every query
-    may always see its own key, so rows of pure padding stay finite instead of becoming NaN.
-    """
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    if attention_mask is None and (past_len == 0 or query_len == 1):
-        return None, past_len == 0 and query_len > 1
-    kv_len = past_len + query_len
-    device = attention_mask.device if attention_mask is not None else None
-    query_pos = torch.arange(past_len, kv_len, device=device)[:, None]  # (T, 1)
-    key_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T_kv)
-    allowed = key_pos <= query_pos  # (T, T_kv)
-    if attention_mask is not None:
-        allowed = allowed[None] & attention_mask[:, None, :].bool()  # (B, T, T_kv)
-        allowed = allowed | (key_pos == query_pos)[None]
-    else:
-        allowed = allowed[None]
-    return allowed[:, None], False  # (B or 1, 1, T, T_kv)
 
 
 class TinyLlama2Model(TinyLlama2PreTrainedModel):
@@ -349,13 +396,29 @@ class TinyLlama2Model(TinyLlama2PreTrainedModel):
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         query_len = inputs_embeds.shape[1]
 
+        given_position_ids = position_ids
         if position_ids is None:
             if attention_mask is not None:
                 # Left padding: count positions from each row's first real token, as generate() does.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
             else:
                 position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
-        attn_mask, is_causal = _attention_mask(attention_mask, query_len, past_len)
+        # transformers' mask builder, as in LlamaModel: causal + padding + packed sequences, on inputs_embeds' device,
+        # in the format of config._attn_implementation, and None when SDPA's is_causal alone is exact (no padding,
+        # query and keys aligned, or one query) so that the fused kernels run. It recognises packed rows (TRL's
+        # padding_free: several examples in one row, position_ids restarting at 0, no attention_mask) and makes their
+        # attention block-diagonal, but only without a cache. An empty DynamicCache says nothing that no cache would
+        # not (offset 0, keys = queries), so it is left out; a fixed-size cache (StaticCache) is kept for its length.
+        # Positions we made up ourselves cannot be packed, so they are not passed: that skips the packing check (a
+        # device sync, and .item(), which the meta device cannot do).
+        empty_dynamic = isinstance(past_key_values, DynamicCache) and past_len == 0
+        attn_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=None if empty_dynamic else past_key_values,
+            position_ids=given_position_ids,
+        )
 
         hidden_states = self.dropout(inputs_embeds)  # (B, T, dim)
         rotary = self.rotary_emb(hidden_states, position_ids)
@@ -363,7 +426,7 @@ class TinyLlama2Model(TinyLlama2PreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary, attn_mask, is_causal, past_key_values)
+            hidden_states = layer(hidden_states, rotary, attn_mask, past_key_values)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -379,42 +442,62 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The plain path materialises the (tokens, vocab) logits, their log-softmax and that log-softmax's gradient: three
     tensors of tokens x vocab floats (4 GB for a 64,798-token vocabulary at 16 x 1024 tokens), and on a CPU a
-    quarter of the step time. Here each chunk's logits become their own gradient in place
+    quarter of the step time. Here each chunk's log-probabilities become their own gradient in place
     (softmax - one_hot) and are discarded, so gradients for `hidden` and `weight` are computed during the forward
     pass and only they are kept. The idea is Liger-Kernel's fused linear cross entropy (Hsu et al. 2024); Liger
     ships it as Triton kernels for GPUs only, so this is the same algorithm in plain PyTorch, for every device.
     Rows labelled -100 are ignored; autocast (bf16/fp16) applies to the matmuls, the softmax runs in float32.
+
+    Per chunk the (n, V) tensors are touched as few times as eager PyTorch allows: the logits matmul writes into a
+    reused buffer, one log_softmax kernel writes a second reused buffer, exp_ turns it into probabilities, and the
+    per-row factor valid/normalizer is applied to the small (n, d) operands of the two gradient matmuls instead of
+    to the (n, V) probabilities. Reusing the buffers matters on a CPU: a fresh tensor of hundreds of MB is a fresh
+    mmap whose pages fault in again on every chunk. In float32 the weight gradient accumulates inside the matmul
+    (addmm_), without a (V, d) temporary per chunk.
+
+    `compute_grad` must be False under torch.no_grad()/inference_mode() (evaluation): `ctx.needs_input_grad`
+    follows requires_grad, not grad mode, and inside `forward` grad mode is always off, so only the caller can
+    tell; without it evaluation would build the (V, d) float32 weight gradient for nothing.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, normalizer, chunk_rows: int):
+    def forward(ctx, hidden, weight, labels, normalizer, chunk_rows: int, compute_grad: bool = True):
         # hidden: (N, d), weight: (V, d), labels: (N,), normalizer: scalar tensor
         device_type = hidden.device.type
         compute_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         )
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        needs_grad = compute_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        buffer_rows = min(chunk_rows, n_rows)
         with torch.autocast(device_type, enabled=False):
             weight_c = weight.to(compute_dtype)
             grad_hidden = torch.empty_like(hidden) if needs_grad else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk_rows):
+            logits_buffer = hidden.new_empty((buffer_rows, vocab_size), dtype=compute_dtype)
+            log_probs_buffer = hidden.new_empty((buffer_rows, vocab_size), dtype=torch.float32)
+            for start in range(0, n_rows, chunk_rows):
                 rows = hidden[start : start + chunk_rows].to(compute_dtype)  # (n, d)
+                n = rows.shape[0]
                 targets = labels[start : start + chunk_rows]  # (n,)
                 valid = targets != -100
                 safe_targets = targets.clamp(min=0)[:, None]  # (n, 1)
-                logits = (rows @ weight_c.T).float()  # (n, V)
-                log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
-                target_logits = logits.gather(1, safe_targets).squeeze(1)
-                total += ((log_normalizer - target_logits) * valid).sum()
+                logits = torch.mm(rows, weight_c.T, out=logits_buffer[:n])  # (n, V)
+                log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[:n])
+                total -= (log_probs.gather(1, safe_targets).squeeze(1) * valid).sum()
                 if needs_grad:
-                    logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in place
-                    logits.scatter_add_(1, safe_targets, -valid[:, None].float())  # - one_hot(target)
-                    logits.mul_(valid[:, None] / normalizer)  # d(loss)/d(logits)
-                    grad_logits = logits.to(compute_dtype)
-                    grad_hidden[start : start + chunk_rows] = grad_logits @ weight_c
-                    grad_weight += grad_logits.T @ rows
+                    # d(loss)/d(logits) = (softmax - one_hot(target)) * row_scale, row_scale = valid / normalizer
+                    probs = log_probs.exp_()
+                    probs.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=probs.dtype))
+                    grad_logits = probs.to(compute_dtype)  # (n, V) unscaled; a no-op in float32
+                    row_scale = (valid / normalizer)[:, None]  # (n, 1)
+                    grad_hidden[start : start + n] = (grad_logits @ weight_c) * row_scale
+                    scaled_rows = (rows * row_scale).to(compute_dtype)  # (n, d)
+                    if grad_logits.dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.T, scaled_rows)
+                    else:  # addmm_ cannot mix a float32 accumulator with bf16/fp16 operands
+                        grad_weight += (grad_logits.T @ scaled_rows).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / normalizer
@@ -422,15 +505,17 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None
 
 
 class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
     """Backbone + language-model head (tied to the input embedding by default).
 
-    Set `fused_loss_chunk_rows` (e.g. 1024) to compute the training loss with `LinearCrossEntropy`: the same
+    Set `fused_loss_chunk_rows` (e.g. 256) to compute the training loss with `LinearCrossEntropy`: the same
     loss without the full logits tensor. Forward then returns `logits=None` whenever labels are given, so leave it
-    unset for trainers that read logits alongside the loss (TRL's SFT token accuracy does).
+    unset for trainers that read logits alongside the loss (TRL's SFT token accuracy does). On a 2-core CPU at
+    the 24m shape (vocab 64,798), chunks of 128 to 512 rows measured alike and 5-9% faster per training step than
+    1024. `compile_layers()` adds torch.compile to training.
     """
 
     fused_loss_chunk_rows: int | None = None
@@ -509,7 +594,11 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
             normalizer = (targets != -100).sum().clamp(min=1).float()
         else:
             normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
-        return LinearCrossEntropy.apply(hidden, self.lm_head.weight, targets, normalizer, self.fused_loss_chunk_rows)
+        # Grad mode is read here, not in LinearCrossEntropy.forward, where autograd has always switched it off.
+        compute_grad = torch.is_grad_enabled()
+        return LinearCrossEntropy.apply(
+            hidden, self.lm_head.weight, targets, normalizer, self.fused_loss_chunk_rows, compute_grad
+        )
 
 
 class TinyLlama2ForSequenceClassification(TinyLlama2PreTrainedModel):
