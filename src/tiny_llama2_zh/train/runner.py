@@ -57,7 +57,8 @@ def project_defaults() -> dict[str, Any]:
         "adam_beta1": 0.9,
         "adam_beta2": 0.95,
         "max_grad_norm": 1.0,
-        # fused AdamW is one kernel for all parameters on a GPU; on a CPU torch's default AdamW path measured faster
+        # fused AdamW is one kernel for all parameters on a GPU; on a CPU torch's default AdamW (its per-tensor loop:
+        # foreach is a CUDA default) measured faster than the fused one for the demo model (150 steps: 34.8 s vs 39.8 s)
         "optim": "adamw_torch_fused" if gpu else "adamw_torch",
         "logging_steps": 10,
         "logging_first_step": True,

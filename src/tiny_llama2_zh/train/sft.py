@@ -41,8 +41,8 @@ class SFTDataOptions:
     train: str | list[str]  # JSONL files of {"messages": [...]}, globs allowed
     validation: str | list[str] | None = None
     too_long: TooLong = "skip"  # or truncate_left: drop whole turns from the start until it fits
-    max_train_examples: int | None = None
-    max_validation_examples: int = 500
+    max_train_examples: int | None = None  # per file: the first N usable conversations of each
+    max_validation_examples: int = 500  # per file
 
 
 @dataclass
