@@ -4,7 +4,7 @@
     python benchmarks/tokenize_throughput.py --size-mb 100 300 --only seed ours   # memory growth
 
 Methods, each in a fresh child process (the parent only coordinates). Peak RSS is the whole pipeline's: the sum over
-the child and all its worker processes, sampled every 20 ms (psutil), at its highest.
+the child and all its worker processes, sampled every 200 ms (psutil), at its highest.
   seed       the seed project's loop: per-document `tokenizer.encode`, `all_tokens += tokens`, one `np.array`
              at the end, written as one .bin
   ours       `tinyllm data prepare`'s tokenization stage: batches to worker processes, streamed to shards;
@@ -130,7 +130,7 @@ def child(method: str, path: str, tokenizer_dir: str, output: str, queue) -> Non
 class TreeRSS(threading.Thread):
     """The largest sum of resident memory over a process and all its descendants, sampled while it runs."""
 
-    def __init__(self, pid: int, interval: float = 0.02):
+    def __init__(self, pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.interval, self.peak, self.done = psutil.Process(pid), interval, 0, threading.Event()
 

@@ -118,19 +118,24 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(small_tokenizer, tmp_path_factory) -> Path:
-    """A random tiny model saved with the small tokenizer: a stand-in for a pretrained `final/` folder."""
+def save_tiny_model(tokenizer_dir: Path, folder: Path, **config_overrides) -> Path:
+    """A random tiny model with the tokenizer's vocabulary and special ids, saved with it as a model folder."""
     from tiny_llama2_zh.loading import save_model_folder
     from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 
-    tokenizer = load_tokenizer(small_tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir)
     config = tiny_config(
         vocab_size=len(tokenizer),
-        max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **config_overrides,
     )
     torch.manual_seed(0)
-    return save_model_folder(TinyLlama2ForCausalLM(config), tokenizer, tmp_path_factory.mktemp("tiny_model"))
+    return save_model_folder(TinyLlama2ForCausalLM(config), tokenizer, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_tokenizer, tmp_path_factory) -> Path:
+    """A stand-in for a pretrained `final/` folder."""
+    return save_tiny_model(small_tokenizer, tmp_path_factory.mktemp("tiny_model"), max_position_embeddings=128)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import save_tiny_model
 from tiny_llama2_zh.data.tasks import PINYIN_PROMPT, SEGMENTATION_PROMPT, SENTIMENT_PROMPT
 from tiny_llama2_zh.eval import tasks as eval_tasks
 from tiny_llama2_zh.eval.tasks import (
@@ -220,19 +220,7 @@ def test_limit_is_deterministic_nested_and_spread_over_the_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ command
 @pytest.fixture(scope="module")
 def model_dir(small_tokenizer, tmp_path_factory) -> Path:
-    from tiny_llama2_zh.loading import save_model_folder
-    from tiny_llama2_zh.model import TinyLlama2ForCausalLM
-    from tiny_llama2_zh.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(small_tokenizer)
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return save_model_folder(TinyLlama2ForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("model"))
+    return save_tiny_model(small_tokenizer, tmp_path_factory.mktemp("model"), max_position_embeddings=256)
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -71,7 +71,8 @@ class DemoReport:
             "",
         ]
         for turn in self.dialogue:
-            lines += [f"> **user:** {turn['user']}", ">", f"> **assistant:** {turn['assistant']}", ""]
+            quoted = {role: text.replace("\n", "  \n> ") for role, text in turn.items()}  # keep lines in the quote
+            lines += [f"> **user:** {quoted['user']}", ">", f"> **assistant:** {quoted['assistant']}", ""]
         lines += ["## Pretrained model: sampled continuations (temperature 0.8, top-p 0.9)", ""]
         for prompt, continuation in self.samples.items():
             lines += [f"- **{prompt}**{continuation}", ""]

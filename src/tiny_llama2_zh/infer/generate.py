@@ -32,24 +32,31 @@ def generate_text(
     state: sampling in the middle of a training run (the samples at every evaluation) leaves the run's random
     sequence (dropout, data order) exactly as it would be without it."""
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    output = _generate(model, inputs["input_ids"], options, tokenizer.eos_token_id, tokenizer, streamer, synced_gpus)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _generate(model, input_ids, options: SamplingOptions, eos_token_id, tokenizer, streamer=None, synced_gpus=False):
+    """`model.generate` for one unpadded prompt, sampled with `options`, in a forked RNG state."""
     sampling = options.temperature > 0
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(options.seed)
-        output = model.generate(
-            **inputs,
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
             max_new_tokens=options.max_new_tokens,
             do_sample=sampling,
             temperature=options.temperature if sampling else None,
             top_p=options.top_p if sampling else None,
             top_k=options.top_k if sampling else None,
             repetition_penalty=options.repetition_penalty,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+            streamer=streamer,
             synced_gpus=synced_gpus,  # DeepSpeed ZeRO-3: every process steps until all have finished
         )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # ------------------------------------------------------------------------------------------------- chat
@@ -101,23 +108,7 @@ def generate_reply(
     context = model.config.max_position_embeddings
     ids, dropped = chat_prompt_ids(tokenizer, messages, context - options.max_new_tokens)
     input_ids = torch.tensor([ids], device=model.device)
-    sampling = options.temperature > 0
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(options.seed)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=options.max_new_tokens,
-            do_sample=sampling,
-            temperature=options.temperature if sampling else None,
-            top_p=options.top_p if sampling else None,
-            top_k=options.top_k if sampling else None,
-            repetition_penalty=options.repetition_penalty,
-            eos_token_id=turn_end_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-        )
+    output = _generate(model, input_ids, options, turn_end_ids(tokenizer), tokenizer, streamer)
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip(), dropped
 
 
