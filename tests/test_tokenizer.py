@@ -99,12 +99,19 @@ def test_chatglm3_ids_equal_sentencepiece_on_the_corpus(chatglm3, demo_corpus):
     assert tokenizer.batch_decode(ours[:500]) == processor.decode(reference[:500])
 
 
-def test_one_bos_convention_for_prompts_chat_and_both_tokenizers(small_tokenizer, chatglm3):
+def check_bos_convention(tokenizer) -> None:
     """llama2.c's convention: every text starts with <s>, once (shards frame documents the same way: test_data)."""
-    for tokenizer in (load_tokenizer(small_tokenizer), chatglm3[0]):
-        bos = tokenizer.bos_token_id
-        plain = tokenizer("床前明月光")["input_ids"]
-        assert plain[0] == bos and plain[1:] == tokenizer("床前明月光", add_special_tokens=False)["input_ids"]
-        messages = [{"role": "user", "content": "你好"}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        assert ids[0] == bos and ids.count(bos) == 1
+    bos = tokenizer.bos_token_id
+    plain = tokenizer("床前明月光")["input_ids"]
+    assert plain[0] == bos and plain[1:] == tokenizer("床前明月光", add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "你好"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_one_bos_convention_for_prompts_and_chat(small_tokenizer):
+    check_bos_convention(load_tokenizer(small_tokenizer))
+
+
+def test_one_bos_convention_for_chatglm3(chatglm3):
+    check_bos_convention(chatglm3[0])
