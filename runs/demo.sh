@@ -26,7 +26,7 @@ tinyllm generate --model "$out/pretrain/final" --prompt "中国经济" --tempera
 tinyllm data tasks --output "$out/tasks"
 
 # 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
-tasks="[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/pinyin/sft-train.jsonl]"
+tasks="[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/pinyin/sft-train.jsonl]"
 held_out="[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl,$out/tasks/pinyin/sft-test.jsonl]"
 tinyllm sft --config configs/sft/demo.yaml model.init_from="$out/pretrain/final" \
   data.train="$tasks" data.validation="$held_out" train.output_dir="$out/sft"

@@ -163,6 +163,14 @@ def test_sft_recipe_trains_saves_and_chats(tiny_model_dir, tmp_path):
     )
 
 
+def test_periodic_evaluation_without_validation_data_is_refused(tiny_model_dir, tmp_path):
+    from tiny_llama2_zh.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.validation"):
+        sft(recipe(tiny_model_dir, tmp_path, "data.validation=null", "train.eval_steps=2"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_a_folder_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("完全不同的分词器训练文本。\n" * 50, encoding="utf-8")
