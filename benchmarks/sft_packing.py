@@ -25,9 +25,8 @@ from tiny_llama2_zh.data.tasks import TASKS, build_tasks
 from tiny_llama2_zh.demo import DEMO_CONFIGS, DEMO_VOCAB_SIZE
 from tiny_llama2_zh.loading import save_model_folder
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
-from tiny_llama2_zh.presets import preset_config
 from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
-from tiny_llama2_zh.train.pretrain import PretrainConfig
+from tiny_llama2_zh.train.pretrain import PretrainConfig, build_model_config
 from tiny_llama2_zh.train.sft import SFTRecipeConfig, sft
 
 
@@ -59,18 +58,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     build_tasks(work / "tasks")
     shape = load_config(PretrainConfig, DEMO_CONFIGS["pretrain"]).model  # the demo model's shape
-    config = preset_config(
-        shape.size,
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = build_model_config(shape, tokenizer)
     torch.manual_seed(0)
     save_model_folder(TinyLlama2ForCausalLM(config), tokenizer, work / "model")
 

@@ -19,7 +19,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from tiny_llama2_zh.data.pretokenized import MixedPretrainDataset, PretrainDataset, expand_token_files
 from tiny_llama2_zh.eval.perplexity import evaluate_loss
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_text
-from tiny_llama2_zh.model import TinyLlama2ForCausalLM
+from tiny_llama2_zh.model import TinyLlama2Config, TinyLlama2ForCausalLM
 from tiny_llama2_zh.presets import count_parameters, flops_per_token, preset_config
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tiny_llama2_zh.train.callbacks import SamplesCallback
@@ -71,6 +71,24 @@ class PretrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in train.output_dir
 
 
+def build_model_config(options: ModelOptions, tokenizer) -> TinyLlama2Config:
+    """The model's config: the size preset, the `model:` overrides, and the tokenizer's vocabulary and special ids."""
+    return preset_config(
+        options.size,
+        vocab_size=len(tokenizer),
+        hidden_size=options.hidden_size,
+        num_hidden_layers=options.num_hidden_layers,
+        num_attention_heads=options.num_attention_heads,
+        num_key_value_heads=options.num_key_value_heads,
+        max_position_embeddings=options.max_position_embeddings,
+        multiple_of=options.multiple_of,
+        dropout=options.dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def pretrain_arguments(config: PretrainConfig) -> TrainingArguments:
     # evaluation keeps losses only, never (tokens x vocab) logits in memory
     return training_arguments(TrainingArguments, config.train, "train", prediction_loss_only=True)
@@ -82,20 +100,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     args = pretrain_arguments(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    model_config = preset_config(
-        config.model.size,
-        vocab_size=len(tokenizer),
-        hidden_size=config.model.hidden_size,
-        num_hidden_layers=config.model.num_hidden_layers,
-        num_attention_heads=config.model.num_attention_heads,
-        num_key_value_heads=config.model.num_key_value_heads,
-        max_position_embeddings=config.model.max_position_embeddings,
-        multiple_of=config.model.multiple_of,
-        dropout=config.model.dropout,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model_config = build_model_config(config.model, tokenizer)
     if config.data.seq_len > model_config.max_position_embeddings:
         raise ValueError(
             f"data.seq_len {config.data.seq_len} exceeds the model context {model_config.max_position_embeddings}"
