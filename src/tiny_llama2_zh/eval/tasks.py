@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 TASK_NAMES = ("sentiment", "segmentation", "pinyin")
 SENTIMENT_LABELS = ("正面", "负面")  # as written by tiny_llama2_zh.data.tasks
-CHAT_ROLES = ("system", "user", "assistant", "observation")  # the chat template's roles (tokenizer.CHAT_ROLES)
 TEST_FILE, TRAIN_FILE = "sft-test.jsonl", "sft-train.jsonl"
 EXAMPLES_PER_TASK = 3
 PROBLEMS_KEPT = 5
@@ -240,14 +239,15 @@ class TaskFile:
 
 def _row_problem(record: object, task: str) -> str | None:
     """Why a decoded line cannot be a row, or None."""
+    # the checks every conversation gets (SFT's too); imported here: this module loads without transformers
+    from tiny_llama2_zh.data.conversations import problem
+
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         return "expected an object with a 'messages' list"
     messages = record["messages"]
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return "every message needs a string 'content'"
-        if message.get("role") not in CHAT_ROLES:
-            return f"unknown role {message.get('role')!r} (expected one of {', '.join(CHAT_ROLES)})"
+    shared = problem(messages)
+    if shared is not None:
+        return shared
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's reference answer"
     if not any(m["role"] == "user" for m in messages[:-1]):
