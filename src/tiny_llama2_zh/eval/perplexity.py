@@ -2,6 +2,7 @@
 stage's evaluation before and after)."""
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,24 +25,33 @@ class PerplexityResult:
 
 
 @torch.inference_mode()
+def mean_token_loss(model: PreTrainedModel, batches: Iterable[dict], show_progress: bool = False) -> tuple[float, int]:
+    """(mean loss per predicted token, number of predicted tokens) over labelled batches, weighting each batch by
+    the tokens it predicts (labels other than -100 after the shift); the model is evaluated in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for batch in tqdm(batches, desc="evaluate", disable=not show_progress):
+        batch = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in batch.items()}
+        predicted = int((batch["labels"][:, 1:] != -100).sum())
+        if predicted:
+            total_loss += float(model(**batch).loss) * predicted
+            total_tokens += predicted
+    model.train(was_training)
+    if not total_tokens:
+        raise ValueError("nothing to evaluate: the data holds no tokens to predict")
+    return total_loss / total_tokens, total_tokens
+
+
 def evaluate_loss(
     model: PreTrainedModel, dataset: Dataset, batch_size: int = 8, show_progress: bool = False
 ) -> PerplexityResult:
     """Token-weighted mean loss over every block of `dataset` (each block predicts seq_len - 1 tokens)."""
     if len(dataset) == 0:
         raise ValueError("nothing to evaluate: the dataset holds no blocks")
-    was_training = model.training
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
-    for batch in tqdm(loader, desc="evaluate", disable=not show_progress):
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        predicted = int((batch["labels"][:, 1:] != -100).sum())
-        total_loss += model(**batch).loss.item() * predicted
-        total_tokens += predicted
-    model.train(was_training)
-    loss = total_loss / total_tokens
-    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=total_tokens, blocks=len(dataset))
+    loss, tokens = mean_token_loss(model, loader, show_progress)
+    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=tokens, blocks=len(dataset))
 
 
 def evaluate_perplexity(

@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from tiny_llama2_zh.config import ConfigError, check_library_options, save_config
+from tiny_llama2_zh.eval.perplexity import mean_token_loss
 from tiny_llama2_zh.runfiles import METRICS_FILE, plot_curves, read_metrics
 from tiny_llama2_zh.train.callbacks import (
     CopyConfigToCheckpoints,
@@ -236,23 +237,9 @@ class StageRun:
         return summary
 
 
-@torch.no_grad()
 def trainer_eval_loss(trainer: Trainer) -> dict[str, float]:
     """The eval loss on the trainer's own eval dataloader (its collator, packing and label masking), token-
     weighted, computed without `trainer.evaluate()`: evaluating through the Trainer before `train()` marks the
     model as prepared by accelerate, which then skips wrapping it in DistributedDataParallel (transformers 5.23 /
     accelerate 1.15: ranks trained apart under torchrun)."""
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in trainer.get_eval_dataloader():
-        batch = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in batch.items()}
-        predicted = int((batch["labels"][:, 1:] != -100).sum())
-        if predicted:
-            total += float(model(**batch).loss) * predicted
-            tokens += predicted
-    model.train(was_training)
-    if not tokens:
-        raise ValueError("the evaluation data holds no tokens to predict")
-    return {"eval_loss": total / tokens}
+    return {"eval_loss": mean_token_loss(trainer.model, trainer.get_eval_dataloader())[0]}
