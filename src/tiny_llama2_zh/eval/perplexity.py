@@ -24,6 +24,11 @@ class PerplexityResult:
     blocks: int
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so that a diverged run's record stays a finite JSON number."""
+    return math.exp(min(loss, 50.0))
+
+
 @torch.inference_mode()
 def mean_token_loss(model: PreTrainedModel, batches: Iterable[dict], show_progress: bool = False) -> tuple[float, int]:
     """(mean loss per predicted token, number of predicted tokens) over labelled batches, weighting each batch by
@@ -51,7 +56,7 @@ def evaluate_loss(
         raise ValueError("nothing to evaluate: the dataset holds no blocks")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
     loss, tokens = mean_token_loss(model, loader, show_progress)
-    return PerplexityResult(loss=loss, perplexity=math.exp(loss), tokens=tokens, blocks=len(dataset))
+    return PerplexityResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, blocks=len(dataset))
 
 
 def evaluate_perplexity(

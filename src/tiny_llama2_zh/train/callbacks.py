@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from tiny_llama2_zh.eval.perplexity import perplexity
 from tiny_llama2_zh.runfiles import append_metrics, truncate_metrics
 from tiny_llama2_zh.train.checkpoints import latest_complete_checkpoint
 
@@ -81,7 +82,7 @@ class ThroughputCallback(TrainerCallback):
                     logs["mfu"] = rate * self.flops_per_token / (self.peak_flops * args.world_size)
             self._mark = (now, tokens)
         if isinstance(logs.get("eval_loss"), float):
-            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
 
 
 class MetricsFileCallback(TrainerCallback):

@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from tiny_llama2_zh.config import ConfigError, check_library_options, save_config
-from tiny_llama2_zh.eval.perplexity import mean_token_loss
+from tiny_llama2_zh.eval.perplexity import mean_token_loss, perplexity
 from tiny_llama2_zh.runfiles import METRICS_FILE, plot_curves, read_metrics
 from tiny_llama2_zh.train.callbacks import (
     CopyConfigToCheckpoints,
@@ -190,7 +190,7 @@ class StageRun:
             return None
         metrics = evaluate()
         if "eval_loss" in metrics and "eval_perplexity" not in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+            metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
         if self.main_process:
             self.metrics.write({"step": 0, **metrics})
         return metrics
