@@ -19,7 +19,7 @@ def command_paths(commands=COMMANDS, prefix=()):
 @pytest.mark.parametrize("path", list(command_paths()), ids=" ".join)
 def test_every_command_explains_its_options(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([*path, "--help"])
+        main([*path, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith("usage: tinyllm " + " ".join(path))

@@ -211,6 +211,8 @@ def _data_tasks(args: argparse.Namespace) -> None:
 RECIPES = {
     "pretrain": ("tiny_llama2_zh.train.pretrain", "PretrainConfig", "pretrain", "configs/pretrain/demo.yaml"),
     "sft": ("tiny_llama2_zh.train.sft", "SFTRecipeConfig", "sft", "configs/sft/demo.yaml"),
+    "reward": ("tiny_llama2_zh.train.reward", "RewardRecipeConfig", "reward", "configs/reward/demo.yaml"),
+    "ppo": ("tiny_llama2_zh.train.ppo", "PPORecipeConfig", "ppo", "configs/ppo/demo.yaml"),
 }
 
 
@@ -250,6 +252,21 @@ def _run_recipe(stage: str) -> Callable[[argparse.Namespace], None]:
             )
 
     return run
+
+
+def _reward_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a reward model folder (a reward run's final/)")
+    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument(
+        "--response", required=True, nargs="+", help="one or more replies to score (each gets its own line)"
+    )
+
+
+def _reward_score(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.eval.preferences import score_replies
+
+    for response, score in zip(args.response, score_replies(args.model, args.prompt, args.response)):
+        print(f"{score:+.4f}\t{response}")
 
 
 # ------------------------------------------------------------------------------------------------ lora
@@ -496,6 +513,21 @@ COMMANDS = [
         _run_recipe("sft"),
     ),
     Command(
+        "reward",
+        "train a reward model on preference pairs (TRL RewardTrainer); `reward score` scores a reply",
+        _recipe_arguments("reward"),
+        _run_recipe("reward"),
+        subcommands=[
+            Command("score", "print a reward model's score of a reply", _reward_score_arguments, _reward_score)
+        ],
+    ),
+    Command(
+        "ppo",
+        "RLHF with PPO (written here): policy from SFT, reward from a reward model, KL to the SFT model",
+        _recipe_arguments("ppo"),
+        _run_recipe("ppo"),
+    ),
+    Command(
         "lora",
         "LoRA adapters",
         subcommands=[
@@ -529,13 +561,15 @@ COMMANDS = [
 def _add_commands(subparsers, commands: list[Command]) -> None:
     for command in commands:
         parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        if command.subcommands:
+        if command.run is not None:
+            command.add_arguments(parser)
+            parser.set_defaults(run=command.run)
+            for sub in command.subcommands:  # a recipe's own subcommands: see `_subcommand_parser`
+                parser.epilog = f"{parser.epilog or ''}also: tinyllm {command.name} {sub.name} ({sub.help}); "
+        else:
             _add_commands(
                 parser.add_subparsers(title="commands", required=True, metavar="COMMAND"), command.subcommands
             )
-        else:
-            command.add_arguments(parser)
-            parser.set_defaults(run=command.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,8 +581,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(argv: list[str]) -> argparse.ArgumentParser | None:
+    """The parser of a subcommand of a command that also runs on its own (`tinyllm reward --config ...` trains,
+    `tinyllm reward score ...` scores): argparse cannot hold both under one name, because the recipe's free
+    `section.key=value` overrides would be taken for a subcommand."""
+    for command in COMMANDS:
+        if command.run is not None and argv[:1] == [command.name] and len(argv) > 1:
+            for sub in command.subcommands:
+                if argv[1] == sub.name:
+                    parser = argparse.ArgumentParser(prog=f"tinyllm {command.name} {sub.name}", description=sub.help)
+                    sub.add_arguments(parser)
+                    parser.set_defaults(run=sub.run)
+                    return parser
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # --help answers here, before the heavy imports below
+    argv = sys.argv[1:] if argv is None else list(argv)
+    subcommand = _subcommand_parser(argv)
+    # --help answers here, before the heavy imports below
+    args = subcommand.parse_args(argv[2:]) if subcommand else build_parser().parse_args(argv)
     from tiny_llama2_zh.train.callbacks import TrainingDivergedError
 
     try:

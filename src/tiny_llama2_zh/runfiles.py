@@ -13,6 +13,16 @@ PANELS: list[tuple[str, list[tuple[str, str, str]]]] = [
     ("learning rate", [("learning_rate", "learning rate", "-")]),
     ("gradient norm", [("grad_norm", "gradient norm", "-")]),
     ("tokens / s", [("tokens_per_second", "tokens/s", "-")]),
+    # reward model
+    ("pair accuracy", [("accuracy", "train batches", "-"), ("eval_accuracy", "held out", "o-")]),
+    ("reward margin (chosen - rejected)", [("margin", "train batches", "-"), ("eval_margin", "held out", "o-")]),
+    # PPO / RLOO
+    ("reward-model score", [("score", "rollouts", "-"), ("eval_score", "held-out prompts", "o-")]),
+    ("KL to the reference (nats / reply)", [("kl", "rollouts", "-"), ("eval_kl", "held-out prompts", "o-")]),
+    ("policy and value loss", [("policy_loss", "policy", "-"), ("value_loss", "value", "-")]),
+    ("clip fraction / approx. KL", [("clip_fraction", "clip fraction", "-"), ("approx_kl", "approx. KL", "-")]),
+    ("entropy (nats / token)", [("entropy", "entropy", "-")]),
+    ("reply length (tokens)", [("response_length", "rollouts", "-"), ("eval_response_length", "held out", "o-")]),
 ]
 
 
@@ -74,8 +84,12 @@ def plot_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
             panels.append((title, series))
     if not panels or panels[0][0] != PANELS[0][0]:
         raise ValueError(f"{run_dir / METRICS_FILE} holds no loss values to plot")
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100, squeeze=False)
-    for axis, (title, series) in zip(axes[0], panels):
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), dpi=100, squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (title, series) in zip(axes.flat, panels):
         for points, label, style in series:
             axis.plot(*zip(*points), style, label=label, linewidth=1.2, markersize=3)
         axis.set_xlabel("optimizer step")

@@ -28,6 +28,7 @@ class ConversationReport:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # the first few skipped, with file and line
+    unit: str = "conversations"
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped[reason] += 1
@@ -36,19 +37,25 @@ class ConversationReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in self.skipped.most_common()) or "none"
-        kept = f"{self.kept:,} of {self.read:,} conversations kept ({self.truncated:,} cut from the left)"
+        kept = f"{self.kept:,} of {self.read:,} {self.unit} kept"
+        if self.unit == "conversations":
+            kept += f" ({self.truncated:,} cut from the left)"
         return f"{kept}; skipped: {skipped}"
 
 
-def expand_paths(patterns: str | list[str]) -> list[Path]:
+def expand_paths(patterns: str | list[str], kind: str = "chat") -> list[Path]:
     """Files named directly or by glob (`data/sft/*/sft-train.jsonl`); a pattern that matches nothing is an error."""
     paths: list[Path] = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
         matched = sorted(glob.glob(pattern)) if any(char in pattern for char in "*?[") else [pattern]
         if not matched or not all(Path(p).is_file() for p in matched):
             raise FileNotFoundError(
-                f"{pattern} does not exist; make chat data with `tinyllm data tasks` or "
-                "`tinyllm data prepare --source belle|firefly|tigerbot_sft`"
+                f"{pattern} does not exist; make {kind} data with `tinyllm data tasks` or `tinyllm data prepare "
+                + (
+                    "--source belle|firefly|tigerbot_sft`"
+                    if kind == "chat"
+                    else "--source rlhf_reward_zh|zhihu_rlhf_3k|cvalues`"
+                )
             )
         paths += map(Path, matched)
     return paths
@@ -138,3 +145,60 @@ def load_conversations(
                 report.kept += 1
                 from_this_file += 1
     return kept, report
+
+
+def load_prompts(
+    patterns: str | list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int,
+    limit: int | None = None,
+) -> tuple[list[dict], ConversationReport]:
+    """Prompts for reinforcement learning (PPO, RLOO, GRPO): from chat files (`{"messages"}`: everything before
+    the last assistant reply) or from preference files (`{"prompt"}`). Rows are `{"prompt": [messages], "source":
+    folder name, "reference": the reply the file holds (the chosen one), or None}`; `limit` caps each file.
+    A prompt longer than `max_prompt_length` tokens with the template is skipped and counted."""
+    report = ConversationReport(unit="prompts")
+    rows: list[dict] = []
+    for path in expand_paths(patterns):
+        from_this_file = 0
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                if limit is not None and from_this_file >= limit:
+                    break
+                if not raw.strip():
+                    continue
+                report.read += 1
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    report.skip(where, f"malformed line ({type(error).__name__})")
+                    continue
+                if isinstance(record, dict) and "messages" in record:
+                    reason = problem(record["messages"])
+                    if reason is not None:
+                        report.skip(where, reason)
+                        continue
+                    messages = record["messages"]
+                    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+                    reference = messages[last]["content"]
+                elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
+                    prompt = [{"role": "user", "content": record["prompt"]}]
+                    reference = record.get("chosen") if isinstance(record.get("chosen"), str) else None
+                else:
+                    report.skip(where, "neither {messages} nor a {prompt} string")
+                    continue
+                if not prompt or prompt[-1]["role"] != "user":
+                    report.skip(where, "no user turn before the reply")
+                    continue
+                length = len(
+                    tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+                )
+                if length > max_prompt_length:
+                    report.skip(where, f"prompt longer than {max_prompt_length} tokens")
+                    continue
+                rows.append({"prompt": prompt, "source": path.parent.name, "reference": reference})
+                report.kept += 1
+                from_this_file += 1
+    return rows, report

@@ -62,9 +62,10 @@ class ThroughputCallback(TrainerCallback):
     them with `include_num_input_tokens_seen="non_padding"`), `mfu` when a peak is known, and `eval_perplexity`
     to the log records. It must run before the loggers: `StageRun` puts it first."""
 
-    def __init__(self, flops_per_token: float = 0.0, peak_flops: float | None = None):
+    def __init__(self, flops_per_token: float = 0.0, peak_flops: float | None = None, perplexity: bool = True):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.perplexity = perplexity
         self._mark: tuple[float, int] | None = None
 
     def on_train_begin(self, args, state: TrainerState, control, **kwargs):
@@ -81,7 +82,7 @@ class ThroughputCallback(TrainerCallback):
                 if self.peak_flops and self.flops_per_token:
                     logs["mfu"] = rate * self.flops_per_token / (self.peak_flops * args.world_size)
             self._mark = (now, tokens)
-        if isinstance(logs.get("eval_loss"), float):
+        if self.perplexity and isinstance(logs.get("eval_loss"), float):
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
 
 

@@ -76,6 +76,17 @@ def project_defaults() -> dict[str, Any]:
     }
 
 
+def trl_defaults() -> dict[str, Any]:
+    """Beneath every TRL stage: TRL's configs default to bf16 and activation checkpointing, which assume a GPU; on
+    a CPU bf16 is slow and checkpointing buys nothing. Datasets are prepared in this process."""
+    gpu = torch.cuda.is_available()
+    return {
+        "bf16": gpu and torch.cuda.is_bf16_supported(),
+        "activation_checkpointing": False,
+        "dataset_num_proc": None,
+    }
+
+
 def training_arguments(
     args_class: type[ArgsT], values: dict[str, Any], where: str = "train", **stage_defaults: Any
 ) -> ArgsT:
@@ -150,8 +161,11 @@ class StageRun:
         run.finish(trainer, tokenizer, summary={...})
     """
 
-    def __init__(self, stage: str, config: Any, args: TrainingArguments, resume: bool = False):
+    def __init__(
+        self, stage: str, config: Any, args: TrainingArguments, resume: bool = False, language_model: bool = True
+    ):
         self.stage = stage
+        self.language_model = language_model  # its eval_loss is nats per token, so perplexity means something
         self.args = args
         self.output_dir = Path(args.output_dir)
         self.main_process = args.process_index == 0
@@ -182,14 +196,15 @@ class StageRun:
 
     def attach(self, trainer: Trainer, flops_per_token: float = 0.0, peak_tflops: float | None = None) -> None:
         """Put the throughput callback first, so that the loggers (TensorBoard, metrics.jsonl) see its values."""
-        trainer.callback_handler.callbacks.insert(0, ThroughputCallback(flops_per_token, peak_flops(peak_tflops)))
+        throughput = ThroughputCallback(flops_per_token, peak_flops(peak_tflops), self.language_model)
+        trainer.callback_handler.callbacks.insert(0, throughput)
 
     def evaluate_before(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float] | None:
         """Evaluation at step 0 (skipped when resuming: the record is already in metrics.jsonl)."""
         if self.checkpoint is not None:
             return None
         metrics = evaluate()
-        if "eval_loss" in metrics and "eval_perplexity" not in metrics:
+        if self.language_model and "eval_loss" in metrics and "eval_perplexity" not in metrics:
             metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
         if self.main_process:
             self.metrics.write({"step": 0, **metrics})

@@ -12,7 +12,6 @@ adapter folder that `tinyllm lora merge` turns into one.
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -25,7 +24,7 @@ from tiny_llama2_zh.presets import flops_per_token
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
-from tiny_llama2_zh.train.runner import StageRun, trainer_eval_loss, training_arguments
+from tiny_llama2_zh.train.runner import StageRun, trainer_eval_loss, training_arguments, trl_defaults
 
 SAMPLE_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？"]
 
@@ -76,7 +75,6 @@ class SFTRecipeConfig:
 
 
 def sft_arguments(config: SFTRecipeConfig) -> SFTConfig:
-    gpu = torch.cuda.is_available()
     return training_arguments(
         SFTConfig,
         config.train,
@@ -85,10 +83,7 @@ def sft_arguments(config: SFTRecipeConfig) -> SFTConfig:
         max_length=512,
         learning_rate=1e-3 if config.model.lora else 3e-4,
         warmup_steps=20,
-        # SFTConfig's own defaults assume a GPU; on a CPU bf16 is slow and checkpointing buys nothing
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=False,
-        dataset_num_proc=None,
+        **trl_defaults(),
         # the model's own loss returns no logits: evaluation keeps the loss only
         prediction_loss_only=bool(config.model.fused_loss_chunk_rows),
     )

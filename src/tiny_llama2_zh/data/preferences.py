@@ -1,0 +1,106 @@
+"""Preference pairs for reward modelling and DPO: `{"prompt", "chosen", "rejected"}` JSON Lines (what
+`tinyllm data prepare --source rlhf_reward_zh|zhihu_rlhf_3k|cvalues` and `tinyllm data tasks` write), checked
+one by one and turned into TRL's conversational preference format.
+
+`prompt` is a user message (a string) or a list of chat messages ending with a user turn; `chosen` and `rejected`
+are the two replies. A pair that teaches nothing or cannot be rendered is skipped and counted, never trained on:
+a malformed line, a missing or non-string field, an empty reply, chosen equal to rejected, a side longer than
+`max_length` tokens with the chat template. Each pair carries its `source`: the name of the folder its file is in
+(`runs/demo/tasks/sentiment/preference-test.jsonl` -> `sentiment`), so that results are reported per source.
+"""
+
+import json
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from tiny_llama2_zh.data.conversations import ConversationReport, expand_paths, problem
+
+Message = dict[str, str]
+
+
+def source_name(path: Path) -> str:
+    return path.parent.name or path.stem
+
+
+def _prompt_messages(prompt: object) -> list[Message] | str:
+    """The prompt as chat messages, or why it cannot be one."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}] if prompt.strip() else "empty prompt"
+    if isinstance(prompt, list):
+        reason = problem([*prompt, {"role": "assistant", "content": "x"}])
+        if reason is not None:
+            return f"prompt: {reason}"
+        if prompt[-1]["role"] == "assistant":
+            return "prompt ends with an assistant turn"
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return "prompt is neither a string nor a list of messages"
+
+
+def _reply(value: object) -> str | None:
+    """A reply given as a string or as one assistant message (TRL's conversational format)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0].get("content") if value[0].get("role") == "assistant" else None
+    return value if isinstance(value, str) else None
+
+
+def load_preferences(
+    patterns: str | list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    limit: int | None = None,
+) -> tuple[list[dict], ConversationReport]:
+    """The usable pairs of the files as `{"prompt": [messages], "chosen": [assistant message], "rejected": [...],
+    "source": str}` rows, and the report. `limit` caps each file (its first `limit` usable pairs)."""
+    report = ConversationReport(unit="pairs")
+    rows: list[dict] = []
+    for path in expand_paths(patterns, kind="preference"):
+        from_this_file = 0
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                if limit is not None and from_this_file >= limit:
+                    break
+                if not raw.strip():
+                    continue
+                report.read += 1
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    report.skip(where, f"malformed line ({type(error).__name__})")
+                    continue
+                if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
+                    report.skip(where, "not a {prompt, chosen, rejected} record")
+                    continue
+                prompt = _prompt_messages(record["prompt"])
+                chosen, rejected = _reply(record["chosen"]), _reply(record["rejected"])
+                if isinstance(prompt, str):
+                    report.skip(where, prompt)
+                    continue
+                if chosen is None or rejected is None:
+                    report.skip(where, "chosen or rejected is not a string")
+                    continue
+                if not chosen.strip() or not rejected.strip():
+                    report.skip(where, "empty reply")
+                    continue
+                if chosen.strip() == rejected.strip():
+                    report.skip(where, "chosen equals rejected")
+                    continue
+                longest = max(
+                    len(tokenizer.apply_chat_template([*prompt, reply], return_dict=True)["input_ids"])
+                    for reply in ({"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected})
+                )
+                if longest > max_length:
+                    report.skip(where, f"longer than max_length {max_length}")
+                    continue
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                        "source": source_name(path),
+                    }
+                )
+                report.kept += 1
+                from_this_file += 1
+    return rows, report

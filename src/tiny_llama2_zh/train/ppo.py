@@ -1,0 +1,603 @@
+"""PPO for RLHF, written here: policy = an SFT model, reward = a trained reward model, KL-penalised to a frozen copy.
+
+    tinyllm ppo --config configs/ppo/demo.yaml \
+        model.policy=runs/demo/sft/final model.reward_model=runs/demo/reward/final
+
+Why by hand: no current TRL release ships PPO (its PPOTrainer was removed after trl 1.12, which cannot share an
+environment with trl 1.16), and the RLHF engines that keep it (OpenRLHF, verl) need GPUs and vLLM. This file
+follows InstructGPT (Ouyang et al. 2022), "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)
+and TRL 1.12's experimental PPOTrainer, in their choices:
+
+- value model: a separate copy of the reward model (backbone + score head read at every position), not a value
+  head on the policy: the value starts from a network that already scores replies (a good baseline from step one),
+  and the policy's language-modelling features are not pulled toward regression (InstructGPT, sec. 3.5; Huang et
+  al. detail 3). One optimizer trains both (TRL's PolicyAndValueWrapper).
+- rollouts: prompts left-padded, replies sampled with the KV cache (`generate`), everything after the first
+  end-of-turn token masked; a reply that never ends has `missing_eos_penalty` taken off its score (detail 23).
+- reward per token: -kl_coef * (log pi - log pi_ref) on every reply token (the k1 estimator), plus the reward
+  model's score at the end-of-turn token; the coefficient fixed or adaptive (Ziegler et al. 2019, sec. 2.2).
+- generalised advantage estimation (Schulman et al. 2016), advantages whitened over the batch's real tokens,
+  several PPO epochs over shuffled minibatches, clipped policy and clipped value losses (Schulman et al. 2017).
+- sampling temperature applied to the log-probabilities too, so that the ratio compares the same distribution.
+
+The loop is transformers' Trainer: each optimizer step is one minibatch of one PPO epoch (`compute_loss`), and a
+rollout is made when a step needs one, so gradient clipping, the learning-rate schedule, checkpoints (policy, value
+model, optimizer, scheduler, RNG), resume, TensorBoard and the project's callbacks are the same as every other
+stage's. Checkpoints fall on rollout boundaries, so a resumed run continues exactly.
+"""
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from tiny_llama2_zh.config import ConfigError
+from tiny_llama2_zh.data.conversations import load_prompts
+from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
+from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
+from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.train.callbacks import SamplesCallback, TrainingDivergedError
+from tiny_llama2_zh.train.runner import StageRun, training_arguments
+
+# (sequences (B, T), attention mask (B, T), position ids (B, T), prompt width P) -> one score per sequence (B,)
+RewardFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class PPOOptions:
+    rollout_batch_size: int = 32  # prompts per rollout
+    mini_batch_size: int = 16  # replies per optimizer step
+    ppo_epochs: int = 4  # passes over each rollout
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    kl_coef: float = 0.05  # beta of the per-token KL penalty (the initial one when adaptive)
+    target_kl: float | None = None  # nats per reply: adapt kl_coef toward it (Ziegler et al. 2019); None: fixed
+    kl_horizon: int = 10000  # the adaptive controller's horizon, in replies
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    missing_eos_penalty: float = 1.0  # taken off the score of a reply that does not end within max_new_tokens
+
+    def check(self) -> None:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(
+                f"ppo.rollout_batch_size {self.rollout_batch_size} must be a multiple of ppo.mini_batch_size "
+                f"{self.mini_batch_size}"
+            )
+        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"ppo.temperature must be positive (PPO samples), got {self.temperature}")
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.ppo_epochs * (self.rollout_batch_size // self.mini_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded prompt is computed as if unpadded."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def reply_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): (B, R, V), (B, R) -> (B, R)."""
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def token_values(value_model: PreTrainedModel, sequences, mask, positions) -> torch.Tensor:
+    """The value model's score head read at every position (its forward reads only the last): (B, T)."""
+    hidden = value_model.model(input_ids=sequences, attention_mask=mask, position_ids=positions).last_hidden_state
+    return value_model.score(hidden).squeeze(-1).float()
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates over the reply tokens (B, R); rewards and values are 0 after a reply's end."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled replies and everything PPO needs from them (replies are R tokens, prompts P wide)."""
+
+    sequences: torch.Tensor  # (B, P + R) prompt (left-padded) + reply (right-padded)
+    attention_mask: torch.Tensor  # (B, P + R)
+    reply_mask: torch.Tensor  # (B, R) 1 up to and including the end-of-turn token
+    prompt_width: int
+    log_probs: torch.Tensor  # (B, R) under the policy that sampled them
+    ref_log_probs: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R)
+    scores: torch.Tensor  # (B,) reward-model score, after the missing-eos penalty
+    advantages: torch.Tensor  # (B, R) whitened
+    returns: torch.Tensor  # (B, R)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def replies(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_width :]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        picked = {
+            name: value[index] if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()
+        }
+        return Rollout(**picked)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_replies(
+    policy: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    end_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled replies (KV cache): sequences (B, P + R), their attention mask, and the reply mask (B, R) that
+    keeps each reply up to and including its first end-of-turn token (what `generate` appends after it is
+    padding). Also returns whether each reply ended."""
+    output = policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        eos_token_id=end_ids,
+        pad_token_id=pad_id,
+    )
+    replies = output[:, prompt_ids.shape[1] :]
+    is_end = torch.isin(replies, torch.tensor(end_ids, device=replies.device))
+    ended = is_end.any(-1)
+    first_end = torch.where(ended, is_end.int().argmax(-1), replies.shape[1] - 1)
+    reply_mask = (torch.arange(replies.shape[1], device=replies.device)[None, :] <= first_end[:, None]).long()
+    replies = torch.where(reply_mask.bool(), replies, pad_id)
+    sequences = torch.cat([prompt_ids, replies], dim=1)
+    return sequences, torch.cat([prompt_mask, reply_mask], dim=1), reply_mask, ended
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained networks under one optimizer (TRL's PolicyAndValueWrapper)."""
+
+    def __init__(self, policy: PreTrainedModel, value_model: PreTrainedModel):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+
+class WorkItems(Dataset):
+    """Optimizer step k of the run -> (rollout, PPO epoch, minibatch). A plain, deterministic map-style dataset,
+    so that the Trainer's resume skips steps it has done exactly as it does for any dataset."""
+
+    def __init__(self, max_steps: int, options: PPOOptions):
+        self.max_steps, self.per_epoch = max_steps, options.rollout_batch_size // options.mini_batch_size
+        self.steps_per_rollout = options.steps_per_rollout
+
+    def __len__(self) -> int:
+        return self.max_steps
+
+    def __getitem__(self, step: int) -> dict[str, int]:
+        within = step % self.steps_per_rollout
+        return {
+            "rollout": step // self.steps_per_rollout,
+            "epoch": within // self.per_epoch,
+            "minibatch": within % self.per_epoch,
+        }
+
+
+def _first(items: list[dict]) -> dict:
+    return items[0]
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class PPOTrainer(Trainer):
+    """PPO on transformers' Trainer. `model` is a `PolicyAndValue`; `ref_policy` is frozen; `reward` scores whole
+    sequences (the reward model, or any function, e.g. a toy one in tests)."""
+
+    def __init__(
+        self,
+        model: PolicyAndValue,
+        ref_policy: PreTrainedModel,
+        reward: RewardFunction,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[list[int]],
+        options: PPOOptions,
+        args: TrainingArguments,
+        eval_prompts: list[list[int]] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        options.check()
+        if args.max_steps % options.steps_per_rollout:
+            raise ConfigError(
+                f"train.max_steps {args.max_steps} must be a multiple of the optimizer steps per rollout "
+                f"({options.steps_per_rollout} = ppo_epochs x rollout_batch_size / mini_batch_size)"
+            )
+        if args.save_strategy == "steps" and args.save_steps % options.steps_per_rollout:
+            raise ConfigError(
+                f"train.save_steps {args.save_steps} must be a multiple of {options.steps_per_rollout} (the steps per "
+                "rollout): a checkpoint in the middle of a rollout could not be resumed exactly"
+            )
+        if args.gradient_accumulation_steps != 1 or args.world_size != 1:
+            raise ConfigError("PPO here runs in one process without gradient accumulation (minibatches are the unit)")
+        for network in (model.policy, model.value_model):
+            network.config.dropout = 0.0  # dropout would make the ratio differ from 1 with unchanged weights
+            for module in network.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=WorkItems(args.max_steps, options),
+            eval_dataset=eval_prompts or None,  # the Trainer wants one to evaluate; `evaluate` is PPO's own
+            data_collator=_first,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        self.ref_policy = ref_policy.eval().requires_grad_(False)
+        self.reward = reward
+        self.prompts, self.eval_prompts = prompts, eval_prompts or []
+        self.options = options
+        self.kl_coef = options.kl_coef
+        self.end_ids = turn_end_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+        self._rollout: tuple[int, Rollout] | None = None
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------------------------------ data
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=1, shuffle=False, collate_fn=_first)
+
+    def rollout_prompts(self, rollout: int) -> list[list[int]]:
+        """The prompts of rollout r: consecutive slices of a seeded permutation per pass over the prompts."""
+        size, count = self.options.rollout_batch_size, len(self.prompts)
+        picked = []
+        for position in range(rollout * size, (rollout + 1) * size):
+            data_epoch, offset = divmod(position, count)
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.args.seed + data_epoch))
+            picked.append(self.prompts[int(order[offset])])
+        return picked
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def make_rollout(self, prompts: list[list[int]], policy: PreTrainedModel | None = None) -> Rollout:
+        options = self.options
+        policy = policy or self.model.policy
+        value_model = self.model.value_model
+        device = policy.device
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, device)
+        was_training = policy.training
+        policy.eval()
+        sequences, mask, reply_mask, ended = sample_replies(
+            policy, prompt_ids, prompt_mask, self.end_ids, self.pad_id, options.max_new_tokens, options.temperature
+        )
+        policy.train(was_training)
+        width = prompt_ids.shape[1]
+        positions = position_ids_of(mask)
+        replies = sequences[:, width:]
+
+        def log_probs(model: PreTrainedModel) -> torch.Tensor:
+            logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
+            return reply_log_probs(logits, replies, options.temperature) * reply_mask
+
+        logprobs, ref_logprobs = log_probs(policy), log_probs(self.ref_policy)
+        values = token_values(value_model, sequences, mask, positions)[:, width - 1 : -1] * reply_mask
+        scores = self.reward(sequences, mask, positions, width).float()
+        if not torch.isfinite(scores).all():
+            raise TrainingDivergedError(
+                f"the reward was not finite for {int((~torch.isfinite(scores)).sum())} of {len(scores)} replies at "
+                f"step {self.state.global_step + 1}; nothing of this step was applied"
+            )
+        raw_scores = scores.clone()
+        scores = scores - options.missing_eos_penalty * (~ended).float()
+        kl = (logprobs - ref_logprobs) * reply_mask  # (B, R) per-token k1 estimate
+        rewards = -self.kl_coef * kl
+        last = reply_mask.sum(-1) - 1
+        rewards[torch.arange(len(rewards)), last] += scores
+        advantages = gae(rewards, values, options.gamma, options.lam)
+        returns = advantages + values
+        advantages = whiten(advantages, reply_mask.float())
+        kl_per_reply = kl.sum(-1)
+        stats = {
+            "score": float(raw_scores.mean()),
+            "score_with_penalty": float(scores.mean()),
+            "kl": float(kl_per_reply.mean()),
+            "kl_coef": self.kl_coef,
+            "reward": float(rewards.sum(-1).mean()),
+            "response_length": float(reply_mask.sum(-1).float().mean()),
+            "ended_fraction": float(ended.float().mean()),
+        }
+        if options.target_kl is not None:  # Ziegler et al. 2019: proportional control of the KL
+            error = max(-0.2, min(0.2, stats["kl"] / options.target_kl - 1))
+            self.kl_coef *= 1 + error * len(prompts) / options.kl_horizon
+        return Rollout(
+            sequences, mask, reply_mask, width, logprobs, ref_logprobs, values, scores, advantages, returns, stats
+        )
+
+    # ------------------------------------------------------------------------------------------ update
+    def compute_loss(self, model, inputs: dict[str, int], return_outputs=False, num_items_in_batch=None):
+        options = self.options
+        rollout_index = int(inputs["rollout"])
+        if self._rollout is None or self._rollout[0] != rollout_index:
+            rollout = self.make_rollout(self.rollout_prompts(rollout_index))
+            self._rollout = (rollout_index, rollout)
+            for name, value in rollout.stats.items():
+                self._stats[name].append(value)
+        rollout = self._rollout[1]
+        generator = torch.Generator().manual_seed(
+            self.args.seed * 1_000_003 + rollout_index * 1009 + int(inputs["epoch"])
+        )
+        order = torch.randperm(options.rollout_batch_size, generator=generator)
+        start = int(inputs["minibatch"]) * options.mini_batch_size
+        batch = rollout.select(order[start : start + options.mini_batch_size].to(rollout.sequences.device))
+        loss, stats = self.ppo_loss(batch)
+        for name, value in stats.items():
+            self._stats[name].append(value)
+        return loss
+
+    def ppo_loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clipped policy loss + vf_coef * clipped value loss on one minibatch (Schulman et al. 2017, eq. 7 and 9)."""
+        options, width = self.options, batch.prompt_width
+        mask = batch.reply_mask.float()
+        positions = position_ids_of(batch.attention_mask)
+        policy, value_model = self.model.policy, self.model.value_model
+        logits = policy(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=positions).logits
+        logits = logits[:, width - 1 : -1].float() / options.temperature
+        log_softmax = torch.log_softmax(logits, -1)
+        new_logprobs = log_softmax.gather(-1, batch.replies[..., None]).squeeze(-1)
+        values = token_values(value_model, batch.sequences, batch.attention_mask, positions)[:, width - 1 : -1]
+        clipped_values = batch.values + (values - batch.values).clamp(
+            -options.clip_range_value, options.clip_range_value
+        )
+        value_loss = 0.5 * masked_mean(
+            torch.maximum((values - batch.returns) ** 2, (clipped_values - batch.returns) ** 2), mask
+        )
+        log_ratio = (new_logprobs - batch.log_probs) * mask
+        ratio = torch.exp(log_ratio)
+        clipped_ratio = ratio.clamp(1 - options.clip_range, 1 + options.clip_range)
+        policy_loss = masked_mean(torch.maximum(-batch.advantages * ratio, -batch.advantages * clipped_ratio), mask)
+        loss = policy_loss + options.vf_coef * value_loss
+        with torch.no_grad():
+            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+            stats = {
+                "policy_loss": float(policy_loss),
+                "value_loss": float(value_loss),
+                "clip_fraction": float(masked_mean((ratio - 1).abs() > options.clip_range, mask)),
+                "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask)),
+                "entropy": float(masked_mean(entropy, mask)),
+                "ratio": float(masked_mean(ratio, mask)),
+            }
+        return loss, stats
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training record: the averages since the last one
+            logs = {**logs, **{name: sum(v) / len(v) for name, v in self._stats.items() if v}}
+            self._stats.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def held_out_metrics(self, policy: PreTrainedModel | None = None) -> dict[str, float]:
+        """Sampled replies to the held-out prompts (a fixed seed, outside the run's RNG stream): mean score,
+        KL to the reference per reply, length."""
+        if not self.eval_prompts:
+            return {}
+        totals: dict[str, float] = defaultdict(float)
+        devices = [self.model.policy.device] if self.model.policy.device.type == "cuda" else []
+        kl_coef = self.kl_coef
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
+            size = self.options.rollout_batch_size
+            for start in range(0, len(self.eval_prompts), size):
+                chunk = self.eval_prompts[start : start + size]
+                rollout = self.make_rollout(chunk, policy)
+                for name in ("score", "kl", "response_length", "ended_fraction"):
+                    totals[name] += rollout.stats[name] * len(chunk)
+        self.kl_coef = kl_coef  # evaluation never moves the adaptive controller
+        return {f"eval_{name}": total / len(self.eval_prompts) for name, total in totals.items()}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = self.held_out_metrics()
+        Trainer.log(self, metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """A checkpoint (and `final/`) is the policy as a plain model folder, the value model beside it, and the
+        adaptive KL coefficient."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        self.model.policy.save_pretrained(str(output_dir))
+        self.model.value_model.save_pretrained(str(output_dir / "value_model"))
+        (output_dir / "ppo_state.json").write_text(json.dumps({"kl_coef": self.kl_coef}) + "\n")
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        checkpoint = Path(resume_from_checkpoint)
+        for network, folder, auto_class in (
+            (self.model.policy, checkpoint, AutoModelForCausalLM),
+            (self.model.value_model, checkpoint / "value_model", AutoModelForSequenceClassification),
+        ):
+            network.load_state_dict(auto_class.from_pretrained(str(folder)).state_dict())
+        self.kl_coef = json.loads((checkpoint / "ppo_state.json").read_text())["kl_coef"]
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+@dataclass
+class PPOModelOptions:
+    policy: str  # an SFT model folder; the frozen reference is a second copy of it
+    reward_model: str  # a reward run's final/
+    value_model: str | None = None  # default: the reward model
+
+
+@dataclass
+class PPODataOptions:
+    prompts: str | list[str]  # chat JSONL ({"messages"}: the prompt is what precedes the last reply) or {"prompt"}
+    validation: str | list[str] | None = None  # held-out prompts: score and KL at every evaluation
+    max_prompt_length: int = 192
+    max_train_prompts: int | None = None  # per file
+    max_validation_prompts: int = 64  # per file
+
+
+@dataclass
+class PPORecipeConfig:
+    model: PPOModelOptions
+    data: PPODataOptions
+    ppo: PPOOptions
+    # TrainingArguments: output_dir, max_steps (optimizer steps: ppo_epochs x minibatches per rollout), learning
+    # rate, schedule, save_steps / eval_steps (multiples of the steps per rollout), seed, report_to, ...
+    train: dict[str, Any]
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_max_new_tokens: int = 48
+    resume: bool = False
+
+
+def ppo_arguments(config: PPORecipeConfig) -> TrainingArguments:
+    per_rollout = config.ppo.steps_per_rollout
+    return training_arguments(
+        TrainingArguments,
+        config.train,
+        "train",
+        learning_rate=1e-5,
+        warmup_steps=0,
+        lr_scheduler_type="linear",  # TRL 1.12's PPO: linear decay
+        lr_scheduler_kwargs={},
+        weight_decay=0.0,
+        logging_steps=per_rollout,
+        logging_first_step=False,  # one record per rollout, not one for the first minibatch
+        save_steps=10 * per_rollout,
+        include_num_input_tokens_seen="no",
+        remove_unused_columns=False,
+    )
+
+
+def reward_model_function(reward_model: PreTrainedModel) -> RewardFunction:
+    def score(sequences, mask, positions, prompt_width) -> torch.Tensor:
+        return reward_model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
+
+    return score
+
+
+def prompt_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    return [
+        list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
+        for r in rows
+    ]
+
+
+def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
+    config.ppo.check()
+    args = ppo_arguments(config)
+    policy_dir = check_model_folder(config.model.policy)
+    reward_dir = check_model_folder(config.model.reward_model)
+    value_dir = check_model_folder(config.model.value_model or config.model.reward_model)
+    for other in {reward_dir, value_dir}:
+        same_tokenizer_or_refuse(policy_dir, other)
+    tokenizer = load_tokenizer(policy_dir)
+    train_rows, train_report = load_prompts(
+        config.data.prompts, tokenizer, config.data.max_prompt_length, config.data.max_train_prompts
+    )
+    print(f"prompts: {train_report.summary()}")
+    if len(train_rows) < config.ppo.rollout_batch_size:
+        raise ConfigError(f"data.prompts: {len(train_rows)} usable prompts, fewer than one rollout batch")
+    eval_rows = []
+    if config.data.validation:
+        eval_rows, eval_report = load_prompts(
+            config.data.validation, tokenizer, config.data.max_prompt_length, config.data.max_validation_prompts
+        )
+        print(f"held-out prompts: {eval_report.summary()}")
+    if args.eval_strategy != "no" and not eval_rows:
+        raise ConfigError("train.eval_steps evaluates periodically but data.validation gives no prompt")
+
+    run = StageRun("ppo", config, args, resume=config.resume, language_model=False)
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
+    policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
+    ref_policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval().requires_grad_(False)
+    value_model = AutoModelForSequenceClassification.from_pretrained(str(value_dir))
+    options = SamplingOptions(max_new_tokens=config.sample_max_new_tokens)
+
+    def reply(model: PolicyAndValue, prompt: str) -> str:
+        return generate_reply(model.policy, tokenizer, [{"role": "user", "content": prompt}], options)[0]
+
+    samples = SamplesCallback(config.sample_prompts, reply, run.output_dir / "samples.jsonl")
+    trainer = PPOTrainer(
+        model=PolicyAndValue(policy, value_model),
+        ref_policy=ref_policy,
+        reward=reward_model_function(reward_model),
+        tokenizer=tokenizer,
+        prompts=prompt_ids(train_rows, tokenizer),
+        options=config.ppo,
+        args=args,
+        eval_prompts=prompt_ids(eval_rows, tokenizer),
+        callbacks=run.callbacks(samples if config.sample_prompts else None, callbacks),
+    )
+    run.attach(trainer)
+    initial = run.evaluate_before(trainer.held_out_metrics) if eval_rows else None
+    output = run.train(trainer)
+    final = run.evaluate_after(output.global_step, trainer.held_out_metrics) if eval_rows else None
+    trainer.model.policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
+    summary = run.finish(
+        trainer,
+        tokenizer,
+        {
+            "policy": str(policy_dir),
+            "reward_model": str(reward_dir),
+            "value_model": str(value_dir),
+            "rollouts": output.global_step // config.ppo.steps_per_rollout,
+            "prompts": vars(train_report) | {"skipped": dict(train_report.skipped)},
+            "initial": initial,
+            "final": final,
+            "kl_coef": trainer.kl_coef,
+            "initial_validation_loss": None,
+            "final_validation_loss": None,
+        },
+    )
+    if summary is not None and initial and final:
+        print(
+            f"held-out prompts: reward-model score {initial['eval_score']:+.3f} -> {final['eval_score']:+.3f}, "
+            f"KL to the reference {initial['eval_kl']:.3f} -> {final['eval_kl']:.3f} nats per reply"
+        )
+    return summary

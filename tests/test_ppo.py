@@ -1,0 +1,209 @@
+"""PPO (train/ppo.py): the first minibatch is on-policy, a toy reward is raised, masks ignore what follows a
+reply's end, a resumed run continues exactly, a NaN reward stops the run, and the recipe runs end to end."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from conftest import REPO_ROOT, save_tiny_model
+from tiny_llama2_zh.config import load_config
+from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
+from tiny_llama2_zh.train.callbacks import TrainingDivergedError
+from tiny_llama2_zh.train.ppo import (
+    PolicyAndValue,
+    PPODataOptions,
+    PPOModelOptions,
+    PPOOptions,
+    PPORecipeConfig,
+    PPOTrainer,
+    ppo,
+    ppo_arguments,
+    prompt_ids,
+    sample_replies,
+)
+from tiny_llama2_zh.train.reward import load_reward_model
+
+PPO_YAML = REPO_ROOT / "configs" / "ppo" / "demo.yaml"
+PROMPTS = ["这本书很好看", "质量太差了", "物流很快", "包装破损", "非常满意", "不推荐购买", "孩子很喜欢", "用了两天就坏"]
+
+
+def half_the_vocabulary(sequences, mask, positions, prompt_width):
+    """A toy reward: +1 for every reply token whose id is even."""
+    replies, reply_mask = sequences[:, prompt_width:], mask[:, prompt_width:]
+    return ((replies % 2 == 0) * reply_mask).sum(-1).float()
+
+
+def make_trainer(model_dir, tmp_path, reward=half_the_vocabulary, max_steps=8, **train):
+    tokenizer = load_tokenizer(model_dir)
+    options = PPOOptions(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, missing_eos_penalty=0)
+    config = PPORecipeConfig(
+        model=PPOModelOptions(policy=str(model_dir), reward_model=str(model_dir)),
+        data=PPODataOptions(prompts="unused"),
+        ppo=options,
+        train={
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": max_steps,
+            "learning_rate": 3e-3,
+            "save_strategy": "no",
+            "report_to": [],
+            **train,
+        },
+    )
+    rows = [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS]
+    return PPOTrainer(
+        model=PolicyAndValue(
+            AutoModelForCausalLM.from_pretrained(model_dir), load_reward_model(str(model_dir), tokenizer.pad_token_id)
+        ),
+        ref_policy=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward=reward,
+        tokenizer=tokenizer,
+        prompts=prompt_ids(rows, tokenizer),
+        options=options,
+        args=ppo_arguments(config),
+        eval_prompts=prompt_ids(rows, tokenizer) * 4,
+    )
+
+
+def test_the_first_minibatch_is_on_policy_kl_zero_ratio_one(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    trainer.compute_loss(trainer.model, {"rollout": 0, "epoch": 0, "minibatch": 0})
+    stats = {name: values[0] for name, values in trainer._stats.items()}
+    assert stats["kl"] == 0.0  # the policy is the reference
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-5) and stats["clip_fraction"] == 0.0
+    assert stats["approx_kl"] < 1e-10
+
+
+def test_a_few_ppo_steps_raise_a_toy_reward(tiny_model_dir, tmp_path):
+    # a random tiny model samples almost uniformly: a high learning rate moves it within a few rollouts
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=48, learning_rate=0.1)
+    before = trainer.held_out_metrics()["eval_score"]
+    trainer.train()
+    after = trainer.held_out_metrics()["eval_score"]
+    assert after > before + 1.5, (before, after)  # of 8 reply tokens, about 4 were even at the start
+
+
+def test_masks_ignore_padding_and_everything_after_the_end(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    prompts = trainer.rollout_prompts(0)
+    from tiny_llama2_zh.train.ppo import left_pad
+
+    ids, mask = left_pad(prompts, trainer.pad_id, "cpu")
+    end_ids = list(range(3, 1024, 3))  # a third of the vocabulary ends a reply: most replies end early
+    sequences, _full_mask, reply_mask, ended = sample_replies(trainer.model.policy, ids, mask, end_ids, 0, 8, 1.0)
+    replies = sequences[:, ids.shape[1] :]
+    assert ended.any() and (reply_mask.sum(-1) < 8).any()
+    for row, reply_row, ended_row in zip(replies, reply_mask, ended):
+        is_end = torch.isin(row, torch.tensor(end_ids))
+        last = int(is_end.int().argmax()) if ended_row else len(row) - 1
+        assert reply_row.tolist() == [1] * (last + 1) + [0] * (len(row) - last - 1)
+        assert (row[last + 1 :] == 0).all()
+
+    rollout = trainer.make_rollout(prompts)
+    loss, _ = trainer.ppo_loss(rollout)
+    scrambled = rollout.select(torch.arange(8))
+    outside = scrambled.attention_mask == 0
+    scrambled.sequences = torch.where(outside, torch.randint(5, 1000, outside.shape), scrambled.sequences)
+    scrambled.log_probs = torch.where(scrambled.reply_mask.bool(), scrambled.log_probs, 5.0)
+    scrambled.advantages = torch.where(scrambled.reply_mask.bool(), scrambled.advantages, -7.0)
+    loss_scrambled, _ = trainer.ppo_loss(scrambled)
+    torch.testing.assert_close(loss_scrambled, loss)
+
+
+def test_a_nan_reward_stops_the_run_naming_the_step(tiny_model_dir, tmp_path):
+    def broken(sequences, mask, positions, prompt_width):
+        return torch.full((len(sequences),), float("nan"))
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward=broken)
+    with pytest.raises(TrainingDivergedError, match="reward was not finite for 8 of 8 replies at step 1"):
+        trainer.train()
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_dir(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_reward")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_reward_model(str(tiny_model_dir), tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def recipe(policy_dir, reward_dir, tmp_path, *extra) -> PPORecipeConfig:
+    prompts = tmp_path / "tasks" / "toy" / "sft-train.jsonl"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "好"}]} for p in PROMPTS]
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    overrides = [
+        f"model.policy={policy_dir}",
+        f"model.reward_model={reward_dir}",
+        f"data.prompts={prompts}",
+        f"data.validation={prompts}",
+        "ppo.rollout_batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=1",
+        "ppo.max_new_tokens=6",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "train.logging_steps=2",
+        "train.learning_rate=1e-3",
+        "train.report_to=[]",
+        "sample_prompts=[你好]",
+        "sample_max_new_tokens=4",
+        *extra,
+    ]
+    return load_config(PPORecipeConfig, PPO_YAML, overrides)
+
+
+class StopAfterFirstCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_the_recipe_runs_and_a_resumed_run_continues_exactly(tiny_model_dir, tiny_reward_dir, tmp_path, capsys):
+    straight = ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "a"))
+    run = tmp_path / "a" / "run"
+    assert straight["rollouts"] == 2 and (run / "final" / "value_model" / "config.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[0]["eval_kl"] == 0.0
+    logged = [r for r in records if "policy_loss" in r]
+    assert len(logged) == 2 and all(
+        {"score", "kl", "value_loss", "clip_fraction", "entropy"} <= r.keys() for r in logged
+    )
+    assert (run / "loss.png").is_file() and (run / "samples.jsonl").is_file()
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "b"), callbacks=[StopAfterFirstCheckpoint()])
+    capsys.readouterr()
+    resumed = ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "b", "resume=true"))
+    assert (
+        resumed["steps"] == 4 and f"resuming from {tmp_path / 'b' / 'run' / 'checkpoint-2'}" in capsys.readouterr().out
+    )
+    expected = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    for name, value in AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "run" / "final").state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    text = tmp_path / "other.txt"
+    text.write_text("完全不同的分词器训练文本。\n" * 50, encoding="utf-8")
+    train_bpe_tokenizer([text], vocab_size=300, output_dir=tmp_path / "other_tokenizer")
+    other = save_tiny_model(tmp_path / "other_tokenizer", tmp_path / "other_model")
+    with pytest.raises(ValueError, match=r"tokenizer [0-9a-f]{16}\).*tokenizer [0-9a-f]{16}\)"):
+        ppo(recipe(tiny_model_dir, other, tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "ppo").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_ppo_configs_are_valid_and_say_how_to_run_them(path):
+    assert (
+        path.read_text(encoding="utf-8").splitlines()[0].startswith(f"# tinyllm ppo --config configs/ppo/{path.name}")
+    )
+    config = load_config(PPORecipeConfig, path)
+    config.ppo.check()
+    args = ppo_arguments(config)
+    assert args.max_steps % config.ppo.steps_per_rollout == 0 and args.save_steps % config.ppo.steps_per_rollout == 0
