@@ -207,3 +207,25 @@ def test_shipped_ppo_configs_are_valid_and_say_how_to_run_them(path):
     config.ppo.check()
     args = ppo_arguments(config)
     assert args.max_steps % config.ppo.steps_per_rollout == 0 and args.save_steps % config.ppo.steps_per_rollout == 0
+
+
+def test_rloo_recipe_runs_on_trl_with_the_reward_model(tiny_model_dir, tiny_reward_dir, tmp_path):
+    from tiny_llama2_zh.train.rloo import RLOORecipeConfig, rloo
+
+    prompts = recipe(tiny_model_dir, tiny_reward_dir, tmp_path).data.prompts  # writes the prompt file
+    overrides = [
+        f"model.policy={tiny_model_dir}",
+        f"model.reward_model={tiny_reward_dir}",
+        f"data.prompts={prompts}",
+        f"data.validation={prompts}",
+        f"train.output_dir={tmp_path / 'rloo'}",
+        "train.max_steps=2",
+        "train.per_device_train_batch_size=8",
+        "train.num_generations=4",
+        "train.max_completion_length=6",
+        "train.logging_steps=1",
+        "train.report_to=[]",
+    ]
+    result = rloo(load_config(RLOORecipeConfig, REPO_ROOT / "configs" / "rloo" / "demo.yaml", overrides))
+    assert result["steps"] == 2 and result["initial"]["eval_kl"] == 0.0 and result["final"]["eval_kl"] != 0.0
+    assert (tmp_path / "rloo" / "final" / "config.json").is_file() and (tmp_path / "rloo" / "loss.png").is_file()

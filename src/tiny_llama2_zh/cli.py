@@ -213,6 +213,7 @@ RECIPES = {
     "sft": ("tiny_llama2_zh.train.sft", "SFTRecipeConfig", "sft", "configs/sft/demo.yaml"),
     "reward": ("tiny_llama2_zh.train.reward", "RewardRecipeConfig", "reward", "configs/reward/demo.yaml"),
     "ppo": ("tiny_llama2_zh.train.ppo", "PPORecipeConfig", "ppo", "configs/ppo/demo.yaml"),
+    "rloo": ("tiny_llama2_zh.train.rloo", "RLOORecipeConfig", "rloo", "configs/rloo/demo.yaml"),
 }
 
 
@@ -526,6 +527,12 @@ COMMANDS = [
         "RLHF with PPO (written here): policy from SFT, reward from a reward model, KL to the SFT model",
         _recipe_arguments("ppo"),
         _run_recipe("ppo"),
+    ),
+    Command(
+        "rloo",
+        "RLHF with TRL's RLOOTrainer (REINFORCE leave-one-out) and a reward model: PPO's one-config alternative",
+        _recipe_arguments("rloo"),
+        _run_recipe("rloo"),
     ),
     Command(
         "lora",

@@ -200,6 +200,48 @@ def sample_replies(
     return sequences, torch.cat([prompt_mask, reply_mask], dim=1), reply_mask, ended
 
 
+@torch.no_grad()
+def held_out_metrics(
+    policy: PreTrainedModel,
+    ref_policy: PreTrainedModel,
+    reward: RewardFunction,
+    prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """How a policy answers held-out prompts, for PPO, RLOO and the comparison of both: replies sampled as in
+    training (a fixed seed, in a forked RNG state so a run's own random stream is untouched), their mean
+    reward-model score, KL to the reference (summed over each reply's tokens, the k1 estimate), length, and the
+    fraction that ended. Scores here are raw: no missing-eos penalty."""
+    end_ids, pad_id = turn_end_ids(tokenizer), tokenizer.pad_token_id
+    totals: dict[str, float] = defaultdict(float)
+    was_training = policy.training
+    policy.eval()
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            prompt_ids, prompt_mask = left_pad(prompts[start : start + batch_size], pad_id, policy.device)
+            sequences, mask, reply_mask, ended = sample_replies(
+                policy, prompt_ids, prompt_mask, end_ids, pad_id, max_new_tokens, temperature
+            )
+            width, positions = prompt_ids.shape[1], position_ids_of(mask)
+            replies = sequences[:, width:]
+            kl = 0
+            for sign, model in ((1, policy), (-1, ref_policy)):
+                logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
+                kl = kl + sign * reply_log_probs(logits[:, width - 1 : -1], replies, temperature) * reply_mask
+            totals["score"] += float(reward(sequences, mask, positions, width).float().sum())
+            totals["kl"] += float(kl.sum())
+            totals["response_length"] += float(reply_mask.sum())
+            totals["ended_fraction"] += float(ended.sum())
+    policy.train(was_training)
+    return {f"eval_{name}": total / len(prompts) for name, total in totals.items()}
+
+
 class PolicyAndValue(nn.Module):
     """The two trained networks under one optimizer (TRL's PolicyAndValueWrapper)."""
 
@@ -418,25 +460,20 @@ class PPOTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def held_out_metrics(self, policy: PreTrainedModel | None = None) -> dict[str, float]:
-        """Sampled replies to the held-out prompts (a fixed seed, outside the run's RNG stream): mean score,
-        KL to the reference per reply, length."""
+    def held_out_metrics(self) -> dict[str, float]:
         if not self.eval_prompts:
             return {}
-        totals: dict[str, float] = defaultdict(float)
-        devices = [self.model.policy.device] if self.model.policy.device.type == "cuda" else []
-        kl_coef = self.kl_coef
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.args.seed)
-            size = self.options.rollout_batch_size
-            for start in range(0, len(self.eval_prompts), size):
-                chunk = self.eval_prompts[start : start + size]
-                rollout = self.make_rollout(chunk, policy)
-                for name in ("score", "kl", "response_length", "ended_fraction"):
-                    totals[name] += rollout.stats[name] * len(chunk)
-        self.kl_coef = kl_coef  # evaluation never moves the adaptive controller
-        return {f"eval_{name}": total / len(self.eval_prompts) for name, total in totals.items()}
+        return held_out_metrics(
+            self.model.policy,
+            self.ref_policy,
+            self.reward,
+            self.eval_prompts,
+            self.processing_class,
+            self.options.max_new_tokens,
+            self.options.temperature,
+            self.args.seed,
+            self.options.rollout_batch_size,
+        )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = self.held_out_metrics()

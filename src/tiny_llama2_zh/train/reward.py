@@ -72,7 +72,7 @@ def reward_arguments(config: RewardRecipeConfig) -> RewardConfig:
         learning_rate=1e-4,
         warmup_steps=20,
         center_rewards_coefficient=0.01,
-        **trl_defaults(),
+        **trl_defaults(RewardConfig),
     )
 
 

@@ -14,6 +14,7 @@ Around it, every stage needs the same things, and gets them here:
 A recipe builds its data, model and trainer, and hands the trainer to `StageRun`.
 """
 
+import dataclasses
 import json
 import math
 import time
@@ -76,15 +77,18 @@ def project_defaults() -> dict[str, Any]:
     }
 
 
-def trl_defaults() -> dict[str, Any]:
+def trl_defaults(args_class: type[TrainingArguments]) -> dict[str, Any]:
     """Beneath every TRL stage: TRL's configs default to bf16 and activation checkpointing, which assume a GPU; on
-    a CPU bf16 is slow and checkpointing buys nothing. Datasets are prepared in this process."""
+    a CPU bf16 is slow and checkpointing buys nothing. Datasets are prepared in this process (where the class
+    has that option)."""
     gpu = torch.cuda.is_available()
-    return {
+    defaults = {
         "bf16": gpu and torch.cuda.is_bf16_supported(),
         "activation_checkpointing": False,
         "dataset_num_proc": None,
     }
+    names = {f.name for f in dataclasses.fields(args_class)}
+    return {name: value for name, value in defaults.items() if name in names}
 
 
 def training_arguments(

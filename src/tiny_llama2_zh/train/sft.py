@@ -83,7 +83,7 @@ def sft_arguments(config: SFTRecipeConfig) -> SFTConfig:
         max_length=512,
         learning_rate=1e-3 if config.model.lora else 3e-4,
         warmup_steps=20,
-        **trl_defaults(),
+        **trl_defaults(SFTConfig),
         # the model's own loss returns no logits: evaluation keeps the loss only
         prediction_loss_only=bool(config.model.fused_loss_chunk_rows),
     )

@@ -1,0 +1,131 @@
+"""RLOO: the one-config alternative to PPO, on TRL's `RLOOTrainer`, with the trained reward model as its reward.
+
+    tinyllm rloo --config configs/rloo/demo.yaml model.policy=runs/demo/sft/final model.reward_model=runs/demo/reward/final
+
+REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"): k replies per prompt, each reply's baseline is
+the mean reward of the other k-1, no value model, a KL penalty to the reference with coefficient `beta`. It needs
+half of PPO's networks; `tinyllm ppo` and this recipe read the same prompt files and are measured the same way
+(`train.ppo.held_out_metrics`: reward-model score and KL on held-out prompts, sampled replies), so the two sit side
+by side in the demo's summary.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+from trl import RLOOConfig, RLOOTrainer
+
+from tiny_llama2_zh.config import ConfigError
+from tiny_llama2_zh.data.conversations import load_prompts
+from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
+from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
+from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.train.callbacks import SamplesCallback
+from tiny_llama2_zh.train.ppo import PPODataOptions, held_out_metrics, prompt_ids, reward_model_function
+from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
+
+
+@dataclass
+class RLOOModelOptions:
+    policy: str  # an SFT model folder (TRL loads the reference from the same folder)
+    reward_model: str  # a reward run's final/
+
+
+@dataclass
+class RLOORecipeConfig:
+    model: RLOOModelOptions
+    data: PPODataOptions
+    # Any option of TRL's RLOOConfig (num_generations, max_completion_length, beta, temperature, ...)
+    train: dict[str, Any]
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_max_new_tokens: int = 48
+    resume: bool = False
+
+
+def rloo_arguments(config: RLOORecipeConfig) -> RLOOConfig:
+    return training_arguments(
+        RLOOConfig,
+        config.train,
+        "train",
+        learning_rate=1e-5,
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        lr_scheduler_kwargs={},
+        weight_decay=0.0,
+        num_generations=4,
+        max_completion_length=48,
+        beta=0.05,
+        include_num_input_tokens_seen="no",
+        **trl_defaults(RLOOConfig),
+    )
+
+
+def rloo(config: RLOORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
+    args = rloo_arguments(config)
+    policy_dir = check_model_folder(config.model.policy)
+    reward_dir = check_model_folder(config.model.reward_model)
+    same_tokenizer_or_refuse(policy_dir, reward_dir)
+    tokenizer = load_tokenizer(policy_dir)
+    train_rows, train_report = load_prompts(
+        config.data.prompts, tokenizer, config.data.max_prompt_length, config.data.max_train_prompts
+    )
+    print(f"prompts: {train_report.summary()}")
+    eval_rows = []
+    if config.data.validation:
+        eval_rows, _ = load_prompts(
+            config.data.validation, tokenizer, config.data.max_prompt_length, config.data.max_validation_prompts
+        )
+    if not train_rows:
+        raise ConfigError("data.prompts: no usable prompt")
+    run = StageRun("rloo", config, args, resume=config.resume, language_model=False)
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
+    policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(policy_dir)).eval()
+    held_out = prompt_ids(eval_rows, tokenizer)
+
+    def measure() -> dict[str, float]:
+        return held_out_metrics(
+            policy, reference, reward_model_function(reward_model), held_out, tokenizer,
+            args.max_completion_length, args.temperature, args.seed,
+        )  # fmt: skip
+
+    options = SamplingOptions(max_new_tokens=config.sample_max_new_tokens)
+
+    def reply(model, prompt: str) -> str:
+        return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], options)[0]
+
+    samples = SamplesCallback(config.sample_prompts, reply, run.output_dir / "samples.jsonl")
+    trainer = RLOOTrainer(
+        model=policy,
+        reward_funcs=reward_model,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": row["prompt"]} for row in train_rows]),
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+        callbacks=run.callbacks(samples if config.sample_prompts else None, callbacks),
+    )
+    run.attach(trainer)
+    initial = run.evaluate_before(measure) if held_out else None
+    output = run.train(trainer)
+    final = run.evaluate_after(output.global_step, measure) if held_out else None
+    summary = run.finish(
+        trainer,
+        tokenizer,
+        {
+            "policy": str(policy_dir),
+            "reward_model": str(reward_dir),
+            "prompts": vars(train_report) | {"skipped": dict(train_report.skipped)},
+            "initial": initial,
+            "final": final,
+            "initial_validation_loss": None,
+            "final_validation_loss": None,
+        },
+    )
+    if summary is not None and initial and final:
+        print(
+            f"held-out prompts: reward-model score {initial['eval_score']:+.3f} -> {final['eval_score']:+.3f}, "
+            f"KL to the reference {initial['eval_kl']:.3f} -> {final['eval_kl']:.3f} nats per reply"
+        )
+    return summary
