@@ -11,11 +11,15 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
         *("pretrain.train.max_steps=3", "pretrain.train.eval_steps=0", "pretrain.sample_max_new_tokens=4"),
         *("sft.train.max_steps=2", "sft.train.eval_steps=0", "sft.data.max_train_examples=64"),
         *("sft.data.max_validation_examples=8", "sft.sample_max_new_tokens=4"),
+        *("reward.train.max_steps=2", "reward.train.eval_steps=0", "reward.data.max_train_examples=16"),
+        "reward.data.max_validation_examples=4",
+        *("ppo.train.max_steps=4", "ppo.train.eval_steps=4", "ppo.train.save_steps=4", "ppo.ppo.max_new_tokens=4"),
+        *("ppo.data.max_train_prompts=32", "ppo.data.max_validation_prompts=4", "ppo.sample_prompts=[]"),
     ]
     assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     assert summary["tokens"]["train"] > 2_000_000 and summary["parameters"]["total"] > 1_000_000
-    stages = {"corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "eval", "total"}
+    stages = {"corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "reward", "ppo", "eval", "total"}
     assert set(summary["stage_seconds"]) == stages
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
     assert set(summary["samples"]) == {"床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："}
@@ -25,7 +29,9 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
         assert (output / path).is_file(), path
     assert summary["sft"]["steps"] == 2 and len(summary["dialogue"]) == 3
     evaluation = json.loads((output / "eval" / "tasks.json").read_text(encoding="utf-8"))
-    assert evaluation["rows"][0]["name"] == "trivial baseline" and len(evaluation["rows"]) == 3
+    assert evaluation["rows"][0]["name"] == "trivial baseline" and len(evaluation["rows"]) == 4
+    assert summary["ppo"]["rollouts"] == 1 and summary["ppo"]["initial"]["eval_kl"] == 0.0
+    assert "| reward model |" in summary["reward_table"] and (output / "ppo" / "final" / "config.json").is_file()
     out = capsys.readouterr().out
     assert "validation loss" in out and "tinyllm chat --model" in out
     assert main(["demo", "--output", str(tmp_path / "other"), "train.max_steps=3"]) == 2  # which stage?
@@ -38,13 +44,16 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_demo_learns(tmp_path):
-    """The README's demo as shipped (about 8 minutes on 2 cores): pretraining loss falls far below ln(vocab), and
+    """The README's demo as shipped (about 13 minutes on 2 cores): pretraining loss falls far below ln(vocab), and
     the SFT model beats the trivial baselines on held-out prompts where the base model scores nothing."""
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
     assert summary["initial_validation_loss"] > 8.0  # ln(4096) = 8.32
     assert summary["final_validation_loss"] < 6.5
     rows = json.loads((tmp_path / "demo" / "eval" / "tasks.json").read_text(encoding="utf-8"))["rows"]
-    baseline, base, sft = ({task: r["tasks"][task]["metrics"] for task in r["tasks"]} for r in rows)
+    baseline, base, sft, ppo = ({task: r["tasks"][task]["metrics"] for task in r["tasks"]} for r in rows)
     assert sft["sentiment"]["accuracy"] > baseline["sentiment"]["accuracy"] + 0.05
     assert sft["sentiment"]["accuracy"] > base["sentiment"]["accuracy"] + 0.3
+    # PPO raises the reward model's score on held-out prompts without losing the task
+    assert summary["ppo"]["final"]["eval_score"] > summary["ppo"]["initial"]["eval_score"] + 0.2
+    assert ppo["sentiment"]["accuracy"] >= sft["sentiment"]["accuracy"] - 0.02

@@ -1,6 +1,7 @@
 """RLOO: the one-config alternative to PPO, on TRL's `RLOOTrainer`, with the trained reward model as its reward.
 
-    tinyllm rloo --config configs/rloo/demo.yaml model.policy=runs/demo/sft/final model.reward_model=runs/demo/reward/final
+    tinyllm rloo --config configs/rloo/demo.yaml \
+        model.policy=runs/demo/sft/final model.reward_model=runs/demo/reward/final
 
 REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"): k replies per prompt, each reply's baseline is
 the mean reward of the other k-1, no value model, a KL penalty to the reference with coefficient `beta`. It needs
