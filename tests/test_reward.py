@@ -127,3 +127,38 @@ def test_shipped_reward_configs_are_valid_and_say_how_to_run_them(path):
     assert first.startswith(f"# tinyllm reward --config configs/reward/{path.name}")
     args = reward_arguments(load_config(RewardRecipeConfig, path))
     assert args.max_length > 0 and args.center_rewards_coefficient is not None
+
+
+def test_the_three_seed_preference_formats_train_one_reward_model_reported_per_set(tiny_model_dir, tmp_path):
+    """rlhf_reward_zh (parquet), zhihu_rlhf_3k (TSV) and CValues (JSONL with pos_resp/neg_resp), each prepared into
+    its own folder as the size configs expect, train one reward model that is scored on each set's held-out pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiny_llama2_zh.data.prepare import PrepareOptions, prepare
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [(f"问题{i}：{REVIEWS[i % len(REVIEWS)]}", "好的", "不好") for i in range(60)]
+    parquet = raw / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows]), parquet)
+    tsv = raw / "zhihu_3k_rlfh.tsv"
+    header = "prompt\tchosen\trejected\tquestion_id\tupvotes_chosen\tupvotes_rejected\n"
+    tsv.write_text(header + "".join(f"{p}\t{c}\t{r}\t1\t9\t1\n" for p, c, r in rows), encoding="utf-8")
+    jsonl = raw / "train.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"prompt": p, "pos_resp": c, "neg_resp": r}, ensure_ascii=False) + "\n" for p, c, r in rows),
+        encoding="utf-8",
+    )
+    for name, path in (("rlhf_reward_zh", parquet), ("zhihu_rlhf_3k", tsv), ("cvalues", jsonl)):
+        prepare(PrepareOptions(str(tmp_path / "preference" / name), [(name, [str(path)])], validation_per_mille=250))
+    config = recipe(
+        tiny_model_dir,
+        tmp_path,
+        f"data.train={tmp_path / 'preference' / '*' / 'preference-train.jsonl'}",
+        f"data.validation={tmp_path / 'preference' / '*' / 'preference-test.jsonl'}",
+    )
+    result = reward(config)
+    per_set = result["final"]["per_source"]
+    assert set(per_set) == {"rlhf_reward_zh", "zhihu_rlhf_3k", "cvalues"}
+    assert all(values["pairs"] > 0 and values["accuracy"] == 1.0 for values in per_set.values())

@@ -27,6 +27,10 @@ DEMO_CONFIGS = {
     "reward": PACKAGE_CONFIGS / "reward" / "demo.yaml",
     "ppo": PACKAGE_CONFIGS / "ppo" / "demo.yaml",
 }
+# Reward-model pairs: sentiment twice for the same reason as in SFT_MIX (with the even mix and 150 steps the reward
+# model stayed at 53.5 % held-out sentiment accuracy; with this one it reached 80.5 %). Each file is capped by
+# configs/reward/demo.yaml's data.max_train_examples.
+REWARD_MIX = SFT_MIX
 # RLHF prompts: the tasks whose replies the demo reward model can judge (pinyin it cannot: see the README)
 PPO_TASKS = ("sentiment", "segmentation")
 DEMO_VOCAB_SIZE = 4096
@@ -121,10 +125,10 @@ def run_demo(
     force: bool = False,
     eval_rows: int = EVAL_ROWS_PER_TASK,
 ) -> DemoReport:
+    from tiny_llama2_zh.eval.preferences import markdown_table as pair_table
     from tiny_llama2_zh.eval.tasks import evaluate_tasks, markdown_table
     from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply
     from tiny_llama2_zh.loading import load_model
-    from tiny_llama2_zh.eval.preferences import markdown_table as pair_table
     from tiny_llama2_zh.train.ppo import PPORecipeConfig, ppo
     from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
     from tiny_llama2_zh.train.reward import RewardRecipeConfig, reward
@@ -214,7 +218,7 @@ def run_demo(
         DEMO_CONFIGS["reward"],
         [
             f"model.init_from={output_dir / 'sft' / 'final'}",
-            f"data.train={[str(tasks_dir / task / 'preference-train.jsonl') for task in TASKS]}",
+            f"data.train={[str(tasks_dir / task / 'preference-train.jsonl') for task in REWARD_MIX]}",
             f"data.validation={[str(tasks_dir / task / 'preference-test.jsonl') for task in TASKS]}",
             f"train.output_dir={output_dir / 'reward'}",
             *stage_overrides["reward"],

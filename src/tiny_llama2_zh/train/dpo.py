@@ -1,0 +1,231 @@
+"""Direct preference optimisation: TRL's `DPOTrainer` on preference pairs, from an SFT folder, no reward model.
+
+    tinyllm dpo --config configs/dpo/demo.yaml model.init_from=runs/demo/sft/final
+
+DPO (Rafailov et al. 2023) trains the policy so that its log-probability ratio to a frozen reference,
+beta * log(pi(y|x) / pi_ref(y|x)), acts as the reward of a Bradley-Terry model of the pairs; `train.loss_type`
+picks the loss (sigmoid = the paper's, ipo = Azar et al. 2023, hinge, robust, ...), `train.beta` its strength.
+The reference is a second copy of the SFT model passed explicitly (TRL's `ref_model=None` would reload it from a
+hub id); with `model.lora` the reference is the same network with its adapters off.
+
+Every evaluation scores the held-out pairs (split by prompt) with DPO's implicit reward: accuracy (chosen above
+rejected; at step 0 every margin is 0, a tie, so 50 %) and mean margin, per source. With `model.reward_model`,
+the end of the run also samples replies to the held-out prompts from the SFT and the DPO model and reports the
+reward model's mean score of each and the DPO model's KL to the SFT model (`train.ppo.held_out_metrics`, the
+same measure as PPO's and RLOO's).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+from tiny_llama2_zh.config import ConfigError
+from tiny_llama2_zh.data.preferences import load_preferences
+from tiny_llama2_zh.eval.preferences import (
+    TokenizedPair,
+    flat_metrics,
+    markdown_table,
+    pair_report,
+    reply_log_probs,
+    tokenize_pairs,
+)
+from tiny_llama2_zh.infer.generate import turn_end_ids
+from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
+from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
+from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
+from tiny_llama2_zh.train.ppo import held_out_metrics, reward_model_function
+from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
+
+
+@dataclass
+class DPOModelOptions:
+    init_from: str  # an SFT model folder: the policy starts here and the reference stays here
+    tokenizer: str | None = None  # if given, init_from's tokenizer must be this one
+    lora: LoraOptions | None = None
+    reward_model: str | None = None  # a reward run's final/: score SFT and DPO replies at the end
+
+
+@dataclass
+class DPODataOptions:
+    train: str | list[str]  # JSONL of {prompt, chosen, rejected}, globs allowed
+    validation: str | list[str]  # held-out pairs, reported per source (the folder of each file)
+    max_train_examples: int | None = None  # per file
+    max_validation_examples: int = 300  # per file
+    max_reward_prompts: int = 128  # held-out prompts the reward model scores replies to (with model.reward_model)
+
+
+@dataclass
+class DPORecipeConfig:
+    model: DPOModelOptions
+    data: DPODataOptions
+    # Any option of TRL's DPOConfig (TrainingArguments plus beta, loss_type, max_length, precompute_ref_log_probs...)
+    train: dict[str, Any]
+    reply_max_new_tokens: int = 48  # replies sampled for the reward-model comparison
+    eval_batch_size: int = 64
+    resume: bool = False
+
+
+def dpo_arguments(config: DPORecipeConfig) -> DPOConfig:
+    return training_arguments(
+        DPOConfig,
+        config.train,
+        "train",
+        max_length=512,
+        learning_rate=5e-5 if config.model.lora else 5e-6,
+        warmup_steps=20,
+        lr_scheduler_type="linear",
+        lr_scheduler_kwargs={},
+        **trl_defaults(DPOConfig),
+    )
+
+
+def implicit_reward_report(
+    policy, reference, pairs: list[TokenizedPair], beta: float, pad_id: int, batch_size: int = 64
+) -> dict:
+    """DPO's implicit reward beta * (log pi - log pi_ref) of each reply, compared within each held-out pair."""
+    sides = {}
+    for side in ("chosen", "rejected"):
+        sequences = [getattr(p, f"{side}_ids") for p in pairs]
+        lengths = [p.prompt_length for p in pairs]
+        policy_logp, _ = reply_log_probs(policy, sequences, lengths, pad_id, batch_size)
+        reference_logp, _ = reply_log_probs(reference, sequences, lengths, pad_id, batch_size)
+        sides[side] = beta * (policy_logp - reference_logp)
+    return pair_report(sides["chosen"], sides["rejected"], [p.source for p in pairs])
+
+
+class HeldOutPairsDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose evaluation is the implicit-reward report on the held-out pairs (per source)."""
+
+    def __init__(self, *args, held_out: list[TokenizedPair], reference, eval_batch_size: int = 64, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out, self.reference, self.eval_batch_size = held_out, reference, eval_batch_size
+
+    def held_out_report(self) -> dict:
+        was_training = self.model.training
+        self.model.eval()
+        report = implicit_reward_report(
+            self.model, self.reference, self.held_out, self.args.beta, self.processing_class.pad_token_id,
+            self.eval_batch_size,
+        )  # fmt: skip
+        self.model.train(was_training)
+        return report
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = flat_metrics(self.held_out_report(), metric_key_prefix)
+        Trainer.log(self, metrics)  # not DPOTrainer.log: that would mix in (and reset) the training averages
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+
+def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
+    args = dpo_arguments(config)
+    init_from = check_model_folder(config.model.init_from)
+    tokenizer = load_tokenizer(init_from)
+    if config.model.tokenizer is not None:
+        expected = tokenizer_fingerprint(load_tokenizer(config.model.tokenizer))
+        if expected != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
+                f"model.tokenizer {config.model.tokenizer} ({expected})"
+            )
+    if config.model.reward_model:
+        same_tokenizer_or_refuse(init_from, check_model_folder(config.model.reward_model))
+    train_rows, train_report = load_preferences(
+        config.data.train, tokenizer, args.max_length, config.data.max_train_examples
+    )
+    print(f"train pairs: {train_report.summary()}")
+    eval_rows, eval_report = load_preferences(
+        config.data.validation, tokenizer, args.max_length, config.data.max_validation_examples
+    )
+    print(f"held-out pairs: {eval_report.summary()}")
+    if not train_rows or not eval_rows:
+        raise ConfigError(f"data.{'train' if not train_rows else 'validation'}: no usable preference pair")
+    held_out = tokenize_pairs(eval_rows, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    run = StageRun("dpo", config, args, resume=config.resume, language_model=False)
+    policy = AutoModelForCausalLM.from_pretrained(str(init_from))
+    policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
+    reference = AutoModelForCausalLM.from_pretrained(str(init_from)).eval().requires_grad_(False)
+    lora = peft_config(config.model.lora) if config.model.lora else None
+    trainer = HeldOutPairsDPOTrainer(
+        model=policy,
+        ref_model=None if lora else reference,  # with LoRA, TRL's reference is the policy with adapters off
+        args=args,
+        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows]),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in eval_rows[:1]]),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=run.callbacks(None, callbacks),
+        held_out=held_out,
+        reference=reference,
+        eval_batch_size=config.eval_batch_size,
+    )
+    parameters = count_trainable(trainer.model)
+    run.attach(trainer)
+    initial = trainer.held_out_report() if run.checkpoint is None else None
+    if initial is not None:
+        run.evaluate_before(lambda: flat_metrics(initial))
+    output = run.train(trainer)
+    final = trainer.held_out_report()
+    run.evaluate_after(output.global_step, lambda: flat_metrics(final))
+
+    replies = None
+    if config.model.reward_model:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(config.model.reward_model).eval()
+        seen, prompts = set(), []
+        for row in eval_rows:
+            key = tuple(m["content"] for m in row["prompt"])
+            if key not in seen and len(prompts) < config.data.max_reward_prompts:
+                seen.add(key)
+                ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
+                prompts.append(list(ids["input_ids"]))
+        measure = {"reward": reward_model_function(reward_model), "prompts": prompts, "tokenizer": tokenizer}
+        with torch.no_grad():
+            replies = {
+                name: held_out_metrics(
+                    model,
+                    reference,
+                    **measure,
+                    max_new_tokens=config.reply_max_new_tokens,
+                    temperature=1.0,
+                    seed=args.seed,
+                )  # fmt: skip
+                for name, model in (("sft", reference), ("dpo", trainer.model))
+            }
+    reports = {**({"DPO implicit reward, step 0": initial} if initial else {}), "DPO implicit reward": final}
+    table = f"## Held-out pair accuracy ({final['pairs']} pairs; a tie counts half)\n\n{markdown_table(reports)}\n"
+    if replies:
+        table += (
+            "\n## Replies to held-out prompts, scored by the reward model (sampled, temperature 1)\n\n"
+            "| policy | reward-model score | KL to SFT (nats / reply) | reply length |\n|---|---:|---:|---:|\n"
+            + "".join(
+                f"| {name} | {m['eval_score']:+.3f} | {m['eval_kl']:.3f} | {m['eval_response_length']:.1f} |\n"
+                for name, m in replies.items()
+            )
+        )
+    if run.main_process:
+        (run.output_dir / "dpo_eval.md").write_text(table, encoding="utf-8")
+        print(table)
+    return run.finish(
+        trainer,
+        tokenizer,
+        {
+            "init_from": str(init_from),
+            "lora": lora is not None,
+            "parameters": parameters,
+            "data": {
+                "train": vars(train_report) | {"skipped": dict(train_report.skipped)},
+                "validation": vars(eval_report) | {"skipped": dict(eval_report.skipped)},
+            },
+            "initial": initial,
+            "final": final,
+            "replies": replies,
+            "initial_validation_loss": None,
+            "final_validation_loss": None,
+        },
+    )
