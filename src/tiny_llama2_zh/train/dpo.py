@@ -145,7 +145,6 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     if not train_rows or not eval_rows:
         raise ConfigError(f"data.{'train' if not train_rows else 'validation'}: no usable preference pair")
     held_out = tokenize_pairs(eval_rows, tokenizer)
-    pad_id = tokenizer.pad_token_id
 
     run = StageRun("dpo", config, args, resume=config.resume, language_model=False)
     policy = AutoModelForCausalLM.from_pretrained(str(init_from))

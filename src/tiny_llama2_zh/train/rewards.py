@@ -120,7 +120,7 @@ def guarded(function: Callable, errors: RewardErrors) -> Callable:
             row = {key: [values[index]] for key, values in columns.items() if isinstance(values, list)}
             try:
                 rewards.append(function([prompt], [completion], **row)[0])
-            except Exception as error:  # noqa: BLE001 - any failure of user code is reported, never fatal
+            except Exception as error:  # any failure of user code is reported, never fatal
                 print(f"reward function {name} raised {type(error).__name__}: {error} on prompt {reply_text(prompt)!r}")
                 errors.record(name, prompt, error)
                 rewards.append(None)
