@@ -214,6 +214,8 @@ RECIPES = {
     "reward": ("tiny_llama2_zh.train.reward", "RewardRecipeConfig", "reward", "configs/reward/demo.yaml"),
     "ppo": ("tiny_llama2_zh.train.ppo", "PPORecipeConfig", "ppo", "configs/ppo/demo.yaml"),
     "rloo": ("tiny_llama2_zh.train.rloo", "RLOORecipeConfig", "rloo", "configs/rloo/demo.yaml"),
+    "dpo": ("tiny_llama2_zh.train.dpo", "DPORecipeConfig", "dpo", "configs/dpo/demo.yaml"),
+    "grpo": ("tiny_llama2_zh.train.grpo", "GRPORecipeConfig", "grpo", "configs/grpo/demo.yaml"),
 }
 
 
@@ -533,6 +535,18 @@ COMMANDS = [
         "RLHF with TRL's RLOOTrainer (REINFORCE leave-one-out) and a reward model: PPO's one-config alternative",
         _recipe_arguments("rloo"),
         _run_recipe("rloo"),
+    ),
+    Command(
+        "dpo",
+        "direct preference optimisation on preference pairs (TRL DPOTrainer; LoRA with model.lora)",
+        _recipe_arguments("dpo"),
+        _run_recipe("dpo"),
+    ),
+    Command(
+        "grpo",
+        "GRPO with verifiable rewards on task prompts (TRL GRPOTrainer, no vLLM)",
+        _recipe_arguments("grpo"),
+        _run_recipe("grpo"),
     ),
     Command(
         "lora",

@@ -184,16 +184,10 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
                 ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
                 prompts.append(list(ids["input_ids"]))
         measure = {"reward": reward_model_function(reward_model), "prompts": prompts, "tokenizer": tokenizer}
+        options = {"max_new_tokens": config.reply_max_new_tokens, "temperature": 1.0, "seed": args.seed}
         with torch.no_grad():
             replies = {
-                name: held_out_metrics(
-                    model,
-                    reference,
-                    **measure,
-                    max_new_tokens=config.reply_max_new_tokens,
-                    temperature=1.0,
-                    seed=args.seed,
-                )  # fmt: skip
+                name: held_out_metrics(model, reference, **measure, **options)
                 for name, model in (("sft", reference), ("dpo", trainer.model))
             }
     reports = {**({"DPO implicit reward, step 0": initial} if initial else {}), "DPO implicit reward": final}

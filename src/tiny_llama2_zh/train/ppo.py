@@ -74,6 +74,10 @@ class PPOOptions:
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
     missing_eos_penalty: float = 1.0  # taken off the score of a reply that does not end within max_new_tokens
+    # rollouts at the start that train the value model only (OpenRLHF's `freezing_actor_steps`): a value model
+    # read at positions its reward-model weights never scored gives a poor baseline, and the policy then drifts
+    # toward whatever reply scores high on average instead of what scores high for its prompt
+    critic_warmup_rollouts: int = 0
 
     def check(self) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -414,13 +418,14 @@ class PPOTrainer(Trainer):
         order = torch.randperm(options.rollout_batch_size, generator=generator)
         start = int(inputs["minibatch"]) * options.mini_batch_size
         batch = rollout.select(order[start : start + options.mini_batch_size].to(rollout.sequences.device))
-        loss, stats = self.ppo_loss(batch)
+        loss, stats = self.ppo_loss(batch, train_policy=rollout_index >= options.critic_warmup_rollouts)
         for name, value in stats.items():
             self._stats[name].append(value)
         return loss
 
-    def ppo_loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """Clipped policy loss + vf_coef * clipped value loss on one minibatch (Schulman et al. 2017, eq. 7 and 9)."""
+    def ppo_loss(self, batch: Rollout, train_policy: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clipped policy loss + vf_coef * clipped value loss on one minibatch (Schulman et al. 2017, eq. 7 and 9);
+        the value loss alone while the critic warms up."""
         options, width = self.options, batch.prompt_width
         mask = batch.reply_mask.float()
         positions = position_ids_of(batch.attention_mask)
@@ -440,7 +445,7 @@ class PPOTrainer(Trainer):
         ratio = torch.exp(log_ratio)
         clipped_ratio = ratio.clamp(1 - options.clip_range, 1 + options.clip_range)
         policy_loss = masked_mean(torch.maximum(-batch.advantages * ratio, -batch.advantages * clipped_ratio), mask)
-        loss = policy_loss + options.vf_coef * value_loss
+        loss = (policy_loss if train_policy else 0.0 * policy_loss) + options.vf_coef * value_loss
         with torch.no_grad():
             entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             stats = {
