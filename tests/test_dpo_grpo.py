@@ -46,7 +46,9 @@ def test_correctness_checkers(checker, reference, reply, expected):
 
 
 def test_format_and_correctness_reward_functions_dispatch_on_the_task():
-    completions = [[{"role": "assistant", "content": text}] for text in ("“正面”。", "正面吧", "我 爱 北京", "zhong1 guo2")]
+    completions = [
+        [{"role": "assistant", "content": text}] for text in ("“正面”。", "正面吧", "我 爱 北京", "zhong1 guo2")
+    ]
     tasks = ["sentiment", "sentiment", "segmentation", "pinyin"]
     answers = ["正面", "负面", "我 爱 北京", "zhōng guó"]
     assert format_reward(None, completions, task=tasks, answer=answers) == [1.0, 0.0, 1.0, 0.0]
@@ -141,9 +143,7 @@ def test_dpo_learns_held_out_preferences_and_reports_replies(tiny_model_dir, tin
 def test_dpo_with_lora_trains_adapters_against_the_adapter_free_reference(tiny_model_dir, tmp_path):
     from tiny_llama2_zh.train.dpo import dpo
 
-    result = dpo(
-        dpo_recipe(tiny_model_dir, tmp_path, "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.max_steps=4")
-    )
+    result = dpo(dpo_recipe(tiny_model_dir, tmp_path, "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.max_steps=4"))
     assert result["lora"] and 0 < result["parameters"]["trainable"] < result["parameters"]["total"] / 5
     assert result["final"]["accuracy"] > 0.5 and (tmp_path / "run" / "final" / "adapter_config.json").is_file()
 
