@@ -1,5 +1,6 @@
 """The end-to-end demo on CPU, in one folder: embedded corpus -> tokenizer -> .bin -> pretraining -> demo tasks ->
-SFT -> reward model -> PPO -> task evaluation (baseline vs base, SFT and PPO models) -> summary.
+SFT -> reward model -> PPO -> DPO -> GRPO -> task evaluation and the side-by-side table (SFT, PPO, DPO, GRPO:
+task accuracy, reward-model score, KL to SFT, stage time) -> summary.
 
 Every stage is the real one the CLI runs on its own (`runs/demo.sh` runs them one command at a time); this module
 only chains them, times them and writes `summary.md`. Stage options are overridden as `STAGE.section.key=value`,
@@ -26,7 +27,10 @@ DEMO_CONFIGS = {
     "sft": PACKAGE_CONFIGS / "sft" / "demo.yaml",
     "reward": PACKAGE_CONFIGS / "reward" / "demo.yaml",
     "ppo": PACKAGE_CONFIGS / "ppo" / "demo.yaml",
+    "dpo": PACKAGE_CONFIGS / "dpo" / "demo.yaml",
+    "grpo": PACKAGE_CONFIGS / "grpo" / "demo.yaml",
 }
+ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
 DEMO_VOCAB_SIZE = 4096
 # The SFT mix: every task's training file, sentiment twice (its replies are one label, so it gets the least signal
 # per example; alone, 300 steps reached 83 % held-out accuracy where the even mix stayed near 70 %).
@@ -37,6 +41,7 @@ SFT_MIX = ("sentiment", "sentiment", "segmentation", "pinyin")
 REWARD_MIX = SFT_MIX
 # RLHF prompts: the tasks whose replies the demo reward model can judge (pinyin it cannot: see the README)
 PPO_TASKS = ("sentiment", "segmentation")
+GRPO_TASK = "sentiment"  # the task whose checker gives the clearest signal to a 1.3M-parameter policy
 EVAL_ROWS_PER_TASK = 200  # held-out rows per task in the demo's evaluation (all of them: `tinyllm eval tasks`)
 
 
@@ -54,6 +59,9 @@ class DemoReport:
     sft: dict = field(default_factory=dict)
     reward_table: str = ""
     ppo: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    grpo: dict = field(default_factory=dict)
+    side_by_side: str = ""
     eval_rows_per_task: int = EVAL_ROWS_PER_TASK
     task_table: str = ""
     dialogue: list[dict[str, str]] = field(default_factory=list)
@@ -90,6 +98,10 @@ class DemoReport:
                 if m
             ),
             "",
+            "## SFT, PPO, DPO and GRPO side by side",
+            "",
+            self.side_by_side,
+            "",
             f"## Held-out task accuracy ({self.eval_rows_per_task} test rows per task, chosen by prompt hash; greedy)",
             "",
             self.task_table,
@@ -104,6 +116,50 @@ class DemoReport:
         for prompt, continuation in self.samples.items():
             lines += [f"- **{prompt}**{continuation}", ""]
         return "\n".join(lines)
+
+
+def side_by_side(output_dir: Path, evaluation: dict, ppo_config, stage_seconds: dict[str, float]) -> str:
+    """One row per policy (SFT, PPO, DPO, GRPO): held-out task accuracy (from `evaluation`), the reward model's
+    mean score of sampled replies to PPO's held-out prompts and the KL to the SFT model there (the measure PPO,
+    RLOO and DPO report), and the wall time of the stage that made it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tiny_llama2_zh.data.conversations import load_prompts
+    from tiny_llama2_zh.tokenizer import load_tokenizer
+    from tiny_llama2_zh.train.ppo import held_out_metrics, prompt_ids, reward_model_function
+
+    tokenizer = load_tokenizer(output_dir / "sft" / "final")
+    rows, _ = load_prompts(
+        ppo_config.data.validation,
+        tokenizer,
+        ppo_config.data.max_prompt_length,
+        ppo_config.data.max_validation_prompts,
+    )
+    prompts = prompt_ids(rows, tokenizer)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(output_dir / "reward" / "final").eval()
+    reference = AutoModelForCausalLM.from_pretrained(output_dir / "sft" / "final").eval()
+    by_path = {Path(row["path"]).parent.name: row["tasks"] for row in evaluation["rows"] if row.get("path")}
+    lines = [
+        "| policy | sentiment acc | seg F1 | pinyin syllable acc | RM score | KL to SFT (nats/reply) | stage time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage in ALIGNED:
+        policy = AutoModelForCausalLM.from_pretrained(output_dir / stage / "final").eval()
+        measured = held_out_metrics(
+            policy, reference, reward_model_function(reward_model), prompts, tokenizer,
+            ppo_config.ppo.max_new_tokens, ppo_config.ppo.temperature, seed=1337,
+        )  # fmt: skip
+        tasks = by_path[stage]
+        cells = [
+            f"{tasks['sentiment']['metrics']['accuracy']:.1%}",
+            f"{tasks['segmentation']['metrics']['f1']:.1%}",
+            f"{tasks['pinyin']['metrics']['syllable_accuracy']:.1%}",
+            f"{measured['eval_score']:+.3f}",
+            f"{measured['eval_kl']:.3f}",
+            f"{stage_seconds.get(stage, 0.0):.0f} s",
+        ]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
@@ -129,6 +185,8 @@ def run_demo(
     from tiny_llama2_zh.eval.tasks import evaluate_tasks, markdown_table
     from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply
     from tiny_llama2_zh.loading import load_model
+    from tiny_llama2_zh.train.dpo import DPORecipeConfig, dpo
+    from tiny_llama2_zh.train.grpo import GRPORecipeConfig, grpo
     from tiny_llama2_zh.train.ppo import PPORecipeConfig, ppo
     from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
     from tiny_llama2_zh.train.reward import RewardRecipeConfig, reward
@@ -247,12 +305,47 @@ def run_demo(
     timed("ppo", started)
 
     started = time.perf_counter()
-    models = [output_dir / stage / "final" for stage in ("pretrain", "sft", "ppo")]
+    dpo_config = load_config(
+        DPORecipeConfig,
+        DEMO_CONFIGS["dpo"],
+        [
+            f"model.init_from={output_dir / 'sft' / 'final'}",
+            f"model.reward_model={output_dir / 'reward' / 'final'}",
+            f"data.train={[str(tasks_dir / task / 'preference-train.jsonl') for task in REWARD_MIX]}",
+            f"data.validation={[str(tasks_dir / task / 'preference-test.jsonl') for task in TASKS]}",
+            f"train.output_dir={output_dir / 'dpo'}",
+            *stage_overrides["dpo"],
+        ],
+    )
+    dpo_result = dpo(dpo_config)
+    report.dpo = {key: dpo_result[key] for key in ("steps", "initial", "final", "replies", "train_seconds")}
+    timed("dpo", started)
+
+    started = time.perf_counter()
+    grpo_config = load_config(
+        GRPORecipeConfig,
+        DEMO_CONFIGS["grpo"],
+        [
+            f"model.init_from={output_dir / 'sft' / 'final'}",
+            f"data.prompts={tasks_dir / GRPO_TASK / 'sft-train.jsonl'}",
+            f"data.validation={tasks_dir / GRPO_TASK / 'sft-test.jsonl'}",
+            f"train.output_dir={output_dir / 'grpo'}",
+            *stage_overrides["grpo"],
+        ],
+    )
+    grpo_result = grpo(grpo_config)
+    report.grpo = {key: grpo_result[key] for key in ("steps", "initial", "final", "train_seconds")}
+    timed("grpo", started)
+
+    started = time.perf_counter()
+    models = [output_dir / stage / "final" for stage in ("pretrain", *ALIGNED)]
     evaluation = evaluate_tasks(models, tasks_dir, limit=eval_rows)
     (output_dir / "eval").mkdir(exist_ok=True)
     (output_dir / "eval" / "tasks.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
     report.task_table = markdown_table(evaluation)
     print(report.task_table)
+    report.side_by_side = side_by_side(output_dir, evaluation, ppo_config, report.stage_seconds)
+    print(report.side_by_side)
     model, chat_tokenizer = load_model(output_dir / "sft" / "final")
     for task in TASKS:
         first = json.loads((tasks_dir / task / "sft-test.jsonl").read_text(encoding="utf-8").splitlines()[0])

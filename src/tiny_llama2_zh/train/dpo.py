@@ -16,6 +16,7 @@ same measure as PPO's and RLOO's).
 """
 
 from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -176,13 +177,21 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     replies = None
     if config.model.reward_model:
         reward_model = AutoModelForSequenceClassification.from_pretrained(config.model.reward_model).eval()
-        seen, prompts = set(), []
+        # distinct held-out prompts, taken from each source in turn
+        by_source: dict[str, list[tuple[str, ...]]] = {}
         for row in eval_rows:
             key = tuple(m["content"] for m in row["prompt"])
-            if key not in seen and len(prompts) < config.data.max_reward_prompts:
-                seen.add(key)
-                ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
-                prompts.append(list(ids["input_ids"]))
+            if key not in by_source.setdefault(row["source"], []):
+                by_source[row["source"]].append(key)
+        picked = [key for keys in zip_longest(*by_source.values()) for key in keys if key is not None]
+        prompts = [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": key[-1]}], add_generation_prompt=True, return_dict=True
+                )["input_ids"]
+            )
+            for key in picked[: config.data.max_reward_prompts]
+        ]
         measure = {"reward": reward_model_function(reward_model), "prompts": prompts, "tokenizer": tokenizer}
         options = {"max_new_tokens": config.reply_max_new_tokens, "temperature": 1.0, "seed": args.seed}
         with torch.no_grad():
