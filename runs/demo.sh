@@ -31,11 +31,33 @@ held_out="[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.
 tinyllm sft --config configs/sft/demo.yaml model.init_from="$out/pretrain/final" \
   data.train="$tasks" data.validation="$held_out" train.output_dir="$out/sft"
 
-# 7. Held-out accuracy: trivial baselines vs the pretrained model vs the SFT model.
-tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --data "$out/tasks" --limit 200 \
+# 7. A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.
+pairs="[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/pinyin/preference-train.jsonl]"
+held_out_pairs="[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/pinyin/preference-test.jsonl]"
+tinyllm reward --config configs/reward/demo.yaml model.init_from="$out/sft/final" \
+  data.train="$pairs" data.validation="$held_out_pairs" train.output_dir="$out/reward"
+
+# 8. PPO (written here) against that reward model, KL-penalised to the SFT model; RLOO (TRL) beside it.
+prompts="[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl]"
+held_out_prompts="[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl]"
+tinyllm ppo --config configs/ppo/demo.yaml model.policy="$out/sft/final" model.reward_model="$out/reward/final" \
+  data.prompts="$prompts" data.validation="$held_out_prompts" train.output_dir="$out/ppo"
+tinyllm rloo --config configs/rloo/demo.yaml model.policy="$out/sft/final" model.reward_model="$out/reward/final" \
+  data.prompts="$prompts" data.validation="$held_out_prompts" train.output_dir="$out/rloo"
+
+# 9. DPO on the same pairs (no reward model in the loop), and GRPO with checkable rewards on sentiment prompts.
+tinyllm dpo --config configs/dpo/demo.yaml model.init_from="$out/sft/final" model.reward_model="$out/reward/final" \
+  data.train="$pairs" data.validation="$held_out_pairs" train.output_dir="$out/dpo"
+tinyllm grpo --config configs/grpo/demo.yaml model.init_from="$out/sft/final" \
+  data.prompts="$out/tasks/sentiment/sft-train.jsonl" data.validation="$out/tasks/sentiment/sft-test.jsonl" \
+  train.output_dir="$out/grpo"
+
+# 10. Held-out accuracy: trivial baselines vs the pretrained model vs every post-trained model.
+tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" \
+  --model "$out/rloo/final" --model "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 \
   --output "$out/eval"
 
-# 8. Talk to it (the curves are in $out/pretrain/loss.png and $out/sft/loss.png).
+# 11. Talk to it (the curves are in each stage's loss.png).
 tinyllm generate --chat --model "$out/sft/final" \
   --prompt "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。
 评论：物流很快，包装也很好，非常满意。"
