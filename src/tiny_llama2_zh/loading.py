@@ -50,6 +50,20 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
     return path
 
 
+def init_tokenizer(init_from: str | Path, expected: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer of a folder a stage starts from; with `expected` (the recipe's `model.tokenizer`), refused
+    unless it is that tokenizer, naming both fingerprints."""
+    tokenizer = load_tokenizer(init_from)
+    if expected is not None:
+        wanted = tokenizer_fingerprint(load_tokenizer(expected))
+        if wanted != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
+                f"model.tokenizer {expected} ({wanted})"
+            )
+    return tokenizer
+
+
 def same_tokenizer_or_refuse(first: str | Path, second: str | Path) -> None:
     """Two folders used together (a policy and its reward model, init weights and data) must share a tokenizer."""
     a, b = tokenizer_fingerprint(load_tokenizer(first)), tokenizer_fingerprint(load_tokenizer(second))

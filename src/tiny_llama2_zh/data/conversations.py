@@ -10,6 +10,7 @@ One longer than `max_length` tokens (with the template) is skipped, or cut from 
 import glob
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,6 +60,30 @@ def expand_paths(patterns: str | list[str], kind: str = "chat") -> list[Path]:
             )
         paths += map(Path, matched)
     return paths
+
+
+def numbered_records(
+    paths: list[Path], report: ConversationReport, limit: int | None = None
+) -> Iterator[tuple[Path, str, object]]:
+    """(file, "file:line", parsed JSON) for every non-blank line of the files, counted in `report.read`; a line
+    that is not UTF-8 JSON is skipped and counted. `limit` caps each file by what the caller keeps (counted in
+    `report.kept`), so every file of a mix is represented."""
+    for path in paths:
+        kept_before = report.kept
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                if limit is not None and report.kept - kept_before >= limit:
+                    break
+                if not raw.strip():
+                    continue
+                report.read += 1
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    report.skip(where, f"malformed line ({type(error).__name__})")
+                    continue
+                yield path, where, record
 
 
 def problem(messages: object) -> str | None:
@@ -111,39 +136,24 @@ def load_conversations(
     file (the first `limit` usable conversations of every file), so every source of a mix is represented."""
     report = ConversationReport()
     kept: list[dict] = []
-    for path in expand_paths(patterns):
-        from_this_file = 0
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                if limit is not None and from_this_file >= limit:
-                    break
-                if not raw.strip():
-                    continue
-                report.read += 1
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    report.skip(where, f"malformed line ({type(error).__name__})")
-                    continue
-                messages = record.get("messages") if isinstance(record, dict) else None
-                reason = problem(messages)
-                if reason is not None:
-                    report.skip(where, reason)
-                    continue
-                messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-                if messages[-1]["role"] != "assistant":  # trailing user turns teach nothing
-                    messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
-                if _length(tokenizer, messages) > max_length:
-                    fitted = fit(tokenizer, messages, max_length) if too_long == "truncate_left" else None
-                    if fitted is None:
-                        report.skip(where, f"longer than max_length {max_length}")
-                        continue
-                    messages = fitted
-                    report.truncated += 1
-                kept.append({"messages": messages})
-                report.kept += 1
-                from_this_file += 1
+    for _path, where, record in numbered_records(expand_paths(patterns), report, limit):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        reason = problem(messages)
+        if reason is not None:
+            report.skip(where, reason)
+            continue
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if messages[-1]["role"] != "assistant":  # trailing user turns teach nothing
+            messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
+        if _length(tokenizer, messages) > max_length:
+            fitted = fit(tokenizer, messages, max_length) if too_long == "truncate_left" else None
+            if fitted is None:
+                report.skip(where, f"longer than max_length {max_length}")
+                continue
+            messages = fitted
+            report.truncated += 1
+        kept.append({"messages": messages})
+        report.kept += 1
     return kept, report
 
 
@@ -159,46 +169,29 @@ def load_prompts(
     A prompt longer than `max_prompt_length` tokens with the template is skipped and counted."""
     report = ConversationReport(unit="prompts")
     rows: list[dict] = []
-    for path in expand_paths(patterns):
-        from_this_file = 0
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                if limit is not None and from_this_file >= limit:
-                    break
-                if not raw.strip():
-                    continue
-                report.read += 1
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    report.skip(where, f"malformed line ({type(error).__name__})")
-                    continue
-                if isinstance(record, dict) and "messages" in record:
-                    reason = problem(record["messages"])
-                    if reason is not None:
-                        report.skip(where, reason)
-                        continue
-                    messages = record["messages"]
-                    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-                    reference = messages[last]["content"]
-                elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
-                    prompt = [{"role": "user", "content": record["prompt"]}]
-                    reference = record.get("chosen") if isinstance(record.get("chosen"), str) else None
-                else:
-                    report.skip(where, "neither {messages} nor a {prompt} string")
-                    continue
-                if not prompt or prompt[-1]["role"] != "user":
-                    report.skip(where, "no user turn before the reply")
-                    continue
-                length = len(
-                    tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
-                )
-                if length > max_prompt_length:
-                    report.skip(where, f"prompt longer than {max_prompt_length} tokens")
-                    continue
-                rows.append({"prompt": prompt, "source": path.parent.name, "reference": reference})
-                report.kept += 1
-                from_this_file += 1
+    for path, where, record in numbered_records(expand_paths(patterns), report, limit):
+        if isinstance(record, dict) and "messages" in record:
+            reason = problem(record["messages"])
+            if reason is not None:
+                report.skip(where, reason)
+                continue
+            messages = record["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+            reference = messages[last]["content"]
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
+            prompt = [{"role": "user", "content": record["prompt"]}]
+            reference = record.get("chosen") if isinstance(record.get("chosen"), str) else None
+        else:
+            report.skip(where, "neither {messages} nor a {prompt} string")
+            continue
+        if not prompt or prompt[-1]["role"] != "user":
+            report.skip(where, "no user turn before the reply")
+            continue
+        length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+        if length > max_prompt_length:
+            report.skip(where, f"prompt longer than {max_prompt_length} tokens")
+            continue
+        rows.append({"prompt": prompt, "source": path.parent.name, "reference": reference})
+        report.kept += 1
     return rows, report

@@ -9,12 +9,11 @@ a malformed line, a missing or non-string field, an empty reply, chosen equal to
 (`runs/demo/tasks/sentiment/preference-test.jsonl` -> `sentiment`), so that results are reported per source.
 """
 
-import json
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from tiny_llama2_zh.data.conversations import ConversationReport, expand_paths, problem
+from tiny_llama2_zh.data.conversations import ConversationReport, expand_paths, numbered_records, problem
 
 Message = dict[str, str]
 
@@ -54,53 +53,56 @@ def load_preferences(
     "source": str}` rows, and the report. `limit` caps each file (its first `limit` usable pairs)."""
     report = ConversationReport(unit="pairs")
     rows: list[dict] = []
-    for path in expand_paths(patterns, kind="preference"):
-        from_this_file = 0
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                if limit is not None and from_this_file >= limit:
-                    break
-                if not raw.strip():
-                    continue
-                report.read += 1
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    report.skip(where, f"malformed line ({type(error).__name__})")
-                    continue
-                if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
-                    report.skip(where, "not a {prompt, chosen, rejected} record")
-                    continue
-                prompt = _prompt_messages(record["prompt"])
-                chosen, rejected = _reply(record["chosen"]), _reply(record["rejected"])
-                if isinstance(prompt, str):
-                    report.skip(where, prompt)
-                    continue
-                if chosen is None or rejected is None:
-                    report.skip(where, "chosen or rejected is not a string")
-                    continue
-                if not chosen.strip() or not rejected.strip():
-                    report.skip(where, "empty reply")
-                    continue
-                if chosen.strip() == rejected.strip():
-                    report.skip(where, "chosen equals rejected")
-                    continue
-                longest = max(
-                    len(tokenizer.apply_chat_template([*prompt, reply], return_dict=True)["input_ids"])
-                    for reply in ({"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected})
-                )
-                if longest > max_length:
-                    report.skip(where, f"longer than max_length {max_length}")
-                    continue
-                rows.append(
-                    {
-                        "prompt": prompt,
-                        "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}],
-                        "source": source_name(path),
-                    }
-                )
-                report.kept += 1
-                from_this_file += 1
+    for path, where, record in numbered_records(expand_paths(patterns, kind="preference"), report, limit):
+        if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
+            report.skip(where, "not a {prompt, chosen, rejected} record")
+            continue
+        prompt = _prompt_messages(record["prompt"])
+        chosen, rejected = _reply(record["chosen"]), _reply(record["rejected"])
+        if isinstance(prompt, str):
+            report.skip(where, prompt)
+            continue
+        if chosen is None or rejected is None:
+            report.skip(where, "chosen or rejected is not a string")
+            continue
+        if not chosen.strip() or not rejected.strip():
+            report.skip(where, "empty reply")
+            continue
+        if chosen.strip() == rejected.strip():
+            report.skip(where, "chosen equals rejected")
+            continue
+        longest = max(
+            len(tokenizer.apply_chat_template([*prompt, reply], return_dict=True)["input_ids"])
+            for reply in ({"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected})
+        )
+        if longest > max_length:
+            report.skip(where, f"longer than max_length {max_length}")
+            continue
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "source": source_name(path),
+            }
+        )
+        report.kept += 1
     return rows, report
+
+
+def load_preference_splits(
+    data, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[dict], ConversationReport, list[dict], ConversationReport]:
+    """A recipe's `data:` section (train, validation, max_train_examples, max_validation_examples) as training
+    and held-out pairs with their reports, printed; either side empty is an error."""
+    from tiny_llama2_zh.config import ConfigError
+
+    train, train_report = load_preferences(data.train, tokenizer, max_length, data.max_train_examples)
+    print(f"train pairs: {train_report.summary()}")
+    for example in train_report.examples[:5]:
+        print(f"  skipped {example}")
+    held_out, held_out_report = load_preferences(data.validation, tokenizer, max_length, data.max_validation_examples)
+    print(f"held-out pairs: {held_out_report.summary()}")
+    if not train or not held_out:
+        raise ConfigError(f"data.{'train' if not train else 'validation'}: no usable preference pair")
+    return train, train_report, held_out, held_out_report

@@ -24,8 +24,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.preferences import load_preferences
+from tiny_llama2_zh.data.preferences import load_preference_splits
 from tiny_llama2_zh.eval.preferences import (
     TokenizedPair,
     flat_metrics,
@@ -35,8 +34,7 @@ from tiny_llama2_zh.eval.preferences import (
     tokenize_pairs,
 )
 from tiny_llama2_zh.infer.generate import turn_end_ids
-from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
-from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
+from tiny_llama2_zh.loading import check_model_folder, init_tokenizer, same_tokenizer_or_refuse
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
 from tiny_llama2_zh.train.ppo import held_out_metrics, reward_model_function
 from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
@@ -125,26 +123,10 @@ class HeldOutPairsDPOTrainer(DPOTrainer):
 def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = dpo_arguments(config)
     init_from = check_model_folder(config.model.init_from)
-    tokenizer = load_tokenizer(init_from)
-    if config.model.tokenizer is not None:
-        expected = tokenizer_fingerprint(load_tokenizer(config.model.tokenizer))
-        if expected != tokenizer_fingerprint(tokenizer):
-            raise ValueError(
-                f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
-                f"model.tokenizer {config.model.tokenizer} ({expected})"
-            )
+    tokenizer = init_tokenizer(init_from, config.model.tokenizer)
     if config.model.reward_model:
         same_tokenizer_or_refuse(init_from, check_model_folder(config.model.reward_model))
-    train_rows, train_report = load_preferences(
-        config.data.train, tokenizer, args.max_length, config.data.max_train_examples
-    )
-    print(f"train pairs: {train_report.summary()}")
-    eval_rows, eval_report = load_preferences(
-        config.data.validation, tokenizer, args.max_length, config.data.max_validation_examples
-    )
-    print(f"held-out pairs: {eval_report.summary()}")
-    if not train_rows or not eval_rows:
-        raise ConfigError(f"data.{'train' if not train_rows else 'validation'}: no usable preference pair")
+    train_rows, train_report, eval_rows, eval_report = load_preference_splits(config.data, tokenizer, args.max_length)
     held_out = tokenize_pairs(eval_rows, tokenizer)
 
     run = StageRun("dpo", config, args, resume=config.resume, language_model=False)

@@ -36,7 +36,7 @@ from tiny_llama2_zh.train.rewards import (
     format_reward,
     guarded,
 )
-from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import RL_DEFAULTS, StageRun, training_arguments, trl_defaults
 
 
 @dataclass
@@ -69,14 +69,9 @@ def grpo_arguments(config: GRPORecipeConfig) -> GRPOConfig:
         GRPOConfig,
         config.train,
         "train",
-        learning_rate=1e-5,
-        warmup_steps=0,
-        lr_scheduler_type="linear",
-        lr_scheduler_kwargs={},
-        weight_decay=0.0,
+        **RL_DEFAULTS,
         num_generations=8,
         max_completion_length=48,
-        include_num_input_tokens_seen="no",
         **trl_defaults(GRPOConfig),
     )
 

@@ -52,7 +52,7 @@ from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_
 from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback, TrainingDivergedError
-from tiny_llama2_zh.train.runner import StageRun, training_arguments
+from tiny_llama2_zh.train.runner import RL_DEFAULTS, StageRun, training_arguments
 
 # (sequences (B, T), attention mask (B, T), position ids (B, T), prompt width P) -> one score per sequence (B,)
 RewardFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -542,15 +542,10 @@ def ppo_arguments(config: PPORecipeConfig) -> TrainingArguments:
         TrainingArguments,
         config.train,
         "train",
-        learning_rate=1e-5,
-        warmup_steps=0,
-        lr_scheduler_type="linear",  # TRL 1.12's PPO: linear decay
-        lr_scheduler_kwargs={},
-        weight_decay=0.0,
+        **RL_DEFAULTS,
         logging_steps=per_rollout,
         logging_first_step=False,  # one record per rollout, not one for the first minibatch
         save_steps=10 * per_rollout,
-        include_num_input_tokens_seen="no",
         remove_unused_columns=False,
     )
 

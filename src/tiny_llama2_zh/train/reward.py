@@ -21,8 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.preferences import load_preferences
+from tiny_llama2_zh.data.preferences import load_preference_splits
 from tiny_llama2_zh.eval.preferences import (
     TokenizedPair,
     baseline_reports,
@@ -32,9 +31,8 @@ from tiny_llama2_zh.eval.preferences import (
     reward_model_report,
     tokenize_pairs,
 )
-from tiny_llama2_zh.loading import check_model_folder
+from tiny_llama2_zh.loading import check_model_folder, init_tokenizer
 from tiny_llama2_zh.presets import flops_per_token
-from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
 
 
@@ -105,26 +103,8 @@ def load_reward_model(init_from: str, pad_token_id: int):
 def reward(config: RewardRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = reward_arguments(config)
     init_from = check_model_folder(config.model.init_from)
-    tokenizer = load_tokenizer(init_from)
-    if config.model.tokenizer is not None:
-        expected = tokenizer_fingerprint(load_tokenizer(config.model.tokenizer))
-        if expected != tokenizer_fingerprint(tokenizer):
-            raise ValueError(
-                f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
-                f"model.tokenizer {config.model.tokenizer} ({expected})"
-            )
-    train_rows, train_report = load_preferences(
-        config.data.train, tokenizer, args.max_length, config.data.max_train_examples
-    )
-    print(f"train pairs: {train_report.summary()}")
-    for example in train_report.examples[:5]:
-        print(f"  skipped {example}")
-    eval_rows, eval_report = load_preferences(
-        config.data.validation, tokenizer, args.max_length, config.data.max_validation_examples
-    )
-    print(f"held-out pairs: {eval_report.summary()}")
-    if not train_rows or not eval_rows:
-        raise ConfigError(f"data.{'train' if not train_rows else 'validation'}: no usable preference pair")
+    tokenizer = init_tokenizer(init_from, config.model.tokenizer)
+    train_rows, train_report, eval_rows, eval_report = load_preference_splits(config.data, tokenizer, args.max_length)
     held_out = tokenize_pairs(eval_rows, tokenizer)
     pad_id = tokenizer.pad_token_id
 

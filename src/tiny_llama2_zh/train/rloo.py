@@ -24,7 +24,7 @@ from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.ppo import PPODataOptions, held_out_metrics, prompt_ids, reward_model_function
-from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import RL_DEFAULTS, StageRun, training_arguments, trl_defaults
 
 
 @dataclass
@@ -49,15 +49,10 @@ def rloo_arguments(config: RLOORecipeConfig) -> RLOOConfig:
         RLOOConfig,
         config.train,
         "train",
-        learning_rate=1e-5,
-        warmup_steps=0,
-        lr_scheduler_type="linear",
-        lr_scheduler_kwargs={},
-        weight_decay=0.0,
+        **RL_DEFAULTS,
         num_generations=4,
         max_completion_length=48,
         beta=0.05,
-        include_num_input_tokens_seen="no",
         **trl_defaults(RLOOConfig),
     )
 

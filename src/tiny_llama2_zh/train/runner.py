@@ -91,6 +91,18 @@ def trl_defaults(args_class: type[TrainingArguments]) -> dict[str, Any]:
     return {name: value for name, value in defaults.items() if name in names}
 
 
+# Beneath the reinforcement-learning stages (PPO, RLOO, GRPO): a small constant-then-linear learning rate without
+# weight decay, as TRL's RL trainers default to; the recipes' own YAMLs set the rate.
+RL_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-5,
+    "warmup_steps": 0,
+    "lr_scheduler_type": "linear",
+    "lr_scheduler_kwargs": {},
+    "weight_decay": 0.0,
+    "include_num_input_tokens_seen": "no",  # their batches are prompts, not the tokens trained on
+}
+
+
 def training_arguments(
     args_class: type[ArgsT], values: dict[str, Any], where: str = "train", **stage_defaults: Any
 ) -> ArgsT:

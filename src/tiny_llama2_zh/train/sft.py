@@ -19,9 +19,8 @@ from trl import SFTConfig, SFTTrainer
 from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.data.conversations import TooLong, load_conversations
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
-from tiny_llama2_zh.loading import check_model_folder
+from tiny_llama2_zh.loading import check_model_folder, init_tokenizer
 from tiny_llama2_zh.presets import flops_per_token
-from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
 from tiny_llama2_zh.train.runner import StageRun, trainer_eval_loss, training_arguments, trl_defaults
@@ -92,14 +91,7 @@ def sft_arguments(config: SFTRecipeConfig) -> SFTConfig:
 def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = sft_arguments(config)
     init_from = check_model_folder(config.model.init_from)
-    tokenizer = load_tokenizer(init_from)
-    if config.model.tokenizer is not None:
-        expected = tokenizer_fingerprint(load_tokenizer(config.model.tokenizer))
-        if expected != tokenizer_fingerprint(tokenizer):
-            raise ValueError(
-                f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
-                f"model.tokenizer {config.model.tokenizer} ({expected})"
-            )
+    tokenizer = init_tokenizer(init_from, config.model.tokenizer)
     lora = peft_config(config.model.lora) if config.model.lora else None
     train_rows, train_report = load_conversations(
         config.data.train, tokenizer, args.max_length, config.data.too_long, config.data.max_train_examples
