@@ -36,6 +36,10 @@ class ConversationReport:
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {reason}")
 
+    def as_dict(self) -> dict:
+        """JSON-ready, for a run's summary.json."""
+        return vars(self) | {"skipped": dict(self.skipped)}
+
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in self.skipped.most_common()) or "none"
         kept = f"{self.kept:,} of {self.read:,} {self.unit} kept"

@@ -203,8 +203,8 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
             "lora": lora is not None,
             "parameters": parameters,
             "data": {
-                "train": vars(train_report) | {"skipped": dict(train_report.skipped)},
-                "validation": vars(eval_report) | {"skipped": dict(eval_report.skipped)},
+                "train": train_report.as_dict(),
+                "validation": eval_report.as_dict(),
             },
             "initial": initial,
             "final": final,

@@ -624,7 +624,7 @@ def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
             "reward_model": str(reward_dir),
             "value_model": str(value_dir),
             "rollouts": output.global_step // config.ppo.steps_per_rollout,
-            "prompts": vars(train_report) | {"skipped": dict(train_report.skipped)},
+            "prompts": train_report.as_dict(),
             "initial": initial,
             "final": final,
             "kl_coef": trainer.kl_coef,

@@ -146,8 +146,8 @@ def reward(config: RewardRecipeConfig, callbacks: list[TrainerCallback] | None =
         {
             "init_from": str(init_from),
             "data": {
-                "train": vars(train_report) | {"skipped": dict(train_report.skipped)},
-                "validation": vars(eval_report) | {"skipped": dict(eval_report.skipped)},
+                "train": train_report.as_dict(),
+                "validation": eval_report.as_dict(),
             },
             "baselines": baselines,
             "initial": initial,

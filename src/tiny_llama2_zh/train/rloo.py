@@ -112,7 +112,7 @@ def rloo(config: RLOORecipeConfig, callbacks: list[TrainerCallback] | None = Non
         {
             "policy": str(policy_dir),
             "reward_model": str(reward_dir),
-            "prompts": vars(train_report) | {"skipped": dict(train_report.skipped)},
+            "prompts": train_report.as_dict(),
             "initial": initial,
             "final": final,
             "initial_validation_loss": None,

@@ -148,8 +148,8 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
             "lora": lora is not None,
             "parameters": parameters,
             "data": {
-                "train": vars(train_report) | {"skipped": dict(train_report.skipped)},
-                "validation": (vars(eval_report) | {"skipped": dict(eval_report.skipped)}) if eval_report else None,
+                "train": train_report.as_dict(),
+                "validation": eval_report.as_dict() if eval_report else None,
             },
             "initial_validation_loss": initial["eval_loss"] if initial else None,
             "final_validation_loss": final["eval_loss"] if final else None,
