@@ -463,14 +463,16 @@ def _demo(args: argparse.Namespace) -> None:
     report = run_demo(args.output, args.overrides, force=args.force, eval_rows=args.eval_rows)
     print()
     print(report.markdown())
-    print(f"everything is under {args.output}/ (summary.md, pretrain/, sft/, reward/, ppo/, eval/tasks.json)")
+    print(
+        f"everything is under {args.output}/ (summary.md, pretrain/, sft/, reward/, ppo/, dpo/, grpo/, eval/tasks.json)"
+    )
     print(f"talk to the SFT model: tinyllm chat --model {Path(args.output) / 'sft' / 'final'}")
 
 
 COMMANDS = [
     Command(
         "demo",
-        "end-to-end demo on CPU: corpus, tokenizer, pretraining, SFT, reward model, PPO, task evaluation",
+        "end-to-end demo on CPU: corpus, tokenizer, pretraining, SFT, reward model, PPO, DPO, GRPO, evaluation",
         _demo_arguments,
         _demo,
     ),

@@ -348,9 +348,9 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def make_rollout(self, prompts: list[list[int]], policy: PreTrainedModel | None = None) -> Rollout:
+    def make_rollout(self, prompts: list[list[int]]) -> Rollout:
         options = self.options
-        policy = policy or self.model.policy
+        policy = self.model.policy
         value_model = self.model.value_model
         device = policy.device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, device)
