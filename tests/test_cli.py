@@ -44,3 +44,24 @@ def test_sizes_table_counts_are_the_models_real_counts(capsys):
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["reward", "ppo", "rloo", "dpo", "grpo"])
+def test_post_training_commands_refuse_a_missing_model_folder_with_a_message(stage, tmp_path, capsys):
+    from conftest import REPO_ROOT
+
+    config = REPO_ROOT / "configs" / stage / "demo.yaml"
+    key = "model.policy" if stage in ("ppo", "rloo") else "model.init_from"
+    argv = [stage, "--config", str(config), f"{key}={tmp_path / 'nothing'}", f"train.output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'nothing'} is not a saved model folder" in error and "Traceback" not in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_ppo_refuses_checkpoints_inside_a_rollout(capsys, tmp_path):
+    from conftest import REPO_ROOT
+
+    argv = ["ppo", "--config", str(REPO_ROOT / "configs" / "ppo" / "demo.yaml"), "train.save_steps=6"]
+    assert main([*argv, f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert "must be a multiple of 4 (the steps per rollout)" in capsys.readouterr().err

@@ -246,6 +246,24 @@ def held_out_metrics(
     return {f"eval_{name}": total / len(prompts) for name, total in totals.items()}
 
 
+def check_rollout_schedule(args: TrainingArguments, options: PPOOptions) -> None:
+    """Steps count optimizer steps, and a rollout is `steps_per_rollout` of them: the run must end and save on
+    rollout boundaries, in one process without gradient accumulation (minibatches are the unit)."""
+    options.check()
+    if args.max_steps % options.steps_per_rollout:
+        raise ConfigError(
+            f"train.max_steps {args.max_steps} must be a multiple of the optimizer steps per rollout "
+            f"({options.steps_per_rollout} = ppo_epochs x rollout_batch_size / mini_batch_size)"
+        )
+    if args.save_strategy == "steps" and args.save_steps % options.steps_per_rollout:
+        raise ConfigError(
+            f"train.save_steps {args.save_steps} must be a multiple of {options.steps_per_rollout} (the steps per "
+            "rollout): a checkpoint in the middle of a rollout could not be resumed exactly"
+        )
+    if args.gradient_accumulation_steps != 1 or args.world_size != 1:
+        raise ConfigError("PPO here runs in one process without gradient accumulation (minibatches are the unit)")
+
+
 class PolicyAndValue(nn.Module):
     """The two trained networks under one optimizer (TRL's PolicyAndValueWrapper)."""
 
@@ -295,19 +313,7 @@ class PPOTrainer(Trainer):
         eval_prompts: list[list[int]] | None = None,
         callbacks: list[TrainerCallback] | None = None,
     ):
-        options.check()
-        if args.max_steps % options.steps_per_rollout:
-            raise ConfigError(
-                f"train.max_steps {args.max_steps} must be a multiple of the optimizer steps per rollout "
-                f"({options.steps_per_rollout} = ppo_epochs x rollout_batch_size / mini_batch_size)"
-            )
-        if args.save_strategy == "steps" and args.save_steps % options.steps_per_rollout:
-            raise ConfigError(
-                f"train.save_steps {args.save_steps} must be a multiple of {options.steps_per_rollout} (the steps per "
-                "rollout): a checkpoint in the middle of a rollout could not be resumed exactly"
-            )
-        if args.gradient_accumulation_steps != 1 or args.world_size != 1:
-            raise ConfigError("PPO here runs in one process without gradient accumulation (minibatches are the unit)")
+        check_rollout_schedule(args, options)
         for network in (model.policy, model.value_model):
             network.config.dropout = 0.0  # dropout would make the ratio differ from 1 with unchanged weights
             for module in network.modules():
@@ -565,8 +571,8 @@ def prompt_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[lis
 
 
 def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
-    config.ppo.check()
     args = ppo_arguments(config)
+    check_rollout_schedule(args, config.ppo)
     policy_dir = check_model_folder(config.model.policy)
     reward_dir = check_model_folder(config.model.reward_model)
     value_dir = check_model_folder(config.model.value_model or config.model.reward_model)
