@@ -88,7 +88,7 @@ def test_a_few_ppo_steps_raise_a_toy_reward(tiny_model_dir, tmp_path):
 def test_masks_ignore_padding_and_everything_after_the_end(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path)
     prompts = trainer.rollout_prompts(0)
-    from tiny_llama2_zh.train.ppo import left_pad
+    from tiny_llama2_zh.infer.generate import left_pad
 
     ids, mask = left_pad(prompts, trainer.pad_id, "cpu")
     end_ids = list(range(3, 1024, 3))  # a third of the vocabulary ends a reply: most replies end early

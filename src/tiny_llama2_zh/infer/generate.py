@@ -112,6 +112,14 @@ def generate_reply(
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip(), dropped
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one left-padded batch (ids, attention mask), so every row's next token is the last column."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 @torch.inference_mode()
 def greedy_replies(
     model: PreTrainedModel,
@@ -128,10 +136,9 @@ def greedy_replies(
             chat_prompt_ids(tokenizer, c, context - max_new_tokens)[0]
             for c in conversations[start : start + batch_size]
         ]
-        width = max(map(len, prompts))
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        input_ids, attention_mask = left_pad(prompts, pad, model.device)
+        width = input_ids.shape[1]
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

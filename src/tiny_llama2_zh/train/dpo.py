@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from tiny_llama2_zh.data.preferences import load_preference_splits
@@ -37,7 +37,7 @@ from tiny_llama2_zh.infer.generate import turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, init_tokenizer, same_tokenizer_or_refuse
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
 from tiny_llama2_zh.train.ppo import held_out_metrics, reward_model_function
-from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
 
 @dataclass
@@ -96,7 +96,7 @@ def implicit_reward_report(
     return pair_report(sides["chosen"], sides["rejected"], [p.source for p in pairs])
 
 
-class HeldOutPairsDPOTrainer(DPOTrainer):
+class HeldOutPairsDPOTrainer(HeldOutEvaluation, DPOTrainer):
     """TRL's DPOTrainer whose evaluation is the implicit-reward report on the held-out pairs (per source)."""
 
     def __init__(self, *args, held_out: list[TokenizedPair], reference, eval_batch_size: int = 64, **kwargs):
@@ -113,11 +113,8 @@ class HeldOutPairsDPOTrainer(DPOTrainer):
         self.model.train(was_training)
         return report
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = flat_metrics(self.held_out_report(), metric_key_prefix)
-        Trainer.log(self, metrics)  # not DPOTrainer.log: that would mix in (and reset) the training averages
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
+    def held_out_metrics(self) -> dict[str, float]:
+        return flat_metrics(self.held_out_report())
 
 
 def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from tiny_llama2_zh.config import ConfigError
@@ -36,7 +36,7 @@ from tiny_llama2_zh.train.rewards import (
     format_reward,
     guarded,
 )
-from tiny_llama2_zh.train.runner import RL_DEFAULTS, StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import RL_DEFAULTS, HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
 
 @dataclass
@@ -107,7 +107,7 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int) -> di
     return metrics
 
 
-class HeldOutTasksGRPOTrainer(GRPOTrainer):
+class HeldOutTasksGRPOTrainer(HeldOutEvaluation, GRPOTrainer):
     """TRL's GRPOTrainer whose evaluation is greedy task accuracy on the held-out prompts."""
 
     def __init__(self, *args, held_out: list[dict], eval_max_new_tokens: int, **kwargs):
@@ -116,12 +116,6 @@ class HeldOutTasksGRPOTrainer(GRPOTrainer):
 
     def held_out_metrics(self) -> dict[str, float]:
         return task_accuracy(self.model, self.processing_class, self.held_out, self.eval_max_new_tokens)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = self.held_out_metrics()
-        Trainer.log(self, metrics)  # not GRPOTrainer.log: that would mix in (and reset) the training averages
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
 
 
 def grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:

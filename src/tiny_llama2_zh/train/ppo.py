@@ -48,11 +48,11 @@ from transformers import (
 
 from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.data.conversations import load_prompts
-from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
+from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, left_pad, turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback, TrainingDivergedError
-from tiny_llama2_zh.train.runner import RL_DEFAULTS, StageRun, training_arguments
+from tiny_llama2_zh.train.runner import RL_DEFAULTS, HeldOutEvaluation, StageRun, training_arguments
 
 # (sequences (B, T), attention mask (B, T), position ids (B, T), prompt width P) -> one score per sequence (B,)
 RewardFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -112,7 +112,7 @@ def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def reply_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature): (B, R, V), (B, R) -> (B, R)."""
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
 
@@ -160,13 +160,6 @@ class Rollout:
             name: value[index] if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()
         }
         return Rollout(**picked)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
 
 
 @torch.no_grad()
@@ -237,7 +230,7 @@ def held_out_metrics(
             kl = 0
             for sign, model in ((1, policy), (-1, ref_policy)):
                 logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
-                kl = kl + sign * reply_log_probs(logits[:, width - 1 : -1], replies, temperature) * reply_mask
+                kl = kl + sign * token_log_probs(logits[:, width - 1 : -1], replies, temperature) * reply_mask
             totals["score"] += float(reward(sequences, mask, positions, width).float().sum())
             totals["kl"] += float(kl.sum())
             totals["response_length"] += float(reply_mask.sum())
@@ -297,7 +290,7 @@ def _first(items: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-class PPOTrainer(Trainer):
+class PPOTrainer(HeldOutEvaluation, Trainer):
     """PPO on transformers' Trainer. `model` is a `PolicyAndValue`; `ref_policy` is frozen; `reward` scores whole
     sequences (the reward model, or any function, e.g. a toy one in tests)."""
 
@@ -345,11 +338,14 @@ class PPOTrainer(Trainer):
     def rollout_prompts(self, rollout: int) -> list[list[int]]:
         """The prompts of rollout r: consecutive slices of a seeded permutation per pass over the prompts."""
         size, count = self.options.rollout_batch_size, len(self.prompts)
+        orders: dict[int, torch.Tensor] = {}  # one seeded permutation per pass, made once
         picked = []
         for position in range(rollout * size, (rollout + 1) * size):
             data_epoch, offset = divmod(position, count)
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.args.seed + data_epoch))
-            picked.append(self.prompts[int(order[offset])])
+            if data_epoch not in orders:
+                generator = torch.Generator().manual_seed(self.args.seed + data_epoch)
+                orders[data_epoch] = torch.randperm(count, generator=generator)
+            picked.append(self.prompts[int(orders[data_epoch][offset])])
         return picked
 
     # ------------------------------------------------------------------------------------------ rollout
@@ -372,7 +368,7 @@ class PPOTrainer(Trainer):
 
         def log_probs(model: PreTrainedModel) -> torch.Tensor:
             logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
-            return reply_log_probs(logits, replies, options.temperature) * reply_mask
+            return token_log_probs(logits, replies, options.temperature) * reply_mask
 
         logprobs, ref_logprobs = log_probs(policy), log_probs(self.ref_policy)
         values = token_values(value_model, sequences, mask, positions)[:, width - 1 : -1] * reply_mask
@@ -485,12 +481,6 @@ class PPOTrainer(Trainer):
             self.args.seed,
             self.options.rollout_batch_size,
         )
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = self.held_out_metrics()
-        Trainer.log(self, metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
 
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
 from tiny_llama2_zh.data.preferences import load_preference_splits
@@ -33,7 +33,7 @@ from tiny_llama2_zh.eval.preferences import (
 )
 from tiny_llama2_zh.loading import check_model_folder, init_tokenizer
 from tiny_llama2_zh.presets import flops_per_token
-from tiny_llama2_zh.train.runner import StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
 
 @dataclass
@@ -74,7 +74,7 @@ def reward_arguments(config: RewardRecipeConfig) -> RewardConfig:
     )
 
 
-class HeldOutPairsRewardTrainer(RewardTrainer):
+class HeldOutPairsRewardTrainer(HeldOutEvaluation, RewardTrainer):
     """TRL's RewardTrainer whose evaluation is the held-out pair report (accuracy and margin per source, the
     pairwise loss), the same function that scores the model before and after training, instead of TRL's
     batch-averaged metrics."""
@@ -86,11 +86,8 @@ class HeldOutPairsRewardTrainer(RewardTrainer):
     def held_out_report(self) -> dict:
         return reward_model_report(self.model, self.held_out, self.processing_class.pad_token_id, self.eval_batch_size)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = flat_metrics(self.held_out_report(), metric_key_prefix)
-        Trainer.log(self, metrics)  # not RewardTrainer.log: that would mix in (and reset) the training averages
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
+    def held_out_metrics(self) -> dict[str, float]:
+        return flat_metrics(self.held_out_report())
 
 
 def load_reward_model(init_from: str, pad_token_id: int):

@@ -268,6 +268,22 @@ class StageRun:
         return summary
 
 
+class HeldOutEvaluation:
+    """Mixin for a Trainer (first in the bases) whose every evaluation is the recipe's own held-out measure,
+    `held_out_metrics()` -> {"eval_...": value}, the same function that scores the model before and after
+    training. Logged through `Trainer.log`, not the TRL trainer's own `log`, which would mix in (and reset) its
+    training averages; the callbacks see it as any evaluation (samples, metrics.jsonl, TensorBoard)."""
+
+    def held_out_metrics(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = self.held_out_metrics()
+        Trainer.log(self, metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+
 def trainer_eval_loss(trainer: Trainer) -> dict[str, float]:
     """The eval loss on the trainer's own eval dataloader (its collator, packing and label masking), token-
     weighted, computed without `trainer.evaluate()`: evaluating through the Trainer before `train()` marks the
