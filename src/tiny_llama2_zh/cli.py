@@ -441,6 +441,80 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_curves(args.run_dir, args.output)}")
 
 
+# -------------------------------------------------------------------------------------------- quantize
+_QUANTIZE_METHODS = ("int8-weight", "int8-dynamic", "int4-weight")  # static for --help; a test keeps it in step
+
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="saved float model folder (pretrained, SFT or aligned); with --report it may be repeated",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder for the quantised model; with --report, the folder for one quantised model per model and "
+        "method (OUTPUT/<name>-<method>/) and quantize_report.{md,json}",
+    )
+    parser.add_argument(
+        "--method",
+        choices=_QUANTIZE_METHODS,
+        help="int8-weight (torchao, int8 weights), int8-dynamic (torch.ao fbgemm, int8 weights and activations), "
+        "int4-weight (torchao, int4 weights in groups); required unless --report",
+    )
+    parser.add_argument("--group-size", type=int, default=32, help="input channels per int4 scale (default: 32)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="quantise with every method and print one table against float32: size on disk, perplexity, task "
+        "accuracy, decode and prefill tokens/s",
+    )
+    parser.add_argument("--validation", help="with --report: a validation .bin for perplexity")
+    parser.add_argument("--max-blocks", type=int, default=32, help="with --report: validation blocks (default: 32)")
+    parser.add_argument("--tasks", help="with --report: demo tasks folder (tinyllm data tasks) for task accuracy")
+    parser.add_argument("--limit", type=int, default=100, help="with --report: test rows per task (default: 100)")
+    parser.add_argument(
+        "--shape",
+        default="24m",
+        help="with --report: also measure size and speed of this size preset with random weights (default: 24m; "
+        "'none' to skip)",
+    )
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    if args.report:
+        from tiny_llama2_zh.quantize.report import markdown_table, quantize_report
+
+        report = quantize_report(
+            args.model,
+            args.output,
+            [args.method] if args.method else None,
+            args.group_size,
+            args.validation,
+            args.max_blocks,
+            args.tasks,
+            args.limit,
+            None if args.shape == "none" else args.shape,
+        )
+        print(markdown_table(report))
+        print(f"wrote {Path(args.output) / 'quantize_report.md'}")
+        return
+    if not args.method:
+        raise ValueError("--method is required (or --report for every method)")
+    if len(args.model) > 1:
+        raise ValueError("quantise one --model at a time (several only with --report)")
+    args.model = args.model[0]
+    from tiny_llama2_zh.loading import load_model
+    from tiny_llama2_zh.quantize import apply_method, save_quantized
+
+    model, tokenizer = load_model(args.model, "cpu")
+    quantized = apply_method(model, args.method, args.group_size)
+    save_quantized(quantized, tokenizer, args.output, args.method, args.group_size, args.model)
+    print(f"wrote the {args.method} model to {args.output}; it loads in tinyllm generate, chat and eval")
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="folder for every stage's output (default: runs/demo)")
@@ -578,6 +652,12 @@ COMMANDS = [
         ],
     ),
     Command("plot", "draw a run's loss curves as PNG", _plot_arguments, _plot),
+    Command(
+        "quantize",
+        "quantise a model folder (int8 / int4, torchao or torch.ao) or, with --report, compare every method",
+        _quantize_arguments,
+        _quantize,
+    ),
 ]
 
 

@@ -33,7 +33,14 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The model (in eval mode, on `device`) and its tokenizer from a saved folder."""
     path = check_model_folder(path)
-    model = auto_class.from_pretrained(str(path)).to(device or default_device()).eval()
+    from tiny_llama2_zh.quantize.methods import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(path):  # `tinyllm quantize` output: our own loader, the library's kernels
+        if auto_class is not AutoModelForCausalLM:
+            raise ValueError(f"{path} holds a quantised causal LM; this command needs a {auto_class.__name__} folder")
+        model = load_quantized(path, device or "cpu")
+    else:
+        model = auto_class.from_pretrained(str(path)).to(device or default_device()).eval()
     tokenizer = load_tokenizer(path)
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(

@@ -47,6 +47,7 @@ _BASE_CONFIG_KWARGS = frozenset(
         "model_type",
         "torch_dtype",
         "num_labels",
+        "quantization_config",  # transformers' quantizers (torchao) store their recipe here
         "name_or_path",
         "_commit_hash",
         "output_attentions",
@@ -181,10 +182,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 def plain_linears(*modules: nn.Module) -> bool:
     """True when every module is an nn.Linear that nothing wraps or intercepts, so that its weight may join one
-    concatenated matmul. PEFT adapters (LoRA), quantised or parametrized layers replace the module with another
-    class, and hooks (DeepSpeed ZeRO-3 gathering, accelerate offloading) must see the call: those run one by one."""
+    concatenated matmul. PEFT adapters (LoRA) and parametrized layers replace the module with another class,
+    torchao's quantisation keeps the nn.Linear but makes its weight a tensor subclass, and hooks (DeepSpeed ZeRO-3
+    gathering, accelerate offloading) must see the call: those run one by one."""
     return all(
         type(module) is nn.Linear
+        and type(module.weight) is nn.Parameter  # torchao swaps in a quantised tensor subclass
         and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
         for module in modules
     )
