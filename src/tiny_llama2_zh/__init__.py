@@ -4,14 +4,21 @@ Importing the package registers the model with transformers' Auto classes, so th
 `AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code`.
 """
 
-from transformers import (
+import logging
+
+# transformers imports torchao when it is installed; on a CPU build torchao logs a warning for each optional CUDA
+# kernel library it cannot load, and torch a deprecation line for each of torchao's enums. None of them is used here.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
 )
 
-from tiny_llama2_zh.model import (
+from tiny_llama2_zh.model import (  # noqa: E402
     TinyLlama2Config,
     TinyLlama2ForCausalLM,
     TinyLlama2ForSequenceClassification,

@@ -71,14 +71,6 @@ def check_method(method: str, group_size: int, widths: tuple[int, ...] = ()) -> 
                 raise ValueError(f"--group-size {group_size} does not divide the model's input width {width}")
 
 
-def _quiet_torchao():
-    """torchao prints a line for each optional CUDA extension it cannot load on a CPU build; they are not used."""
-    import logging
-
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    import torchao  # noqa: F401
-
-
 # ------------------------------------------------------------------------------------------- applying
 class TiedInt8Embedding(nn.Module):
     """The input embedding of a tied model whose head is a torch.ao dynamic int8 Linear: rows of the head's
@@ -114,7 +106,6 @@ def apply_method(model: TinyLlama2ForCausalLM, method: str, group_size: int = 32
             model.model.embed_tokens = TiedInt8Embedding(model.lm_head)
         return model
 
-    _quiet_torchao()
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
