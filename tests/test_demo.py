@@ -20,12 +20,14 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
         *("grpo.train.max_steps=1", "grpo.train.eval_steps=0", "grpo.data.max_train_prompts=16"),
         *("grpo.data.max_validation_prompts=4", "grpo.train.per_device_train_batch_size=8"),
         "grpo.train.num_generations=4",
+        *("quantize.shape=none", "quantize.task_rows=4", "quantize.validation_blocks=2", "quantize.decode_tokens=4"),
+        "quantize.repeats=1",
     ]
     assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     assert summary["tokens"]["train"] > 2_000_000 and summary["parameters"]["total"] > 1_000_000
     stages = {"corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "reward", "ppo", "dpo", "grpo", "eval"}
-    stages.add("total")
+    stages |= {"quantize", "export", "total"}
     assert set(summary["stage_seconds"]) == stages
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
     assert set(summary["samples"]) == {"床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："}
@@ -49,9 +51,45 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "other"), "train.max_steps=3"]) == 2  # which stage?
     assert "STAGE.section.key=value" in capsys.readouterr().err
 
-    # a second demo into the same folder must not silently replace the first
+    quantized = json.loads((output / "quantize" / "quantize_report.json").read_text(encoding="utf-8"))
+    assert [(row["model"], row["method"]) for row in quantized["rows"][:4]] == [
+        ("pretrain", method) for method in ("float32", "int8-weight", "int8-dynamic", "int4-weight")
+    ]
+    assert quantized["rows"][4]["model"] == "sft" and quantized["rows"][4]["tasks"]
+    assert (output / "quantize" / "sft-int8-dynamic" / "quantization.json").is_file()
+    assert "## Quantisation" in summary_md(output) and "## Quantisation" in (output / "report.md").read_text()
+
+    # a second demo into the finished folder must not silently replace the first
     assert main(["demo", "--output", str(output), *overrides]) == 2
     assert "--force" in capsys.readouterr().err
+
+    # an interrupted run continues at the stage it stopped in; --only re-runs one stage and keeps the others
+    state_file = output / "demo_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    pretrain_seconds = state["stages"]["pretrain"]["seconds"]
+    del state["stages"]["eval"], state["stages"]["report"]
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    (output / "eval" / "tasks.json").unlink()
+    assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
+    assert "continuing" in capsys.readouterr().out and (output / "eval" / "tasks.json").is_file()
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    assert state["stages"]["pretrain"]["seconds"] == pretrain_seconds and "report" in state["stages"]
+    assert main(["demo", "--output", str(output), "--only", "grpo", "--eval-rows", "4", *overrides]) == 0
+    assert "re-running grpo: removing its earlier run folder" in capsys.readouterr().out
+    assert json.loads(state_file.read_text(encoding="utf-8"))["stages"]["pretrain"]["seconds"] == pretrain_seconds
+    assert main(["demo", "--output", str(tmp_path / "fresh"), "--from", "sft"]) == 2
+    assert "not finished yet: corpus, tokenizer, tokenize, pretrain, tasks" in capsys.readouterr().err
+
+
+def summary_md(output) -> str:
+    return (output / "summary.md").read_text(encoding="utf-8")
+
+
+def test_the_command_line_lists_the_demo_stages():
+    from tiny_llama2_zh.cli import _DEMO_STAGES
+    from tiny_llama2_zh.demo import STAGES
+
+    assert tuple(STAGES) == _DEMO_STAGES
 
 
 @pytest.mark.slow

@@ -515,10 +515,52 @@ def _quantize(args: argparse.Namespace) -> None:
     print(f"wrote the {args.method} model to {args.output}; it loads in tinyllm generate, chat and eval")
 
 
+# ---------------------------------------------------------------------------------------------- report
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a demo folder or any stage's run folder")
+    parser.add_argument("--output", help="the report file to write (default: FIRST_RUN_DIR/report.md)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.eval.report import write_report
+
+    print(f"wrote {write_report(args.run_dirs, args.output)}")
+
+
 # ------------------------------------------------------------------------------------------------ demo
+_DEMO_STAGES = (
+    "corpus",
+    "tokenizer",
+    "tokenize",
+    "pretrain",
+    "tasks",
+    "sft",
+    "reward",
+    "ppo",
+    "dpo",
+    "grpo",
+    "quantize",
+    "export",
+    "eval",
+    "report",
+)  # fmt: skip  (static for --help; a test keeps it equal to demo.STAGES)
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="folder for every stage's output (default: runs/demo)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier demo run in --output")
+    parser.add_argument(
+        "--force", action="store_true", help="delete an earlier demo run in --output and start over from the corpus"
+    )
+    stages = parser.add_mutually_exclusive_group()
+    stages.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=_DEMO_STAGES,
+        help="re-run this stage and every stage after it (the stages before must have finished)",
+    )
+    stages.add_argument(
+        "--only", choices=_DEMO_STAGES, help="re-run just this stage (the stages before must have finished)"
+    )
     parser.add_argument(
         "--eval-rows", type=int, default=200, help="held-out rows per task in the task evaluation (default: 200)"
     )
@@ -527,26 +569,31 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="stage.section.key=value",
         help="override a stage's recipe (configs/<stage>/demo.yaml), e.g. pretrain.train.max_steps=50 "
-        "sft.train.max_steps=20",
+        "sft.train.max_steps=20. Without --from/--only, a demo folder that an interrupted run left behind "
+        "continues at the stage it stopped in",
     )
 
 
 def _demo(args: argparse.Namespace) -> None:
     from tiny_llama2_zh.demo import run_demo
 
-    report = run_demo(args.output, args.overrides, force=args.force, eval_rows=args.eval_rows)
+    report = run_demo(
+        args.output, args.overrides, force=args.force, eval_rows=args.eval_rows, from_stage=args.from_stage,
+        only=args.only,
+    )  # fmt: skip
     print()
     print(report.markdown())
-    print(
-        f"everything is under {args.output}/ (summary.md, pretrain/, sft/, reward/, ppo/, dpo/, grpo/, eval/tasks.json)"
-    )
-    print(f"talk to the SFT model: tinyllm chat --model {Path(args.output) / 'sft' / 'final'}")
+    output = Path(args.output)
+    print(f"everything is under {output}/: summary.md, report.md (the report card) and one folder per stage")
+    print(f"talk to the SFT model: tinyllm chat --model {output / 'sft' / 'final'}")
+    print(f"serve it (OpenAI API + web page): tinyllm serve --model {output / 'sft' / 'final'}")
 
 
 COMMANDS = [
     Command(
         "demo",
-        "end-to-end demo on CPU: corpus, tokenizer, pretraining, SFT, reward model, PPO, DPO, GRPO, evaluation",
+        "end-to-end demo on CPU: corpus, tokenizer, pretraining, SFT, reward model, PPO, DPO, GRPO, quantisation, "
+        "exports, evaluation, report card (resumable; --from/--only re-run stages)",
         _demo_arguments,
         _demo,
     ),
@@ -652,6 +699,7 @@ COMMANDS = [
         ],
     ),
     Command("plot", "draw a run's loss curves as PNG", _plot_arguments, _plot),
+    Command("report", "write the report card (report.md + PNGs) of a demo or stage runs", _report_arguments, _report),
     Command(
         "quantize",
         "quantise a model folder (int8 / int4, torchao or torch.ao) or, with --report, compare every method",

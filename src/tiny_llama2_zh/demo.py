@@ -1,10 +1,14 @@
 """The end-to-end demo on CPU, in one folder: embedded corpus -> tokenizer -> .bin -> pretraining -> demo tasks ->
-SFT -> reward model -> PPO -> DPO -> GRPO -> task evaluation and the side-by-side table (SFT, PPO, DPO, GRPO:
-task accuracy, reward-model score, KL to SFT, stage time) -> summary.
+SFT -> reward model -> PPO -> DPO -> GRPO -> quantisation -> exports -> evaluation -> report card.
 
 Every stage is the real one the CLI runs on its own (`runs/demo.sh` runs them one command at a time); this module
 only chains them, times them and writes `summary.md`. Stage options are overridden as `STAGE.section.key=value`,
 e.g. `pretrain.train.max_steps=50 sft.train.max_steps=20`.
+
+The run is resumable: `demo_state.json` records each finished stage (its wall time and results). Run the same
+command again after an interruption and the demo continues at the stage it stopped in (a training stage resumes
+from its newest checkpoint). `--from STAGE` re-runs STAGE and everything after it, `--only STAGE` just STAGE; the
+stages before must have finished.
 """
 
 import json
@@ -66,56 +70,82 @@ class DemoReport:
     task_table: str = ""
     dialogue: list[dict[str, str]] = field(default_factory=list)
 
+    quantize_table: str = ""
+    export_table: str = ""
+    benchmark_table: str = ""
+
     def markdown(self) -> str:
-        lines = [
-            "# tiny-llama2-zh demo",
-            "",
-            f"- corpus: {self.corpus['train']['documents']:,} train / {self.corpus['validation']['documents']:,} "
-            f"validation documents ({self.corpus['train']['characters']:,} / "
-            f"{self.corpus['validation']['characters']:,} characters)",
-            f"- tokens: {self.tokens['train']:,} train / {self.tokens['validation']:,} validation",
-            f"- model: {self.parameters['total']:,} parameters "
-            f"({self.parameters['non_embedding']:,} without embedding)",
-            f"- pretraining validation loss: {self.initial_validation_loss:.3f} before training -> "
-            f"{self.final_validation_loss:.3f} after",
-            "- SFT tasks (train / held-out prompts): "
-            + ", ".join(f"{task} {c['train']:,} / {c['test']:,}" for task, c in self.tasks.items()),
-            f"- SFT validation loss (assistant tokens): {self.sft['initial_validation_loss']:.3f} -> "
-            f"{self.sft['final_validation_loss']:.3f} in {self.sft['steps']} steps",
-            "- wall time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in self.stage_seconds.items()),
-            "",
-            "## Reward model: held-out pair accuracy (chosen scored above rejected)",
-            "",
-            self.reward_table,
-            "",
-            "## PPO: held-out prompts (sampled replies, temperature 1)",
-            "",
-            "| policy | reward-model score | KL to SFT (nats / reply) | reply length |",
-            "|---|---:|---:|---:|",
-            *(
-                f"| {name} | {m['eval_score']:+.3f} | {m['eval_kl']:.3f} | {m['eval_response_length']:.1f} |"
-                for name, m in (("SFT (PPO step 0)", self.ppo.get("initial")), ("PPO", self.ppo.get("final")))
-                if m
+        """summary.md: each finished stage's figures (a partial run shows the stages it has)."""
+        lines = ["# tiny-llama2-zh demo", ""]
+        if self.corpus:
+            train, validation = self.corpus["train"], self.corpus["validation"]
+            lines.append(
+                f"- corpus: {train['documents']:,} train / {validation['documents']:,} validation documents "
+                f"({train['characters']:,} / {validation['characters']:,} characters)"
+            )
+        if self.tokens:
+            lines.append(f"- tokens: {self.tokens['train']:,} train / {self.tokens['validation']:,} validation")
+        if self.parameters:
+            lines += [
+                f"- model: {self.parameters['total']:,} parameters "
+                f"({self.parameters['non_embedding']:,} without embedding)",
+                f"- pretraining validation loss: {self.initial_validation_loss:.3f} before training -> "
+                f"{self.final_validation_loss:.3f} after",
+            ]
+        if self.tasks:
+            lines.append(
+                "- SFT tasks (train / held-out prompts): "
+                + ", ".join(f"{task} {c['train']:,} / {c['test']:,}" for task, c in self.tasks.items())
+            )
+        if self.sft:
+            lines.append(
+                f"- SFT validation loss (assistant tokens): {self.sft['initial_validation_loss']:.3f} -> "
+                f"{self.sft['final_validation_loss']:.3f} in {self.sft['steps']} steps"
+            )
+        lines.append("- wall time: " + ", ".join(f"{stage} {sec:.1f}s" for stage, sec in self.stage_seconds.items()))
+        sections = [
+            ("Reward model: held-out pair accuracy (chosen scored above rejected)", self.reward_table),
+            ("PPO: held-out prompts (sampled replies, temperature 1)", self._ppo_table()),
+            ("SFT, PPO, DPO and GRPO side by side", self.side_by_side),
+            (
+                f"Held-out task accuracy ({self.eval_rows_per_task} test rows per task, chosen by prompt hash; greedy)",
+                self.task_table,
             ),
-            "",
-            "## SFT, PPO, DPO and GRPO side by side",
-            "",
-            self.side_by_side,
-            "",
-            f"## Held-out task accuracy ({self.eval_rows_per_task} test rows per task, chosen by prompt hash; greedy)",
-            "",
-            self.task_table,
-            "",
-            "## A dialogue with the SFT model (held-out prompts, greedy)",
-            "",
+            ("Benchmarks: multiple choice by log-likelihood", self.benchmark_table),
+            ("Quantisation: size, perplexity, accuracy and speed against float32", self.quantize_table),
+            ("Exports, each checked by the runtime that runs it", self.export_table),
         ]
+        for title, table in sections:
+            if table:
+                lines += ["", f"## {title}", "", table]
+        if self.dialogue:
+            lines += ["", "## A dialogue with the SFT model (held-out prompts, greedy)", ""]
         for turn in self.dialogue:
             quoted = {role: text.replace("\n", "  \n> ") for role, text in turn.items()}  # keep lines in the quote
             lines += [f"> **user:** {quoted['user']}", ">", f"> **assistant:** {quoted['assistant']}", ""]
-        lines += ["## Pretrained model: sampled continuations (temperature 0.8, top-p 0.9)", ""]
+        if self.samples:
+            lines += ["", "## Pretrained model: sampled continuations (temperature 0.8, top-p 0.9)", ""]
         for prompt, continuation in self.samples.items():
             lines += [f"- **{prompt}**{continuation}", ""]
         return "\n".join(lines)
+
+    def _ppo_table(self) -> str:
+        rows = [
+            (name, m) for name, m in (("SFT (PPO step 0)", self.ppo.get("initial")), ("PPO", self.ppo.get("final")))
+        ]
+        if not any(m for _, m in rows):
+            return ""
+        return "\n".join(
+            [
+                "| policy | reward-model score | KL to SFT (nats / reply) | reply length |",
+                "|---|---:|---:|---:|",
+                *(
+                    f"| {name} | {m['eval_score']:+.3f} | {m['eval_kl']:.3f} | {m['eval_response_length']:.1f} |"
+                    for name, m in rows
+                    if m
+                ),
+            ]
+        )
 
 
 def side_by_side(output_dir: Path, evaluation: dict, ppo_config, stage_seconds: dict[str, float]) -> str:
@@ -164,7 +194,7 @@ def side_by_side(output_dir: Path, evaluation: dict, ppo_config, stage_seconds: 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """['pretrain.train.max_steps=5', 'sft.train.max_steps=2'] -> {'pretrain': [...], 'sft': [...]}."""
-    by_stage: dict[str, list[str]] = {stage: [] for stage in DEMO_CONFIGS}
+    by_stage: dict[str, list[str]] = {stage: [] for stage in [*DEMO_CONFIGS, *STAGE_OPTIONS]}
     for override in overrides:
         stage, _, rest = override.partition(".")
         if stage not in by_stage or not rest:
@@ -175,188 +205,337 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return by_stage
 
 
-def run_demo(
-    output_dir: str | Path,
-    overrides: list[str] | None = None,
-    force: bool = False,
-    eval_rows: int = EVAL_ROWS_PER_TASK,
-) -> DemoReport:
+STAGES = (
+    "corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "reward", "ppo", "dpo", "grpo",
+    "quantize", "export", "eval", "report",
+)  # fmt: skip
+STATE_FILE = "demo_state.json"
+
+
+@dataclass
+class QuantizeStageOptions:
+    """The demo's quantisation stage (`quantize.KEY=VALUE` on the demo command line)."""
+
+    shape: str = "24m"  # size preset measured with random weights beside the trained models; "none" skips it
+    task_rows: int = 100  # held-out rows per task for the quantised SFT models' accuracy
+    validation_blocks: int = 32
+    decode_tokens: int = 64
+    repeats: int = 3
+
+
+@dataclass
+class DemoRun:
+    """One demo folder and what its finished stages produced (`demo_state.json`)."""
+
+    output_dir: Path
+    overrides: dict[str, list[str]]
+    eval_rows: int
+    stages: dict[str, dict] = field(default_factory=dict)  # stage -> {"seconds": float, "result": dict}
+
+    @property
+    def state_file(self) -> Path:
+        return self.output_dir / STATE_FILE
+
+    def save(self) -> None:
+        partial = self.state_file.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"stages": self.stages}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        partial.replace(self.state_file)
+
+    def result(self, stage: str) -> dict:
+        return self.stages[stage]["result"]
+
+    def recipe(self, stage: str, config_class, overrides: list[str]):
+        """A stage's demo recipe with the demo's paths; a stage whose folder an interrupted run left behind
+        resumes from its newest checkpoint."""
+        resume = ["resume=true"] if (self.output_dir / stage).exists() else []
+        return load_config(config_class, DEMO_CONFIGS[stage], [*overrides, *self.overrides[stage], *resume])
+
+
+def _stage_corpus(run: DemoRun) -> dict:
+    stats = build_demo_corpus(run.output_dir / "corpus")
+    print(f"[demo] {stats.summary()}")
+    return {"corpus": asdict(stats)}
+
+
+def _stage_tokenizer(run: DemoRun) -> dict:
+    train_bpe_tokenizer([run.output_dir / "corpus" / "train.jsonl"], DEMO_VOCAB_SIZE, run.output_dir / "tokenizer")
+    return {}
+
+
+def _stage_tokenize(run: DemoRun) -> dict:
+    from tiny_llama2_zh.tokenizer import load_tokenizer
+
+    tokenizer, tokens = load_tokenizer(run.output_dir / "tokenizer"), {}
+    for split in ("train", "validation"):
+        manifest = write_token_file(
+            iter_texts([run.output_dir / "corpus" / f"{split}.jsonl"]),
+            tokenizer,
+            run.output_dir / "data" / f"{split}.bin",
+            sources=["demo"],
+            total=run.result("corpus")["corpus"][split]["documents"],
+        )
+        tokens[split] = manifest.num_tokens
+    return {"tokens": tokens}
+
+
+def _stage_pretrain(run: DemoRun) -> dict:
+    from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
+
+    out = run.output_dir
+    config = run.recipe(
+        "pretrain",
+        PretrainConfig,
+        [
+            f"data.tokenizer={out / 'tokenizer'}",
+            f"data.train={out / 'data' / 'train.bin'}",
+            f"data.validation={out / 'data' / 'validation.bin'}",
+            f"train.output_dir={out / 'pretrain'}",
+        ],
+    )
+    result = pretrain(config)
+    keys = ("parameters", "initial_validation_loss", "final_validation_loss", "samples")
+    return {key: result[key] for key in keys}
+
+
+def _stage_tasks(run: DemoRun) -> dict:
+    return {"tasks": build_tasks(run.output_dir / "tasks")}
+
+
+def _task_files(run: DemoRun, tasks, name: str) -> str:
+    return str([str(run.output_dir / "tasks" / task / name) for task in tasks])
+
+
+def _stage_sft(run: DemoRun) -> dict:
+    from tiny_llama2_zh.train.sft import SFTRecipeConfig, sft
+
+    config = run.recipe(
+        "sft",
+        SFTRecipeConfig,
+        [
+            f"model.init_from={run.output_dir / 'pretrain' / 'final'}",
+            f"data.train={_task_files(run, SFT_MIX, 'sft-train.jsonl')}",
+            f"data.validation={_task_files(run, TASKS, 'sft-test.jsonl')}",
+            f"train.output_dir={run.output_dir / 'sft'}",
+        ],
+    )
+    result = sft(config)
+    return {"sft": {key: result[key] for key in ("steps", "initial_validation_loss", "final_validation_loss")}}
+
+
+def _stage_reward(run: DemoRun) -> dict:
     from tiny_llama2_zh.eval.preferences import markdown_table as pair_table
+    from tiny_llama2_zh.train.reward import RewardRecipeConfig, reward
+
+    config = run.recipe(
+        "reward",
+        RewardRecipeConfig,
+        [
+            f"model.init_from={run.output_dir / 'sft' / 'final'}",
+            f"data.train={_task_files(run, REWARD_MIX, 'preference-train.jsonl')}",
+            f"data.validation={_task_files(run, TASKS, 'preference-test.jsonl')}",
+            f"train.output_dir={run.output_dir / 'reward'}",
+        ],
+    )
+    result = reward(config)
+    return {"reward_table": pair_table({**result["baselines"], "reward model": result["final"]})}
+
+
+def _ppo_config(run: DemoRun, resume: bool = True):
+    from tiny_llama2_zh.train.ppo import PPORecipeConfig
+
+    overrides = [
+        f"model.policy={run.output_dir / 'sft' / 'final'}",
+        f"model.reward_model={run.output_dir / 'reward' / 'final'}",
+        f"data.prompts={_task_files(run, PPO_TASKS, 'sft-train.jsonl')}",
+        f"data.validation={_task_files(run, PPO_TASKS, 'sft-test.jsonl')}",
+        f"train.output_dir={run.output_dir / 'ppo'}",
+    ]
+    if resume:
+        return run.recipe("ppo", PPORecipeConfig, overrides)
+    return load_config(PPORecipeConfig, DEMO_CONFIGS["ppo"], [*overrides, *run.overrides["ppo"]])
+
+
+def _stage_ppo(run: DemoRun) -> dict:
+    from tiny_llama2_zh.train.ppo import ppo
+
+    result = ppo(_ppo_config(run))
+    return {"ppo": {key: result[key] for key in ("steps", "rollouts", "initial", "final", "train_seconds")}}
+
+
+def _stage_dpo(run: DemoRun) -> dict:
+    from tiny_llama2_zh.train.dpo import DPORecipeConfig, dpo
+
+    config = run.recipe(
+        "dpo",
+        DPORecipeConfig,
+        [
+            f"model.init_from={run.output_dir / 'sft' / 'final'}",
+            f"model.reward_model={run.output_dir / 'reward' / 'final'}",
+            f"data.train={_task_files(run, REWARD_MIX, 'preference-train.jsonl')}",
+            f"data.validation={_task_files(run, TASKS, 'preference-test.jsonl')}",
+            f"train.output_dir={run.output_dir / 'dpo'}",
+        ],
+    )
+    result = dpo(config)
+    return {"dpo": {key: result[key] for key in ("steps", "initial", "final", "replies", "train_seconds")}}
+
+
+def _stage_grpo(run: DemoRun) -> dict:
+    from tiny_llama2_zh.train.grpo import GRPORecipeConfig, grpo
+
+    tasks = run.output_dir / "tasks" / GRPO_TASK
+    config = run.recipe(
+        "grpo",
+        GRPORecipeConfig,
+        [
+            f"model.init_from={run.output_dir / 'sft' / 'final'}",
+            f"data.prompts={tasks / 'sft-train.jsonl'}",
+            f"data.validation={tasks / 'sft-test.jsonl'}",
+            f"train.output_dir={run.output_dir / 'grpo'}",
+        ],
+    )
+    result = grpo(config)
+    return {"grpo": {key: result[key] for key in ("steps", "initial", "final", "train_seconds")}}
+
+
+def _stage_quantize(run: DemoRun) -> dict:
+    from tiny_llama2_zh.quantize.report import markdown_table, quantize_report
+
+    out = run.output_dir
+    options = load_config(QuantizeStageOptions, None, run.overrides["quantize"])
+    report = quantize_report(
+        [out / "pretrain" / "final", out / "sft" / "final"],
+        out / "quantize",
+        validation=out / "data" / "validation.bin",
+        max_blocks=options.validation_blocks,
+        tasks_dir=out / "tasks",
+        tasks_models=[out / "sft" / "final"],
+        limit=options.task_rows,
+        shape=None if options.shape == "none" else options.shape,
+        decode_tokens=options.decode_tokens,
+        repeats=options.repeats,
+    )
+    return {"quantize_table": markdown_table(report)}
+
+
+def _stage_export(run: DemoRun) -> dict:
+    return {}
+
+
+def _stage_eval(run: DemoRun) -> dict:
     from tiny_llama2_zh.eval.tasks import evaluate_tasks, markdown_table
     from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply
     from tiny_llama2_zh.loading import load_model
-    from tiny_llama2_zh.train.dpo import DPORecipeConfig, dpo
-    from tiny_llama2_zh.train.grpo import GRPORecipeConfig, grpo
-    from tiny_llama2_zh.train.ppo import PPORecipeConfig, ppo
-    from tiny_llama2_zh.train.pretrain import PretrainConfig, pretrain
-    from tiny_llama2_zh.train.reward import RewardRecipeConfig, reward
-    from tiny_llama2_zh.train.sft import SFTRecipeConfig, sft
 
-    output_dir = Path(output_dir)
-    stage_overrides = split_overrides(overrides or [])
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not force:
-            raise FileExistsError(
-                f"{output_dir} already holds a demo run; choose another --output, or pass --force to replace it"
-            )
-        print(f"--force: removing the earlier demo run in {output_dir}")
-        shutil.rmtree(output_dir)
-    report = DemoReport(output_dir=str(output_dir), eval_rows_per_task=eval_rows)
-    total = time.perf_counter()
-
-    def timed(stage: str, started: float) -> None:
-        report.stage_seconds[stage] = round(time.perf_counter() - started, 2)
-        print(f"[demo] {stage}: {report.stage_seconds[stage]:.1f}s")
-
-    started = time.perf_counter()
-    stats = build_demo_corpus(output_dir / "corpus")
-    report.corpus = asdict(stats)
-    print(f"[demo] {stats.summary()}")
-    timed("corpus", started)
-
-    started = time.perf_counter()
-    tokenizer = train_bpe_tokenizer([output_dir / "corpus" / "train.jsonl"], DEMO_VOCAB_SIZE, output_dir / "tokenizer")
-    timed("tokenizer", started)
-
-    started = time.perf_counter()
-    for split in ("train", "validation"):
-        manifest = write_token_file(
-            iter_texts([output_dir / "corpus" / f"{split}.jsonl"]),
-            tokenizer,
-            output_dir / "data" / f"{split}.bin",
-            sources=["demo"],
-            total=getattr(stats, split).documents,
-        )
-        report.tokens[split] = manifest.num_tokens
-    timed("tokenize", started)
-
-    started = time.perf_counter()
-    pretrain_config = load_config(
-        PretrainConfig,
-        DEMO_CONFIGS["pretrain"],
-        [
-            f"data.tokenizer={output_dir / 'tokenizer'}",
-            f"data.train={output_dir / 'data' / 'train.bin'}",
-            f"data.validation={output_dir / 'data' / 'validation.bin'}",
-            f"train.output_dir={output_dir / 'pretrain'}",
-            *stage_overrides["pretrain"],
-        ],
-    )
-    result = pretrain(pretrain_config)
-    report.parameters = result["parameters"]
-    report.initial_validation_loss = result["initial_validation_loss"]
-    report.final_validation_loss = result["final_validation_loss"]
-    report.samples = result["samples"]
-    timed("pretrain", started)
-
-    started = time.perf_counter()
-    tasks_dir = output_dir / "tasks"
-    report.tasks = build_tasks(tasks_dir)
-    timed("tasks", started)
-
-    started = time.perf_counter()
-    sft_config = load_config(
-        SFTRecipeConfig,
-        DEMO_CONFIGS["sft"],
-        [
-            f"model.init_from={output_dir / 'pretrain' / 'final'}",
-            f"data.train={[str(tasks_dir / task / 'sft-train.jsonl') for task in SFT_MIX]}",
-            f"data.validation={[str(tasks_dir / task / 'sft-test.jsonl') for task in TASKS]}",
-            f"train.output_dir={output_dir / 'sft'}",
-            *stage_overrides["sft"],
-        ],
-    )
-    sft_result = sft(sft_config)
-    report.sft = {key: sft_result[key] for key in ("steps", "initial_validation_loss", "final_validation_loss")}
-    timed("sft", started)
-
-    started = time.perf_counter()
-    reward_config = load_config(
-        RewardRecipeConfig,
-        DEMO_CONFIGS["reward"],
-        [
-            f"model.init_from={output_dir / 'sft' / 'final'}",
-            f"data.train={[str(tasks_dir / task / 'preference-train.jsonl') for task in REWARD_MIX]}",
-            f"data.validation={[str(tasks_dir / task / 'preference-test.jsonl') for task in TASKS]}",
-            f"train.output_dir={output_dir / 'reward'}",
-            *stage_overrides["reward"],
-        ],
-    )
-    reward_result = reward(reward_config)
-    reports = {**reward_result["baselines"], "reward model": reward_result["final"]}
-    report.reward_table = pair_table(reports)
-    timed("reward", started)
-
-    started = time.perf_counter()
-    ppo_config = load_config(
-        PPORecipeConfig,
-        DEMO_CONFIGS["ppo"],
-        [
-            f"model.policy={output_dir / 'sft' / 'final'}",
-            f"model.reward_model={output_dir / 'reward' / 'final'}",
-            f"data.prompts={[str(tasks_dir / task / 'sft-train.jsonl') for task in PPO_TASKS]}",
-            f"data.validation={[str(tasks_dir / task / 'sft-test.jsonl') for task in PPO_TASKS]}",
-            f"train.output_dir={output_dir / 'ppo'}",
-            *stage_overrides["ppo"],
-        ],
-    )
-    ppo_result = ppo(ppo_config)
-    report.ppo = {key: ppo_result[key] for key in ("steps", "rollouts", "initial", "final", "train_seconds")}
-    timed("ppo", started)
-
-    started = time.perf_counter()
-    dpo_config = load_config(
-        DPORecipeConfig,
-        DEMO_CONFIGS["dpo"],
-        [
-            f"model.init_from={output_dir / 'sft' / 'final'}",
-            f"model.reward_model={output_dir / 'reward' / 'final'}",
-            f"data.train={[str(tasks_dir / task / 'preference-train.jsonl') for task in REWARD_MIX]}",
-            f"data.validation={[str(tasks_dir / task / 'preference-test.jsonl') for task in TASKS]}",
-            f"train.output_dir={output_dir / 'dpo'}",
-            *stage_overrides["dpo"],
-        ],
-    )
-    dpo_result = dpo(dpo_config)
-    report.dpo = {key: dpo_result[key] for key in ("steps", "initial", "final", "replies", "train_seconds")}
-    timed("dpo", started)
-
-    started = time.perf_counter()
-    grpo_config = load_config(
-        GRPORecipeConfig,
-        DEMO_CONFIGS["grpo"],
-        [
-            f"model.init_from={output_dir / 'sft' / 'final'}",
-            f"data.prompts={tasks_dir / GRPO_TASK / 'sft-train.jsonl'}",
-            f"data.validation={tasks_dir / GRPO_TASK / 'sft-test.jsonl'}",
-            f"train.output_dir={output_dir / 'grpo'}",
-            *stage_overrides["grpo"],
-        ],
-    )
-    grpo_result = grpo(grpo_config)
-    report.grpo = {key: grpo_result[key] for key in ("steps", "initial", "final", "train_seconds")}
-    timed("grpo", started)
-
-    started = time.perf_counter()
-    models = [output_dir / stage / "final" for stage in ("pretrain", *ALIGNED)]
-    evaluation = evaluate_tasks(models, tasks_dir, limit=eval_rows)
-    (output_dir / "eval").mkdir(exist_ok=True)
-    (output_dir / "eval" / "tasks.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
-    report.task_table = markdown_table(evaluation)
-    print(report.task_table)
-    report.side_by_side = side_by_side(output_dir, evaluation, ppo_config, report.stage_seconds)
-    print(report.side_by_side)
-    model, chat_tokenizer = load_model(output_dir / "sft" / "final")
+    out, tasks_dir = run.output_dir, run.output_dir / "tasks"
+    models = [out / stage / "final" for stage in ("pretrain", *ALIGNED)]
+    evaluation = evaluate_tasks(models, tasks_dir, limit=run.eval_rows)
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "eval" / "tasks.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+    task_table = markdown_table(evaluation)
+    print(task_table)
+    stage_seconds = {stage: done["seconds"] for stage, done in run.stages.items()}
+    table = side_by_side(out, evaluation, _ppo_config(run, resume=False), stage_seconds)
+    print(table)
+    model, chat_tokenizer = load_model(out / "sft" / "final")
+    dialogue = []
     for task in TASKS:
         first = json.loads((tasks_dir / task / "sft-test.jsonl").read_text(encoding="utf-8").splitlines()[0])
         question = first["messages"][0]["content"]
         answer, _ = generate_reply(
             model, chat_tokenizer, [{"role": "user", "content": question}], SamplingOptions(max_new_tokens=48)
         )
-        report.dialogue.append({"user": question, "assistant": answer})
-    timed("eval", started)
-    report.stage_seconds["total"] = round(time.perf_counter() - total, 2)
+        dialogue.append({"user": question, "assistant": answer})
+    return {"task_table": task_table, "side_by_side": table, "dialogue": dialogue}
 
-    (output_dir / "summary.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-    (output_dir / "summary.md").write_text(report.markdown() + "\n", encoding="utf-8")
-    return report
+
+def _stage_report(run: DemoRun) -> dict:
+    report = DemoReport(output_dir=str(run.output_dir), eval_rows_per_task=run.eval_rows)
+    for stage in STAGES[:-1]:
+        for key, value in run.stages.get(stage, {}).get("result", {}).items():
+            setattr(report, key, value)
+    report.stage_seconds = {stage: done["seconds"] for stage, done in run.stages.items() if stage != "report"}
+    report.stage_seconds["total"] = round(sum(report.stage_seconds.values()), 2)
+    (run.output_dir / "summary.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
+    (run.output_dir / "summary.md").write_text(report.markdown() + "\n", encoding="utf-8")
+    from tiny_llama2_zh.eval.report import write_report
+
+    print(f"[demo] report card: {write_report([run.output_dir])}")
+    return {}
+
+
+STAGE_FUNCTIONS = {stage: globals()[f"_stage_{stage}"] for stage in STAGES}
+STAGE_OPTIONS = {"quantize": QuantizeStageOptions}  # stages without a recipe YAML that take demo overrides
+
+
+def _load_run(output_dir: Path, overrides: list[str], eval_rows: int, force: bool) -> DemoRun:
+    run = DemoRun(output_dir, split_overrides(overrides), eval_rows)
+    if force and output_dir.exists():
+        print(f"--force: removing the earlier demo run in {output_dir}")
+        shutil.rmtree(output_dir)
+    if run.state_file.is_file():
+        run.stages = json.loads(run.state_file.read_text(encoding="utf-8"))["stages"]
+    elif output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(
+            f"{output_dir} holds files but no {STATE_FILE}, so it is not a demo run this command can continue; "
+            "choose another --output, or pass --force to replace it"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def _selected_stages(run: DemoRun, from_stage: str | None, only: str | None) -> list[str]:
+    """The stages to run now: --only's, --from's and after, or (a plain run) every stage not finished yet."""
+    for name, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in STAGES:
+            raise ValueError(f"{name} {value!r}: not a demo stage; stages: {', '.join(STAGES)}")
+    if from_stage and only:
+        raise ValueError("pass --from or --only, not both")
+    first = from_stage or only
+    if first is None:
+        todo = [stage for stage in STAGES if stage not in run.stages]
+        if not todo:
+            raise FileExistsError(
+                f"the demo in {run.output_dir} has finished every stage; re-run part of it with --from STAGE or "
+                "--only STAGE, choose another --output, or pass --force to start over"
+            )
+        return todo
+    missing = [stage for stage in STAGES[: STAGES.index(first)] if stage not in run.stages]
+    if missing:
+        raise ValueError(f"stage {first} needs the stages before it; not finished yet: {', '.join(missing)}")
+    return [only] if only else list(STAGES[STAGES.index(first) :])
+
+
+def run_demo(
+    output_dir: str | Path,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    eval_rows: int = EVAL_ROWS_PER_TASK,
+    from_stage: str | None = None,
+    only: str | None = None,
+) -> DemoReport:
+    """Run the selected stages (see the module docstring) and return the report of the whole run."""
+    run = _load_run(Path(output_dir), overrides or [], eval_rows, force)
+    selected = _selected_stages(run, from_stage, only)
+    if run.stages and selected[0] != STAGES[0]:
+        print(f"[demo] continuing {run.output_dir} at stage {selected[0]}")
+    for stage in selected:
+        folder = run.output_dir / stage
+        if stage in run.stages and folder.is_dir() and stage in DEMO_CONFIGS:
+            # asked for by --from/--only: the earlier run of this stage is replaced, and says so
+            print(f"[demo] re-running {stage}: removing its earlier run folder {folder}")
+            shutil.rmtree(folder)
+        run.stages.pop(stage, None)
+        run.save()
+        started = time.perf_counter()
+        result = STAGE_FUNCTIONS[stage](run)
+        run.stages[stage] = {"seconds": round(time.perf_counter() - started, 2), "result": result}
+        run.save()
+        print(f"[demo] {stage}: {run.stages[stage]['seconds']:.1f}s")
+    if selected[-1] != "report":
+        _stage_report(run)
+    return _report_of(run)
+
+
+def _report_of(run: DemoRun) -> DemoReport:
+    return DemoReport(**json.loads((run.output_dir / "summary.json").read_text(encoding="utf-8")))

@@ -111,6 +111,7 @@ def quantize_report(
     validation: str | Path | None = None,
     max_blocks: int = 32,
     tasks_dir: str | Path | None = None,
+    tasks_models: list[str | Path] | None = None,
     limit: int = 100,
     shape: str | None = "24m",
     progress=print,
@@ -118,7 +119,8 @@ def quantize_report(
     repeats: int = 3,
 ) -> dict:
     """Quantise each model folder with every method into OUTPUT/<label>-<method>/, measure each against its float32
-    original, and the same for the `shape` preset with random weights; write OUTPUT/quantize_report.{json,md}."""
+    original, and the same for the `shape` preset with random weights; write OUTPUT/quantize_report.{json,md}.
+    Task accuracy is measured for `tasks_models` (default: every model) when `tasks_dir` is given."""
     from tiny_llama2_zh.loading import load_model
 
     methods = methods or list(METHODS)
@@ -136,7 +138,10 @@ def quantize_report(
             folders[method] = save_quantized(
                 quantized, tokenizer, output_dir / f"{label}-{method}", method, group_size, model_dir
             )
-        accuracy = _task_headlines(list(folders.values()), Path(tasks_dir), limit) if tasks_dir else {}
+        with_tasks = tasks_dir and (
+            tasks_models is None or model_dir.resolve() in {Path(m).resolve() for m in tasks_models}
+        )
+        accuracy = _task_headlines(list(folders.values()), Path(tasks_dir), limit) if with_tasks else {}
         model_rows = []
         for method, folder in folders.items():
             progress(f"measure: {label} {method}")
