@@ -127,7 +127,7 @@ def evaluate_all(args: argparse.Namespace) -> dict:
             perplexity = {**asdict(result), "data": data}
         tasks = None
         if task_result is not None:
-            tasks = next(r for r in task_result["rows"] if r["kind"] == "model" and r["name"] == str(folder))["tasks"]
+            tasks = [r for r in task_result["rows"] if r["kind"] == "model"][index]["tasks"]  # in --model order
         model_mc = mc_result["models"][index] if mc_result else None
         models.append(
             {
