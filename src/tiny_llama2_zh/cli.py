@@ -429,6 +429,30 @@ def _eval_tasks(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _eval_mc_arguments(parser: argparse.ArgumentParser) -> None:
+    from tiny_llama2_zh.eval.multiple_choice import add_arguments
+
+    add_arguments(parser)
+
+
+def _eval_mc(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.eval.multiple_choice import run
+
+    run(args)
+
+
+def _eval_all_arguments(parser: argparse.ArgumentParser) -> None:
+    from tiny_llama2_zh.eval.suite import add_arguments
+
+    add_arguments(parser)
+
+
+def _eval_all(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.eval.suite import run
+
+    run(args)
+
+
 # ------------------------------------------------------------------------------------------------ plot
 def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a training run folder (holds metrics.jsonl)")
@@ -695,6 +719,19 @@ COMMANDS = [
                 "accuracy on the demo tasks' held-out prompts (sentiment, segmentation, pinyin), models vs baselines",
                 _eval_tasks_arguments,
                 _eval_tasks,
+            ),
+            Command(
+                "mc",
+                "multiple-choice benchmarks by log-likelihood (C-Eval, CMMLU from a local copy; idioms); "
+                "--export-lm-eval writes them as lm-eval tasks",
+                _eval_mc_arguments,
+                _eval_mc,
+            ),
+            Command(
+                "all",
+                "every evaluation that applies (perplexity, demo tasks, multiple choice) for each model: eval.json/md",
+                _eval_all_arguments,
+                _eval_all,
             ),
         ],
     ),

