@@ -21,7 +21,7 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
         *("grpo.data.max_validation_prompts=4", "grpo.train.per_device_train_batch_size=8"),
         "grpo.train.num_generations=4",
         *("quantize.shape=none", "quantize.task_rows=4", "quantize.validation_blocks=2", "quantize.decode_tokens=4"),
-        "quantize.repeats=1",
+        *("quantize.repeats=1", "eval.mc_questions=4"),
     ]
     assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))

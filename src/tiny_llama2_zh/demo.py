@@ -224,6 +224,13 @@ class QuantizeStageOptions:
 
 
 @dataclass
+class EvalStageOptions:
+    """The demo's evaluation stage (`eval.KEY=VALUE`); the task rows are --eval-rows."""
+
+    mc_questions: int = 300  # idiom multiple-choice questions per task (of 3,080 held-out idioms)
+
+
+@dataclass
 class DemoRun:
     """One demo folder and what its finished stages produced (`demo_state.json`)."""
 
@@ -422,18 +429,42 @@ def _stage_export(run: DemoRun) -> dict:
     return {}
 
 
+def _idiom_table(result: dict) -> str:
+    """One row per model: accuracy on each idiom task, chance beside it."""
+    subjects = [subject["subject"] for subject in result["models"][0]["subjects"]]
+    lines = [
+        "| model | " + " | ".join(f"{subject} acc" for subject in subjects) + " | chance | questions per task |",
+        "|---|" + "---:|" * (len(subjects) + 2),
+    ]
+    for model in result["models"]:
+        accuracy = {subject["subject"]: subject["acc"] for subject in model["subjects"]}
+        cells = [f"{100 * accuracy[subject]:.1f}%" for subject in subjects]
+        chance, questions = model["subjects"][0]["chance"], model["subjects"][0]["questions"]
+        lines.append(
+            f"| {Path(model['name']).parent.name} | " + " | ".join(cells) + f" | {100 * chance:.0f}% | {questions} |"
+        )
+    return "\n".join(lines)
+
+
 def _stage_eval(run: DemoRun) -> dict:
+    from tiny_llama2_zh.eval import multiple_choice
     from tiny_llama2_zh.eval.tasks import evaluate_tasks, markdown_table
     from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply
     from tiny_llama2_zh.loading import load_model
 
     out, tasks_dir = run.output_dir, run.output_dir / "tasks"
+    options = load_config(EvalStageOptions, None, run.overrides["eval"])
     models = [out / stage / "final" for stage in ("pretrain", *ALIGNED)]
     evaluation = evaluate_tasks(models, tasks_dir, limit=run.eval_rows)
     (out / "eval").mkdir(exist_ok=True)
     (out / "eval" / "tasks.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
     task_table = markdown_table(evaluation)
     print(task_table)
+    idioms = multiple_choice.load_tasks(idioms=True, limit=options.mc_questions)
+    mc_result = multiple_choice.evaluate_mc(models, idioms, limit=options.mc_questions)
+    multiple_choice.write_outputs(mc_result, out / "eval")
+    benchmark_table = _idiom_table(mc_result)
+    print(benchmark_table)
     stage_seconds = {stage: done["seconds"] for stage, done in run.stages.items()}
     table = side_by_side(out, evaluation, _ppo_config(run, resume=False), stage_seconds)
     print(table)
@@ -446,7 +477,7 @@ def _stage_eval(run: DemoRun) -> dict:
             model, chat_tokenizer, [{"role": "user", "content": question}], SamplingOptions(max_new_tokens=48)
         )
         dialogue.append({"user": question, "assistant": answer})
-    return {"task_table": task_table, "side_by_side": table, "dialogue": dialogue}
+    return {"task_table": task_table, "side_by_side": table, "dialogue": dialogue, "benchmark_table": benchmark_table}
 
 
 def _stage_report(run: DemoRun) -> dict:
@@ -465,7 +496,10 @@ def _stage_report(run: DemoRun) -> dict:
 
 
 STAGE_FUNCTIONS = {stage: globals()[f"_stage_{stage}"] for stage in STAGES}
-STAGE_OPTIONS = {"quantize": QuantizeStageOptions}  # stages without a recipe YAML that take demo overrides
+STAGE_OPTIONS = {
+    "quantize": QuantizeStageOptions,
+    "eval": EvalStageOptions,
+}  # stages without a recipe YAML that take demo overrides
 
 
 def _load_run(output_dir: Path, overrides: list[str], eval_rows: int, force: bool) -> DemoRun:

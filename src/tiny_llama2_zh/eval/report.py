@@ -92,6 +92,12 @@ def _bar_chart(values: dict[str, float], title: str, xlabel: str, output: Path) 
     return output
 
 
+def _embedded(path: Path) -> str:
+    """A stage's own markdown report, its headings moved under the card's section heading."""
+    text = path.read_text(encoding="utf-8").strip()
+    return "\n".join("###" + line if line.startswith("#") else line for line in text.splitlines())
+
+
 def _section(title: str, command: str, body: list[str]) -> list[str]:
     return ["", f"## {title}", "", f"Produced by: `{command}`", "", *body]
 
@@ -158,9 +164,8 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             except ValueError as error:  # a run with no loss logged yet
                 body.append(f"- (no curves: {error})")
         for extra in ("reward_eval.md", "dpo_eval.md"):
-            if (folder / extra).is_file():  # its headings one level under this section's
-                text = (folder / extra).read_text(encoding="utf-8").strip()
-                body += ["", "\n".join("###" + line if line.startswith("#") else line for line in text.splitlines())]
+            if (folder / extra).is_file():
+                body += ["", _embedded(folder / extra)]
         lines += _section(f"{stage} ({folder})", f"tinyllm {stage} --config {folder / 'config.yaml'}", body)
 
     for run_dir in run_dirs:
@@ -178,13 +183,14 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             command = f"tinyllm eval tasks --data {tasks['data']} --limit {tasks['limit']} --model ..."
             lines += _section("Evaluation: demo tasks", command, [markdown_table(tasks), "", f"![]({relative(chart)})"])
         for name, title, command in (
-            ("eval/eval.md", "Evaluation: benchmarks", "tinyllm eval all ..."),
+            ("eval/mc.md", "Evaluation: multiple choice", "tinyllm eval mc --idioms ..."),
+            ("eval/eval.md", "Evaluation: all benchmarks", "tinyllm eval all ..."),
             ("quantize/quantize_report.md", "Quantisation", "tinyllm quantize --report ..."),
             ("export/exports.md", "Exports", "tinyllm export ..."),
         ):
             path = run_dir / name
             if path.is_file():
-                lines += _section(title, f"{command} (see {path})", [path.read_text(encoding="utf-8").strip()])
+                lines += _section(title, f"{command} (see {path})", [_embedded(path)])
 
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return output
