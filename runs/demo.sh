@@ -52,13 +52,27 @@ tinyllm grpo --config configs/grpo/demo.yaml model.init_from="$out/sft/final" \
   data.prompts="$out/tasks/sentiment/sft-train.jsonl" data.validation="$out/tasks/sentiment/sft-test.jsonl" \
   train.output_dir="$out/grpo"
 
-# 10. Held-out accuracy: trivial baselines vs the pretrained model vs every post-trained model.
+# 10. Quantisation: int8 (torchao weight-only, torch.ao dynamic) and int4 against float32 — size, perplexity, speed.
+tinyllm quantize --report --model "$out/pretrain/final" --model "$out/sft/final" --output "$out/quantize" \
+  --validation "$out/data/validation.bin" --tasks "$out/tasks" --limit 100
+
+# 11. Exports, each checked by the runtime that runs it: plain transformers Llama, llama.cpp's GGUF.
+tinyllm export hf-llama --model "$out/sft/final" --output "$out/export/hf-llama"
+tinyllm export gguf --model "$out/sft/final" --output "$out/export/sft-f32.gguf" --type f32
+
+# 12. Held-out accuracy: trivial baselines vs the pretrained model vs every post-trained model; idiom benchmark.
 tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" \
   --model "$out/rloo/final" --model "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 \
   --output "$out/eval"
+tinyllm eval mc --idioms --limit 300 --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/dpo/final" \
+  --output "$out/eval"
 
-# 11. Talk to it (the curves are in each stage's loss.png).
+# 13. The report card: every stage's figures and curves in one report.md.
+tinyllm report "$out"
+
+# 14. Talk to it (the curves are in each stage's loss.png), or serve it to the openai client and a web page.
 tinyllm generate --chat --model "$out/sft/final" \
   --prompt "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。
 评论：物流很快，包装也很好，非常满意。"
 echo "chat with it: tinyllm chat --model $out/sft/final"
+echo "serve it:     tinyllm serve --model $out/sft/final"
