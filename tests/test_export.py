@@ -36,6 +36,12 @@ MIN_GAP = 1e-3  # float32 runtimes differ by ~1e-5 in these logits; a smaller to
 Q8_0_AGREEMENT = 0.75
 LLAMA2C_DIR = SHARED_DIR / "clients" / "llama2c"
 CHAT = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
+CONVERSATION = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"},
+    {"role": "user", "content": "你好"},
+    {"role": "assistant", "content": "你好！有什么可以帮你？"},
+    {"role": "user", "content": "中国的首都是哪里？"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +185,10 @@ def test_gguf_runs_in_llamacpp(vocab, request, corpus_texts, tmp_path):
         argv = ["export", "gguf", "--model", str(model_dir), "--output", str(paths[out_type]), "--type", out_type]
         assert main(argv) == 0
 
-    f32 = run_gguf({"model": str(paths["f32"]), "tokenize": [*texts, chat_text], "generate": jobs})
+    request = {"model": str(paths["f32"]), "tokenize": [*texts, chat_text], "generate": jobs, "chats": [CONVERSATION]}
+    f32 = run_gguf(request)
+    # the chat template inside the GGUF renders a multi-turn conversation as ours does
+    assert f32["rendered"] == [tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)]
     # (a) llama.cpp's tokenizer gives our ids: texts start with <s> (and for ChatGLM3 the dummy-prefix '▁'); the
     # chat prompt's role tokens are parsed as special tokens in both
     assert f32["tokens"] == [tokenizer(t)["input_ids"] for t in texts] + [chat_ids]

@@ -3,11 +3,14 @@
 //   request: {"model": PATH, "threads": N, "contextSize": N,
 //             "tokenize": [TEXT, ...],                 // -> "tokens": [[id, ...], ...] (with BOS, special tokens parsed)
 //             "generate": [{"tokens": [id, ...], "maxTokens": N, "stop": [id, ...]}, ...],
-//             "forced": [{"tokens": [id, ...], "from": K}, ...]}  // teacher forcing: greedy next token after each
+//             "forced": [{"tokens": [id, ...], "from": K}, ...],  // teacher forcing: greedy next token after each
 //                                                                // of tokens[K-1:], i.e. predictions of tokens[K:]
+//             "chats": [[{"role": ROLE, "content": STR}, ...], ...]}  // rendered with the file's chat template by
+//                                                 // @huggingface/jinja (node-llama-cpp's engine), generation prompt on
 //   answer:  {"tokens": [...], "generated": [{"tokens": [...], "text": STR, "promptSeconds": S, "decodeSeconds": S}],
-//             "forced": [[id, ...], ...]}
+//             "forced": [[id, ...], ...], "rendered": [STR, ...]}
 // Generation is greedy (temperature 0, no repeat penalty); a stop token is included in the output and ends it.
+import {Template} from "@huggingface/jinja";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
 const chunks = [];
@@ -16,7 +19,20 @@ const request = JSON.parse(Buffer.concat(chunks).toString("utf8"));
 
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const model = await llama.loadModel({modelPath: request.model, gpuLayers: 0});
-const answer = {tokens: [], generated: [], forced: []};
+const answer = {tokens: [], generated: [], forced: [], rendered: []};
+if (request.chats?.length) {
+    const template = new Template(model.fileInfo.metadata.tokenizer.chat_template);
+    for (const messages of request.chats) {
+        answer.rendered.push(
+            template.render({
+                messages,
+                bos_token: model.tokens.bosString,
+                eos_token: model.tokens.eosString,
+                add_generation_prompt: true,
+            })
+        );
+    }
+}
 
 for (const text of request.tokenize ?? []) {
     // specialTokens=true: role tokens in a chat prompt become their ids, as transformers does for added tokens
