@@ -57,6 +57,21 @@ def glm_model_dir(chatglm3_model_file, tmp_path_factory) -> Path:
     return save_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("glm_model"), **DECISIVE)
 
 
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """`gguf_file(model_dir, type)`: the model's GGUF export through the CLI, made once per module."""
+    folder, made = tmp_path_factory.mktemp("gguf"), {}
+
+    def export(model_dir: Path, out_type: str) -> Path:
+        if (model_dir, out_type) not in made:
+            path = folder / f"{model_dir.name}-{out_type}.gguf"
+            assert main(["export", "gguf", "--model", str(model_dir), "--output", str(path), "--type", out_type]) == 0
+            made[model_dir, out_type] = path
+        return made[model_dir, out_type]
+
+    return export
+
+
 def torch_greedy(model, ids: list[int], new_tokens: int, stop: tuple[int, ...] = ()) -> tuple[list[int], int]:
     """PyTorch's greedy continuation (KV cache) and how many of its first tokens were decisive: chosen with a
     top-1/top-2 logit gap above MIN_GAP. Runtimes are compared on those; past a near-tie either token is right."""
@@ -105,13 +120,11 @@ def test_hf_llama_folder_is_plain_llama_with_equal_greedy_tokens(bpe_model_dir, 
 
 
 # ------------------------------------------------------------------------------------------------- gguf
-def test_gguf_metadata_and_tensors(glm_model_dir, bpe_model_dir, tmp_path):
+def test_gguf_metadata_and_tensors(glm_model_dir, bpe_model_dir, gguf_file):
     import gguf
 
     ours, _ = load_model(glm_model_dir, "cpu")
-    path = tmp_path / "glm.gguf"
-    assert main(["export", "gguf", "--model", str(glm_model_dir), "--output", str(path), "--type", "f32"]) == 0
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(gguf_file(glm_model_dir, "f32"))
 
     def field(name):
         return reader.fields[name].contents()
@@ -131,9 +144,7 @@ def test_gguf_metadata_and_tensors(glm_model_dir, bpe_model_dir, tmp_path):
     torch.testing.assert_close(q, interleave_rotary_rows(layer.q_proj.weight.detach(), 4))
     torch.testing.assert_close(k, interleave_rotary_rows(layer.k_proj.weight.detach(), 2))  # per kv head
 
-    bpe_path = tmp_path / "bpe.gguf"
-    assert main(["export", "gguf", "--model", str(bpe_model_dir), "--output", str(bpe_path), "--type", "q8_0"]) == 0
-    bpe = gguf.GGUFReader(bpe_path)
+    bpe = gguf.GGUFReader(gguf_file(bpe_model_dir, "q8_0"))
     assert bpe.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert bpe.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert len(bpe.fields["tokenizer.ggml.merges"].contents()) > 500
@@ -164,7 +175,7 @@ def test_interleave_rotary_rows_matches_llama2c_pairing():
 
 
 @pytest.mark.parametrize("vocab", ["bpe", "glm"])
-def test_gguf_runs_in_llamacpp(vocab, request, corpus_texts, tmp_path):
+def test_gguf_runs_in_llamacpp(vocab, request, corpus_texts, gguf_file):
     missing = llamacpp_missing()
     if missing:
         pytest.skip(missing)
@@ -179,11 +190,7 @@ def test_gguf_runs_in_llamacpp(vocab, request, corpus_texts, tmp_path):
     expected = [torch_greedy(ours, ids, NEW_TOKENS, stop) for ids in prompts]
     jobs = [{"tokens": ids, "maxTokens": NEW_TOKENS, "stop": list(stop)} for ids in prompts]
 
-    paths = {}
-    for out_type in ("f32", "q8_0"):
-        paths[out_type] = tmp_path / f"model-{out_type}.gguf"
-        argv = ["export", "gguf", "--model", str(model_dir), "--output", str(paths[out_type]), "--type", out_type]
-        assert main(argv) == 0
+    paths = {out_type: gguf_file(model_dir, out_type) for out_type in ("f32", "q8_0")}
 
     request = {"model": str(paths["f32"]), "tokenize": [*texts, chat_text], "generate": jobs, "chats": [CONVERSATION]}
     f32 = run_gguf(request)
