@@ -66,7 +66,7 @@ def main() -> None:
         sys.exit(f"llamacpp_decode: prompt {len(ids)} + {args.new_tokens} new tokens exceed the context {context}")
     ours, our_tokens = torch_decode(model, ids, args.new_tokens, args.repeats)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model}: {parameters:,} parameters, prompt {len(ids)} tokens, {args.new_tokens} new tokens, ")
+    print(f"model {args.model}: {parameters:,} parameters; prompt {len(ids)} tokens, {args.new_tokens} new tokens")
     print(f"{args.threads} threads, best of {args.repeats} (provisional unless the machine was otherwise idle)")
     print(f"{'engine':<22} {'decode tok/s':>12} {'file MiB':>9}  greedy tokens = PyTorch's (to eos)")
     print(f"{'PyTorch generate f32':<22} {ours:>12.1f} {'':>9}")
