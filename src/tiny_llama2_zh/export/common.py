@@ -52,7 +52,7 @@ class VocabInfo:
     pieces: list[str]  # id -> token string, len == tokenizer size
     special_ids: set[int]  # added special tokens: control tokens in the exports
     merges: list[str]  # "a b" merge rules, in rank order (byte_level)
-    scores: list[float] | None  # SentencePiece piece scores (sentencepiece, from tokenizer.model)
+    scores: list[float] | None  # SentencePiece-style piece scores (sentencepiece; derived from the merges)
     piece_types: list[int] | None  # SentencePiece piece types: 1 normal, 2 unknown, 3 control, 6 byte
     add_dummy_prefix: bool
 
@@ -88,6 +88,10 @@ def vocab_info(tokenizer, model_dir: Path) -> VocabInfo:
                 f"{model_dir}: export handles the ByteLevel pre-tokenizer with the GPT-2 regex and no prefix space "
                 f"(tiny_llama2_zh.tokenizer.train_bpe_tokenizer); this one is {pre}"
             )
+        normalizer = (spec.get("normalizer") or {}).get("type")
+        if normalizer not in (None, "NFC"):
+            # llama.cpp applies no normalizer; NFC changes only text that is not NFC already (rare in practice)
+            raise ValueError(f"{model_dir}: the tokenizer normalizes with {normalizer}, which llama.cpp would not do")
         return VocabInfo("byte_level", pieces, special_ids, merges, None, None, add_dummy_prefix=False)
     if model.get("byte_fallback") and not pre_types:
         return _sentencepiece_vocab(spec, pieces, special_ids, merges, tokenizer, model_dir)
