@@ -613,6 +613,61 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"serve it (OpenAI API + web page): tinyllm serve --model {output / 'sft' / 'final'}")
 
 
+# ---------------------------------------------------------------------------------------------- export
+def _export_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="saved model folder to export (e.g. RUN_DIR/final)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+
+
+def _export_hf_llama_arguments(parser: argparse.ArgumentParser) -> None:
+    _export_common_arguments(parser)
+    parser.add_argument("--output", required=True, help="folder to write the LlamaForCausalLM folder to")
+
+
+def _export_hf_llama(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.export.hf_llama import export_hf_llama
+
+    folder = export_hf_llama(args.model, args.output, args.overwrite)
+    print(f"wrote a plain LlamaForCausalLM folder (no remote code) to {folder}")
+
+
+def _export_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    _export_common_arguments(parser)
+    parser.add_argument("--output", required=True, help="GGUF file to write (e.g. model-f16.gguf)")
+    parser.add_argument(
+        "--type", default="f16", choices=["f32", "f16", "q8_0"], help="weight type of 2-D tensors (default: f16)"
+    )
+
+
+def _export_gguf(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.export.gguf import export_gguf
+
+    path = export_gguf(args.model, args.output, args.type, args.overwrite)
+    print(f"wrote {path} ({args.type}, {path.stat().st_size / 2**20:.1f} MiB) for llama.cpp")
+
+
+def _export_llama2c_arguments(parser: argparse.ArgumentParser) -> None:
+    _export_common_arguments(parser)
+    parser.add_argument("--output", required=True, help="llama2.c model file to write (e.g. model.bin)")
+    parser.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        choices=[0, 2],
+        help="0: float32 legacy format for run.c (default); 2: int8 groups (Q8_0) for runq.c",
+    )
+    parser.add_argument(
+        "--tokenizer-output", help="where to write llama2.c's tokenizer.bin (default: tokenizer.bin beside --output)"
+    )
+
+
+def _export_llama2c(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.export.llama2c import export_llama2c
+
+    model, tokenizer = export_llama2c(args.model, args.output, args.version, args.tokenizer_output, args.overwrite)
+    print(f"wrote {model} (llama2.c version {args.version}) and {tokenizer}")
+
+
 COMMANDS = [
     Command(
         "demo",
@@ -742,6 +797,25 @@ COMMANDS = [
         "quantise a model folder (int8 / int4, torchao or torch.ao) or, with --report, compare every method",
         _quantize_arguments,
         _quantize,
+    ),
+    Command(
+        "export",
+        "export a model folder to other runtimes: transformers' Llama, llama.cpp's GGUF, llama2.c",
+        subcommands=[
+            Command(
+                "hf-llama",
+                "a plain LlamaForCausalLM folder (transformers, vLLM; no remote code)",
+                _export_hf_llama_arguments,
+                _export_hf_llama,
+            ),
+            Command("gguf", "a GGUF file for llama.cpp (f32, f16 or q8_0)", _export_gguf_arguments, _export_gguf),
+            Command(
+                "llama2c",
+                "a karpathy/llama2.c model file (run.c v0 or runq.c v2) and tokenizer.bin",
+                _export_llama2c_arguments,
+                _export_llama2c,
+            ),
+        ],
     ),
 ]
 

@@ -1,6 +1,9 @@
 """Exports to the runtimes users run small models in: transformers' plain Llama (`hf_llama`), llama.cpp
-(`gguf`) and karpathy/llama2.c (`llama2c`). Each export is checked by the runtime itself in the tests."""
+(`gguf`) and karpathy/llama2.c (`llama2c`). Each export is checked by the runtime itself in the tests
+(tests/test_export.py): transformers' LlamaForCausalLM, llama.cpp through node-llama-cpp, llama2.c's run.c/runq.c.
 
-from tiny_llama2_zh.export.hf_llama import to_hf_llama, to_hf_llama_config
+Heavy modules load lazily: `from tiny_llama2_zh.export.gguf import export_gguf` etc."""
 
-__all__ = ["to_hf_llama", "to_hf_llama_config"]
+from tiny_llama2_zh.export.hf_llama import export_hf_llama, to_hf_llama, to_hf_llama_config
+
+__all__ = ["export_hf_llama", "to_hf_llama", "to_hf_llama_config"]

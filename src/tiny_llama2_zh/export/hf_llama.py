@@ -1,6 +1,9 @@
 """Export to other runtimes. Our parameter names are transformers' Llama names, so the weights load into
 `LlamaForCausalLM` with a strict state-dict load and no renaming; the rotary pairing is the same too."""
 
+import json
+from pathlib import Path
+
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tiny_llama2_zh.model import TinyLlama2Config, TinyLlama2ForCausalLM
@@ -32,3 +35,21 @@ def to_hf_llama(model: TinyLlama2ForCausalLM) -> LlamaForCausalLM:
     llama = LlamaForCausalLM(to_hf_llama_config(model.config)).to(model.dtype)
     llama.load_state_dict(model.state_dict(), strict=True)
     return llama.eval() if not model.training else llama
+
+
+def export_hf_llama(model_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write a plain `LlamaForCausalLM` folder (config, safetensors, generation config, tokenizer, chat template)
+    that transformers, vLLM and other Llama loaders read with no remote code."""
+    from tiny_llama2_zh.export.common import atomic_path, load_source
+
+    model, tokenizer = load_source(model_dir)
+    llama = to_hf_llama(model).eval()
+    llama.generation_config = model.generation_config
+    with atomic_path(output, overwrite, directory=True) as temp:
+        llama.save_pretrained(str(temp))
+        tokenizer.save_pretrained(str(temp))
+        leftovers = [p.name for p in temp.iterdir() if p.suffix == ".py"]
+        config = json.loads((temp / "config.json").read_text(encoding="utf-8"))
+        if leftovers or "auto_map" in config or config.get("model_type") != "llama":
+            raise ValueError(f"the Llama folder would need remote code ({leftovers}, {config.get('auto_map')})")
+    return Path(output)
