@@ -21,7 +21,7 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
         *("grpo.data.max_validation_prompts=4", "grpo.train.per_device_train_batch_size=8"),
         "grpo.train.num_generations=4",
         *("quantize.shape=none", "quantize.task_rows=4", "quantize.validation_blocks=2", "quantize.decode_tokens=4"),
-        *("quantize.repeats=1", "eval.mc_questions=4"),
+        *("quantize.repeats=1", "eval.mc_questions=4", "export.prompts=2", "export.texts=4", "export.new_tokens=4"),
     ]
     assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
@@ -57,6 +57,8 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     ]
     assert quantized["rows"][4]["model"] == "sft" and quantized["rows"][4]["tasks"]
     assert (output / "quantize" / "sft-int8-dynamic" / "quantization.json").is_file()
+    exports = (output / "export" / "exports.md").read_text(encoding="utf-8")
+    assert "greedy replies equal ours: 2/2 |" in exports and "| llama2.c | — | — | refused before writing |" in exports
     assert "## Quantisation" in summary_md(output) and "## Quantisation" in (output / "report.md").read_text()
 
     # a second demo into the finished folder must not silently replace the first

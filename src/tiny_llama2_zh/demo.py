@@ -425,8 +425,94 @@ def _stage_quantize(run: DemoRun) -> dict:
     return {"quantize_table": markdown_table(report)}
 
 
+@dataclass
+class ExportStageOptions:
+    """The demo's export stage (`export.KEY=VALUE`): how many held-out chat prompts and texts each runtime is
+    checked on."""
+
+    prompts: int = 8
+    texts: int = 32
+    new_tokens: int = 24
+
+
+def _pytorch_greedy(model, prompts: list[list[int]], new_tokens: int, stop: list[int]) -> list[list[int]]:
+    """Greedy continuation ids of each prompt, cut after the first stop id (the reply's end), batch 1."""
+    import torch
+
+    replies = []
+    with torch.inference_mode():
+        for ids in prompts:
+            output = model.generate(
+                torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=0
+            )[0, len(ids) :].tolist()
+            replies.append(output[: next((i + 1 for i, t in enumerate(output) if t in stop), len(output))])
+    return replies
+
+
 def _stage_export(run: DemoRun) -> dict:
-    return {}
+    """The SFT model as a plain transformers Llama folder, as GGUF (f32, q8_0) and — where its vocabulary allows —
+    as llama2.c files; each checked by the runtime that runs it on held-out prompts (greedy replies) and texts
+    (token ids). A runtime that is not installed is reported as such, not as a pass."""
+    from transformers import LlamaForCausalLM
+
+    from tiny_llama2_zh.export.gguf import export_gguf
+    from tiny_llama2_zh.export.hf_llama import export_hf_llama
+    from tiny_llama2_zh.export.llama2c import export_llama2c
+    from tiny_llama2_zh.export.llamacpp import llamacpp_missing, run_gguf
+    from tiny_llama2_zh.infer.generate import chat_prompt_ids, turn_end_ids
+    from tiny_llama2_zh.loading import load_model
+
+    options = load_config(ExportStageOptions, None, run.overrides["export"])
+    out, source = run.output_dir / "export", run.output_dir / "sft" / "final"
+    model, tokenizer = load_model(source, "cpu")
+    stop = turn_end_ids(tokenizer)
+    rows = [json.loads(line) for line in (run.output_dir / "tasks" / "sentiment" / "sft-test.jsonl").open()]
+    prompts = [chat_prompt_ids(tokenizer, row["messages"][:1], 200)[0] for row in rows[: options.prompts]]
+    expected = _pytorch_greedy(model, prompts, options.new_tokens, stop)
+    validation = run.output_dir / "corpus" / "validation.jsonl"
+    texts = [json.loads(line)["text"][:200] for _, line in zip(range(options.texts), validation.open())]
+    table = ["| format | file | size | checked by | result |", "|---|---|---:|---|---|"]
+
+    folder = export_hf_llama(source, out / "hf-llama", overwrite=True)
+    llama = LlamaForCausalLM.from_pretrained(folder).eval()  # no remote code: transformers' own Llama
+    same = sum(a == b for a, b in zip(_pytorch_greedy(llama, prompts, options.new_tokens, stop), expected))
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    table.append(
+        f"| transformers Llama | `{folder}` | {size / 1e6:.2f} MB | transformers `LlamaForCausalLM` (no remote code) "
+        f"| greedy replies equal ours: {same}/{len(prompts)} |"
+    )
+    missing = llamacpp_missing()
+    for kind in ("f32", "q8_0"):
+        path = export_gguf(source, out / f"sft-{kind}.gguf", kind, overwrite=True)
+        if missing:
+            result, checker = f"not checked: {missing}", "llama.cpp (not installed)"
+        else:
+            answer = run_gguf(
+                {
+                    "model": str(path),
+                    "threads": 2,
+                    "tokenize": texts,
+                    "generate": [{"tokens": ids, "maxTokens": options.new_tokens, "stop": stop} for ids in prompts],
+                }
+            )
+            ids_equal = sum(got == tokenizer(text)["input_ids"] for got, text in zip(answer["tokens"], texts))
+            replies_equal = sum(g["tokens"] == want for g, want in zip(answer["generated"], expected))
+            result = f"token ids equal ours: {ids_equal}/{len(texts)} texts; greedy replies equal ours: "
+            result += f"{replies_equal}/{len(prompts)}"
+            checker = "llama.cpp (node-llama-cpp's prebuilt libllama)"
+        table.append(f"| GGUF {kind} | `{path}` | {path.stat().st_size / 1e6:.2f} MB | {checker} | {result} |")
+    try:
+        path, _ = export_llama2c(source, out / "sft-llama2c.bin", 0, overwrite=True)
+        table.append(
+            f"| llama2.c v0 | `{path}` | {path.stat().st_size / 1e6:.2f} MB | (run.c: see the tests) | written |"
+        )
+    except ValueError as refusal:  # the demo's byte-level BPE: run.c's tokenizer cannot hold it
+        reason = str(refusal).split(": ", 1)[-1]
+        table.append(f"| llama2.c | — | — | refused before writing | {reason} |")
+    markdown = "\n".join(table)
+    (out / "exports.md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    return {"export_table": markdown}
 
 
 def _idiom_table(result: dict) -> str:
@@ -498,6 +584,7 @@ def _stage_report(run: DemoRun) -> dict:
 STAGE_FUNCTIONS = {stage: globals()[f"_stage_{stage}"] for stage in STAGES}
 STAGE_OPTIONS = {
     "quantize": QuantizeStageOptions,
+    "export": ExportStageOptions,
     "eval": EvalStageOptions,
 }  # stages without a recipe YAML that take demo overrides
 

@@ -30,6 +30,7 @@ def run_gguf(request: dict, runtime_dir: Path = RUNTIME_DIR, timeout: float = 60
     missing = llamacpp_missing(runtime_dir)
     if missing:
         raise FileNotFoundError(missing)
+    request = {**request, "model": str(Path(request["model"]).resolve())}  # node runs in runtime_dir
     result = subprocess.run(
         ["node", "run_gguf.mjs"],
         cwd=runtime_dir,
