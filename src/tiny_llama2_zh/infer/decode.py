@@ -106,12 +106,14 @@ class LeanDecoder:
 
     # ------------------------------------------------------------------------------------------- the maths
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # torch's fused kernel: bit-identical to the written-out float32 formula
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         x32 = x.float()
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        first, second = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((second, first), dim=-1) * sin
+        # rolling the last dimension by half swaps its halves, as model.swap_halves does, in one op
+        return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin
 
     def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
@@ -163,29 +165,39 @@ class LeanDecoder:
         if max(lengths) >= self.max_len:
             raise ValueError(f"a row is full: the cache holds {self.max_len} positions")
         span = max(lengths) + 1  # keys to attend over: the longest row's cache plus its new token
-        positions = torch.as_tensor(lengths, device=self.device)  # (B,)
-        rows = self._row_index[:batch]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
-        # rows shorter than the longest must not see the stale cache entries beyond their own length
-        mask = None
-        if min(lengths) != max(lengths):
-            mask = (self._positions[:span][None] > positions[:, None])[:, None, None]  # (B, 1, 1, span)
+        same_length = min(lengths) == max(lengths)
+        if same_length:  # one position for every row: slices instead of gathers and index_put
+            position = lengths[0]
+            cos, sin = self.cos[position : position + 1], self.sin[position : position + 1]  # (1, hd)
+            mask = None
+        else:
+            positions = torch.as_tensor(lengths, device=self.device)  # (B,)
+            rows = self._row_index[:batch]
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
+            # rows shorter than the longest must not see the stale cache entries beyond their own length
+            mask = (self._positions[:span][None] <= positions[:, None])[:, None, None]  # (B, 1, 1, span): attend
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         x = self.embed[tokens]  # (B, dim)
         for index, layer in enumerate(self.layers):
             qkv = F.linear(self._norm(x, layer.input_norm), layer.qkv).view(batch, sum(heads), self.head_dim)
             qk = self._rotate(qkv[:, : heads[0] + heads[1]], cos, sin)
             keys, values = self.keys[index], self.values[index]
-            keys[rows, :, positions] = qk[:, heads[0] :]  # (B, KV, hd) at each row's position
-            values[rows, :, positions] = qkv[:, heads[0] + heads[1] :]
-            # grouped-query attention without repeating the cache: (B, KV, G, hd) @ (B, KV, hd, span)
-            q = qk[:, : heads[0]].reshape(batch, self.n_kv_heads, self.groups, self.head_dim)
-            scores = q @ keys[:batch, :, :span].transpose(-1, -2) * self.scale  # (B, KV, G, span)
-            if mask is not None:
-                scores = scores.masked_fill(mask, float("-inf"))
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-            out = (weights @ values[:batch, :, :span]).reshape(batch, -1)  # (B, H * hd)
-            x = x + F.linear(out, layer.o)
+            if same_length:
+                keys[:batch, :, position] = qk[:, heads[0] :]
+                values[:batch, :, position] = qkv[:, heads[0] + heads[1] :]
+            else:
+                keys[rows, :, positions] = qk[:, heads[0] :]  # (B, KV, hd) at each row's position
+                values[rows, :, positions] = qkv[:, heads[0] + heads[1] :]
+            # one query per row against the cached prefix; GQA without repeating the cache (enable_gqa)
+            out = F.scaled_dot_product_attention(
+                qk[:, : heads[0], None],  # (B, H, 1, hd)
+                keys[:batch, :, :span],
+                values[:batch, :, :span],
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=self.groups > 1,
+            )  # (B, H, 1, hd)
+            x = x + F.linear(out.reshape(batch, -1), layer.o)
             x = self._mlp(x, layer)
         for row in range(batch):
             self.lengths[row] += 1
