@@ -6,6 +6,10 @@ a disconnected client freeing its row at once.
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -317,3 +321,37 @@ def test_full_queue_gets_429_and_a_disconnected_stream_frees_its_row(serve_model
         assert wait_for(lambda: health()["running"] == 0 and health()["waiting"] == 0), health()
         ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
         assert ok.usage.completion_tokens <= 3
+
+
+def test_tinyllm_serve_runs_the_server_on_loopback(serve_model_dir):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "tiny_llama2_zh.cli",
+        "serve",
+        "--model",
+        str(serve_model_dir),
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([*command, "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: _health_ok(f"http://127.0.0.1:{port}") or server.poll() is not None, timeout=60)
+        assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3).usage.completion_tokens
+    finally:
+        server.terminate()
+        stdout, _ = server.communicate(timeout=30)
+    assert f"on http://127.0.0.1:{port}" in stdout.decode()  # the default bind address is loopback
+
+
+def _health_ok(url: str) -> bool:
+    try:
+        return get_json(f"{url}/health")["status"] == "ok"
+    except OSError:
+        return False

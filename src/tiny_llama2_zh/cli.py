@@ -411,6 +411,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the model (default: 0 = torch's default; 1 is often fastest for the small models)",
+    )
     parser.epilog = "The chat page is at http://HOST:PORT/; the OpenAI-compatible API at http://HOST:PORT/v1."
 
 
@@ -419,6 +425,12 @@ def _serve(args: argparse.Namespace) -> None:
     from tiny_llama2_zh.loading import check_model_folder
 
     check_model_folder(args.model)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.max_batch < 1 or args.queue_size < 0 or args.max_body_bytes < 1:
         raise ValueError("--max-batch must be >= 1, --queue-size >= 0 and --max-body-bytes >= 1")
     serve(
