@@ -160,3 +160,22 @@ def test_engine_decodes_concurrent_requests_as_model_generate_does(small_tokeniz
             assert "\ufffd" not in collector.text() or "\ufffd" in tokenizer.decode(expected)
     finally:
         engine.stop()
+
+
+def test_a_request_that_fails_alone_leaves_the_batch_running(small_tokenizer):
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = random_model(vocab_size=len(tokenizer), max_position_embeddings=96)
+    engine = Engine(model, tokenizer, max_batch=2, queue_size=0).start()
+    try:
+        good, bad, after = Collector(), Collector(), Collector()
+        prompt = tokenizer("北京是")["input_ids"]
+        engine.submit(GenerationRequest(prompt, 40, good, stop_ids=frozenset({EOS})))
+        engine.submit(GenerationRequest([1, len(tokenizer) + 5], 4, bad))  # an id beyond the embedding
+        assert bad.done.wait(30) and good.done.wait(30)
+        assert isinstance(bad.events[-1], Failed) and "generation failed" in bad.events[-1].message
+        assert isinstance(good.events[-1], Finished)
+        assert good.text() == tokenizer.decode(reference(model, prompt, 40), skip_special_tokens=True)
+        engine.submit(GenerationRequest(prompt, 3, after))  # and the engine still serves
+        assert after.done.wait(30) and isinstance(after.events[-1], Finished)
+    finally:
+        engine.stop()

@@ -162,6 +162,15 @@ def test_stop_string_cuts_the_text_and_finishes_with_stop(client):
     assert "".join(chunk.choices[0].text for chunk in streamed) == text[: text.index(stop)]
 
 
+def test_text_content_parts_are_joined(client):
+    parts = [{"type": "text", "text": "你好，"}, {"type": "text", "text": "请介绍一下北京。"}]
+    joined = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=8
+    )
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=8)
+    assert joined.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_completion_continues_the_prompt_and_max_tokens_gives_length(client, reference):
     model, tokenizer = reference
     response = client.completions.create(model=MODEL, prompt="北京是", temperature=0, max_tokens=12)
@@ -200,6 +209,13 @@ BAD_CHAT_BODIES = {
     "stop not a string": (chat(stop=5), "stop"),
     "too many stop strings": (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
     "missing model": ({"messages": HELLO}, "model"),
+    "empty stop string": (chat(stop=""), "stop"),
+    "seed out of range": (chat(seed=2**70), "seed"),
+    "an image content part": (
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        "messages[0].content",
+    ),
+    "null message": (chat(messages=[None]), "messages[0]"),
 }
 
 
@@ -218,9 +234,10 @@ def test_bad_chat_requests_get_an_openai_shaped_400(server, name):
         (b"[1, 2]", 400, "invalid_json"),
         (b"\xff\xfe", 400, "invalid_json"),
         (b"", 400, "invalid_json"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
         (b'{"model": "tinyllm", "messages": [{"role": "user", "content": "' + b"x" * (1 << 20) + b'"}]}', 413, None),
     ],
-    ids=["invalid JSON", "not an object", "not UTF-8", "empty body", "over the size limit"],
+    ids=["invalid JSON", "not an object", "not UTF-8", "empty body", "deeply nested", "over the size limit"],
 )
 def test_unparseable_and_oversized_bodies(server, body, status, code):
     got, answer, _ = post(f"{server}/v1/chat/completions", body)

@@ -186,9 +186,13 @@ class Engine:
                     request = self._waiting.popleft()
                     if not request.cancelled.is_set():
                         admitted.append(request)
-            try:
-                for request in admitted:
+            for request in admitted:
+                try:
                     self._admit(request)
+                except Exception as error:  # this request alone fails; the running batch is untouched
+                    logger.exception("prefill failed")
+                    self._send(request, Failed(f"generation failed: {error}"))
+            try:
                 self._drop_finished()
                 if self._running:
                     self._step()
@@ -203,6 +207,7 @@ class Engine:
             self._send(running.request, Failed("the server is shutting down"))
 
     def _admit(self, request: GenerationRequest) -> None:
+        """Prefill the request into the next free row (the decoder counts the row only once prefill succeeded)."""
         running = _Running(request)
         logits = self.decoder.prefill(len(self._running), request.prompt_ids)
         self._running.append(running)

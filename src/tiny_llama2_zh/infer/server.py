@@ -95,8 +95,10 @@ class _Sampling(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=1)] = 1
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
-    seed: int | None = None
+    stop: (
+        Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+    ) | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (load tests)
@@ -211,7 +213,7 @@ def create_app(
             raise APIError(413, f"the request body is at least {size:,} bytes, over the limit of {max_body_bytes:,}")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: [[[[…]]]]
             raise APIError(400, f"the body is not valid JSON ({error})", code="invalid_json") from error
         if not isinstance(data, dict):
             raise APIError(400, f"the body must be a JSON object, not {type(data).__name__}", code="invalid_json")
