@@ -28,12 +28,23 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-CONTEXT = 2048
+CONTEXT = 16384  # a reply to the whole context streams for many seconds: the stop test never races its end
 FIRST, SECOND = "你好，请介绍一下北京。", "谢谢！再说说上海吧。"
 
 
 def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+
+
+def full_length_replies(page) -> None:
+    """A random model may end its reply at any token, even the first. The test adds vLLM's `ignore_eos` to the
+    page's requests on their way out (Playwright routing), so that every reply runs to its max_tokens: never
+    empty, and still streaming when the stop button is pressed. The page and the server are unchanged."""
+
+    def add_ignore_eos(route) -> None:
+        route.continue_(post_data=json.dumps({**json.loads(route.request.post_data), "ignore_eos": True}))
+
+    page.route("**/v1/chat/completions", add_ignore_eos)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def page_model_dir(small_tokenizer, tmp_path_factory) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         initializer_range=0.3,
-        max_position_embeddings=CONTEXT,  # long enough that a greedy reply is still streaming when stopped
+        max_position_embeddings=CONTEXT,  # long enough that a reply is still streaming when stopped
     )
     return save_model_folder(TinyLlama2ForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("page"))
 
@@ -66,6 +77,7 @@ def test_two_chinese_turns_stream_into_the_page(sync_playwright, page_model_dir,
         browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 700})
+            full_length_replies(page)
             requests: list[dict] = []
             page.on(
                 "request",
@@ -110,6 +122,7 @@ def test_stop_button_and_server_errors_reach_the_person(sync_playwright, page_mo
         browser = launch_chromium(playwright)
         try:
             page = browser.new_page()
+            full_length_replies(page)
             page.goto(url)
             page.wait_for_function("document.getElementById('model').textContent.startsWith('tinyllm')")
             # an error from the server (max_tokens beyond the context) is shown, in the server's words
@@ -118,8 +131,8 @@ def test_stop_button_and_server_errors_reach_the_person(sync_playwright, page_mo
             page.press("#input", "Enter")
             page.wait_for_function("document.getElementById('error').textContent.length > 0")
             assert f"maximum context length is {CONTEXT}" in page.inner_text("#error")
-            # stop: a long greedy reply (this random model never ends it) is cut off by the button, and the engine
-            # frees its row at once
+            # stop: a long reply (the rest of the 16,384-token context) is cut off by the button, and the engine frees
+            # its row at once
             page.fill("#max-tokens", "")
             page.fill("#temperature", "0")
             page.fill("#input", SECOND)

@@ -176,7 +176,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _fastapi_validation(request: Request, error: RequestValidationError) -> JSONResponse:
-        return APIError(400, str(error.errors()[:1])).response()
+        first = error.errors()[0]  # FastAPI's own checks (path parameters): the same shape as the bodies' errors
+        location = ".".join(str(part) for part in first.get("loc", ()))
+        return APIError(400, f"{location}: {first.get('msg')}", param=location or None).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
