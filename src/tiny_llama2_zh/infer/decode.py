@@ -1,11 +1,13 @@
 """A lean decode loop for serving: a static KV cache and a plain forward over the model's own weights.
 
-`model.generate` spends most of a decode step on bookkeeping, not arithmetic: at the 24m shape on a CPU one
-step is ~25M multiply-adds (~1 ms) but takes ~10 ms through transformers (logits processors, stopping criteria,
-the dynamic cache's concatenations, mask building, output dataclasses). This module runs the same maths with
-nothing else: per layer one matmul for q/k/v, rotary from a precomputed table, the new key/value written into a
-preallocated cache (vLLM's and llama.cpp's static cache, without paging), attention over the cached prefix,
-one matmul for SwiGLU's gate and up; then the tied head on the last position only.
+`model.generate` spends much of a decode step on bookkeeping rather than arithmetic (logits processors, stopping
+criteria, the dynamic cache's concatenations, mask building, output dataclasses): for the demo model (dim 128,
+vocabulary 4,096) nearly all of it. This module runs the same maths with nothing else: per layer one matmul for
+q/k/v, rotary from a precomputed table, the new key/value written into a preallocated cache (vLLM's and
+llama.cpp's static cache, without paging), attention over the cached prefix, one matmul for SwiGLU's gate and up;
+then the tied head on the last position only. What it cannot remove is memory traffic: with ChatGLM3's 64,798-token
+vocabulary the float32 head is 75 MB, read once per step, which bounds a batch-1 step at the 24m shape; a batch
+of running requests shares that read (benchmarks/decode_speed.py).
 
 The decoder holds `max_batch` cache rows. Rows 0..n-1 are the running batch; each row has its own length, so
 sequences with different prompt lengths decode together (per-row positions, masked attention), a new sequence
