@@ -388,6 +388,63 @@ def _chat(args: argparse.Namespace) -> None:
     chat_main(model, tokenizer, _sampling_options(args, max_new_tokens), args.system, args.plain)
 
 
+# ----------------------------------------------------------------------------------------------- serve
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="saved model folder (an SFT model for chat completions)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes it to the network)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key, for loopback use)"
+    )
+    parser.add_argument(
+        "--model-name", default="tinyllm", help="the model id clients send and /v1/models lists (default: tinyllm)"
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one batch (default: 8)")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=32,
+        help="requests that may wait for a free batch row; beyond it the server answers 429 (default: 32)",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the model (default: 0 = torch's default; 1 is often fastest for the small models)",
+    )
+    parser.epilog = "The chat page is at http://HOST:PORT/; the OpenAI-compatible API at http://HOST:PORT/v1."
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.infer.server import serve
+    from tiny_llama2_zh.loading import check_model_folder
+
+    check_model_folder(args.model)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.max_batch < 1 or args.queue_size < 0 or args.max_body_bytes < 1:
+        raise ValueError("--max-batch must be >= 1, --queue-size >= 0 and --max-body-bytes >= 1")
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        queue_size=args.queue_size,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ eval
 def _eval_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved model folder (with its tokenizer)")
@@ -764,6 +821,12 @@ COMMANDS = [
         _generate,
     ),
     Command("chat", "chat with a saved model in the terminal (multi-turn, streamed)", _chat_arguments, _chat),
+    Command(
+        "serve",
+        "serve a saved model over an OpenAI-compatible HTTP API, with a chat page in the browser",
+        _serve_arguments,
+        _serve,
+    ),
     Command(
         "eval",
         "evaluate saved models",
