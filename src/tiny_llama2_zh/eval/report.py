@@ -92,6 +92,27 @@ def _bar_chart(values: dict[str, float], title: str, xlabel: str, output: Path) 
     return output
 
 
+def _quantize_command(folder: Path) -> str:
+    report = _read_json(folder / "quantize_report.json") or {}
+    parts = [
+        "tinyllm quantize --report",
+        *(f"--model {source}" for source in report.get("sources", [])),
+        f"--output {folder}",
+    ]
+    if report.get("validation"):
+        parts.append(f"--validation {report['validation']} --max-blocks {report['validation_blocks']}")
+    if report.get("tasks"):
+        parts.append(f"--tasks {report['tasks']} --limit {report['task_rows']}")
+    return " ".join(parts)
+
+
+def _mc_command(path: Path) -> str:
+    result = _read_json(path) or {}
+    models = " ".join(f"--model {model['name']}" for model in result.get("models", []))
+    limit = f" --limit {result['limit']}" if result.get("limit") else ""
+    return f"tinyllm eval mc --idioms --shots {result.get('shots', 0)}{limit} {models} --output {path.parent}"
+
+
 def _embedded(path: Path) -> str:
     """A stage's own markdown report, its headings moved under the card's section heading."""
     text = path.read_text(encoding="utf-8").strip()
@@ -183,14 +204,14 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             command = f"tinyllm eval tasks --data {tasks['data']} --limit {tasks['limit']} --model ..."
             lines += _section("Evaluation: demo tasks", command, [markdown_table(tasks), "", f"![]({relative(chart)})"])
         for name, title, command in (
-            ("eval/mc.md", "Evaluation: multiple choice", "tinyllm eval mc --idioms ..."),
-            ("eval/eval.md", "Evaluation: all benchmarks", "tinyllm eval all ..."),
-            ("quantize/quantize_report.md", "Quantisation", "tinyllm quantize --report ..."),
-            ("export/exports.md", "Exports", "tinyllm export ..."),
+            ("eval/mc.md", "Evaluation: multiple choice", _mc_command(run_dir / "eval" / "mc.json")),
+            ("eval/eval.md", "Evaluation: all benchmarks", "tinyllm eval all (see eval.json's settings)"),
+            ("quantize/quantize_report.md", "Quantisation", _quantize_command(run_dir / "quantize")),
+            ("export/exports.md", "Exports", f"tinyllm demo --output {run_dir} --only export"),
         ):
             path = run_dir / name
             if path.is_file():
-                lines += _section(title, f"{command} (see {path})", [_embedded(path)])
+                lines += _section(title, command, [_embedded(path)])
 
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return output
