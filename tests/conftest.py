@@ -118,6 +118,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+def lively_model(tokenizer, **overrides):
+    """A random tiny model with the tokenizer's vocabulary and special ids and livelier logits than the default
+    init (replies are varied text, not one token repeated): for chat, serving and the web page."""
+    from tiny_llama2_zh.model import TinyLlama2ForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.3,
+        **overrides,
+    )
+    return TinyLlama2ForCausalLM(config).eval()
+
+
 def save_tiny_model(tokenizer_dir: Path, folder: Path, **config_overrides) -> Path:
     """A random tiny model with the tokenizer's vocabulary and special ids, saved with it as a model folder."""
     from tiny_llama2_zh.loading import save_model_folder

@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_config
+from conftest import lively_model
 from tiny_llama2_zh.cli import main
 from tiny_llama2_zh.infer import chat
 from tiny_llama2_zh.infer.chat import REPLY_MARKER, USER_PROMPT, ChatSession, chat_main, run_chat
 from tiny_llama2_zh.infer.generate import SamplingOptions, chat_prompt_ids, generate_reply, generate_text, turn_end_ids
 from tiny_llama2_zh.loading import load_model, save_model_folder
-from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.tokenizer import load_tokenizer
 
 GREEDY = ["--temperature", "0", "--top-p", "1", "--repetition-penalty", "1"]
@@ -26,24 +24,11 @@ GREEDY = ["--temperature", "0", "--top-p", "1", "--repetition-penalty", "1"]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TERM": "dumb"}
 
 
-def random_model(tokenizer, **overrides) -> TinyLlama2ForCausalLM:
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.3,  # livelier logits than the default: replies are not one token repeated
-        **overrides,
-    )
-    return TinyLlama2ForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def chat_model_dir(small_tokenizer, tmp_path_factory) -> Path:
     tokenizer = load_tokenizer(small_tokenizer)
     return save_model_folder(
-        random_model(tokenizer, max_position_embeddings=256), tokenizer, tmp_path_factory.mktemp("chat")
+        lively_model(tokenizer, max_position_embeddings=256), tokenizer, tmp_path_factory.mktemp("chat")
     )
 
 
@@ -52,7 +37,7 @@ def endless_model_dir(small_tokenizer, tmp_path_factory) -> Path:
     """A model that never ends a reply (its generation config suppresses every turn-ending id): a reply is still
     streaming, for many seconds, when the Ctrl-C test interrupts it."""
     tokenizer = load_tokenizer(small_tokenizer)
-    model = random_model(tokenizer, max_position_embeddings=4096)
+    model = lively_model(tokenizer, max_position_embeddings=4096)
     model.generation_config.suppress_tokens = turn_end_ids(tokenizer)
     return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("endless"))
 
@@ -155,7 +140,7 @@ def test_piped_ctrl_c_stops_a_reply_and_exit_still_works(endless_model_dir):
 
 def test_history_is_cut_from_the_oldest_whole_turns(small_tokenizer, monkeypatch):
     tokenizer = load_tokenizer(small_tokenizer)
-    model = random_model(tokenizer, max_position_embeddings=64)
+    model = lively_model(tokenizer, max_position_embeddings=64)
     options = SamplingOptions(max_new_tokens=8)
     limit = 64 - options.max_new_tokens
     assistant_prompt = tokenizer.encode("<|assistant|>\n", add_special_tokens=False)

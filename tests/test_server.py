@@ -16,13 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_config
+from conftest import lively_model
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, generate_text
 from tiny_llama2_zh.infer.server import create_app, running_server
 from tiny_llama2_zh.loading import load_model, save_model_folder
-from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
@@ -35,16 +33,8 @@ HELLO = [{"role": "user", "content": "你好，请介绍一下北京。"}]
 @pytest.fixture(scope="module")
 def serve_model_dir(small_tokenizer, tmp_path_factory) -> Path:
     tokenizer = load_tokenizer(small_tokenizer)
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.3,  # livelier logits: replies are varied text, not one token repeated
-        max_position_embeddings=CONTEXT,
-    )
-    return save_model_folder(TinyLlama2ForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("serve"))
+    model = lively_model(tokenizer, max_position_embeddings=CONTEXT)
+    return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

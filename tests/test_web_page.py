@@ -9,12 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_config
+from conftest import lively_model
 from tiny_llama2_zh.infer.server import create_app, running_server
 from tiny_llama2_zh.loading import save_model_folder
-from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.tokenizer import load_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -60,16 +58,8 @@ def sync_playwright():
 @pytest.fixture(scope="module")
 def page_model_dir(small_tokenizer, tmp_path_factory) -> Path:
     tokenizer = load_tokenizer(small_tokenizer)
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.3,
-        max_position_embeddings=CONTEXT,  # long enough that a reply is still streaming when stopped
-    )
-    return save_model_folder(TinyLlama2ForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("page"))
+    model = lively_model(tokenizer, max_position_embeddings=CONTEXT)
+    return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("page"))
 
 
 def test_two_chinese_turns_stream_into_the_page(sync_playwright, page_model_dir, tmp_path):
