@@ -96,7 +96,7 @@ def test_the_command_line_lists_the_demo_stages():
 
 @pytest.mark.slow
 def test_full_demo_learns(tmp_path):
-    """The README's demo as shipped (about 17 minutes on 2 cores): pretraining loss falls far below ln(vocab), and
+    """The README's demo as shipped (about 18 minutes on 2 cores): pretraining loss falls far below ln(vocab), and
     the SFT model beats the trivial baselines on held-out prompts where the base model scores nothing."""
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))

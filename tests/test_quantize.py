@@ -117,6 +117,19 @@ def test_cli_quantizes_and_reports_errors_without_a_traceback(float_model_dir, t
     assert (output / WEIGHTS_FILE).is_file() and (output / "tokenizer.json").is_file()
 
 
+def test_cli_report_passes_every_option_through(float_model_dir, token_files, tmp_path, capsys):
+    output = tmp_path / "report"
+    argv = ["quantize", "--report", "--model", str(float_model_dir), "--output", str(output), "--shape", "none"]
+    assert (
+        main([*argv, "--validation", str(token_files["validation"]), "--max-blocks", "1", "--method", "int4-weight"])
+        == 0
+    )
+    report = json.loads((output / "quantize_report.json").read_text())
+    assert [row["method"] for row in report["rows"]] == ["float32", "int4-weight"]
+    assert report["validation_blocks"] == 1 and report["rows"][1]["perplexity"] > 1
+    assert "| int4-weight |" in capsys.readouterr().out
+
+
 def test_report_measures_every_method_against_float(float_model_dir, token_files, tmp_path):
     report = quantize_report(
         [float_model_dir], tmp_path / "report", validation=token_files["validation"], max_blocks=2, shape=None,

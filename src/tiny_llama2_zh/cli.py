@@ -571,13 +571,13 @@ def _quantize(args: argparse.Namespace) -> None:
         report = quantize_report(
             args.model,
             args.output,
-            [args.method] if args.method else None,
-            args.group_size,
-            args.validation,
-            args.max_blocks,
-            args.tasks,
-            args.limit,
-            None if args.shape == "none" else args.shape,
+            methods=[args.method] if args.method else None,
+            group_size=args.group_size,
+            validation=args.validation,
+            max_blocks=args.max_blocks,
+            tasks_dir=args.tasks,
+            limit=args.limit,
+            shape=None if args.shape == "none" else args.shape,
         )
         print(markdown_table(report))
         print(f"wrote {Path(args.output) / 'quantize_report.md'}")
