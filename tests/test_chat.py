@@ -42,6 +42,12 @@ def endless_model_dir(small_tokenizer, tmp_path_factory) -> Path:
     return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("endless"))
 
 
+def default_sigint() -> None:
+    """In the child before it starts: SIGINT back to its default. A test run started in the background by a shell
+    inherits SIGINT *ignored*, and Python then keeps ignoring it, so Ctrl-C would never reach the chat."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def chat_command(model_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "tiny_llama2_zh.cli", "chat", "--model", str(model_dir), *extra]
 
@@ -76,6 +82,7 @@ def test_terminal_session_ctrl_c_stops_a_reply_and_ctrl_d_leaves(endless_model_d
         stdout=secondary,
         stderr=secondary,
         env=CHILD_ENV,
+        preexec_fn=default_sigint,
     )
     os.close(secondary)
     transcript = bytearray()
@@ -116,6 +123,7 @@ def test_piped_ctrl_c_stops_a_reply_and_exit_still_works(endless_model_dir):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=CHILD_ENV,
+        preexec_fn=default_sigint,
     )
     try:
         process.stdin.write("给我讲一个很长的故事\n/exit\n".encode())
