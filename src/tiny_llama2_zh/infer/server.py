@@ -394,15 +394,20 @@ def create_app(
         check_model(name)
         return _model_card(model_name, context)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def validated_body(request: Request, schema):
+        """The request's body as `schema`, after the key check; any problem is an OpenAI-shaped error."""
         check_key(request)
         data = await read_json(request)
         try:
-            body = ChatCompletionRequest.model_validate(data)
+            body = schema.model_validate(data)
         except ValidationError as error:
             raise _validation_error(error) from None
         check_model(body.model)
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await validated_body(request, ChatCompletionRequest)
         if not has_template:
             raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", code="no_template")
         messages = []
@@ -423,13 +428,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        check_key(request)
-        data = await read_json(request)
-        try:
-            body = CompletionRequest.model_validate(data)
-        except ValidationError as error:
-            raise _validation_error(error) from None
-        check_model(body.model)
+        body = await validated_body(request, CompletionRequest)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         ids = tokenizer(prompt)["input_ids"]  # starts with <s>, like every pretraining document
         return await generate(request, body, list(ids), plain_stop_ids, chat=False)
