@@ -61,6 +61,20 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     assert "greedy replies equal ours: 2/2 |" in exports and "| llama2.c | — | — | refused before writing |" in exports
     assert "## Quantisation" in summary_md(output) and "## Quantisation" in (output / "report.md").read_text()
 
+    # the report card through the command line, for the demo folder and for one stage's run folder
+    card = tmp_path / "card" / "report.md"
+    assert main(["report", str(output), str(output / "sft"), "--output", str(card)]) == 0
+    text = card.read_text(encoding="utf-8")
+    for heading in ("## Wall time", "## Data", "## pretrain", "## sft", "## reward", "## ppo", "## dpo", "## grpo"):
+        assert heading in text, heading
+    assert "Produced by: `tinyllm quantize --report --model" in text and "## Exports" in text
+    assert text.count("## sft (") == 1  # the sft folder named twice is reported once
+    pngs = sorted(path.name for path in (card.parent / "report_files").glob("*.png"))
+    assert "demo-wall-time.png" in pngs and "demo-sft-curves.png" in pngs
+    assert all(f"report_files/{name}" in text for name in pngs)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
     # a second demo into the finished folder must not silently replace the first
     assert main(["demo", "--output", str(output), *overrides]) == 2
     assert "--force" in capsys.readouterr().err

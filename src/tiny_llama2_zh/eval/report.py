@@ -25,11 +25,12 @@ def _read_json(path: Path) -> dict | None:
 
 def _stage_runs(run_dirs: list[Path]) -> list[tuple[str, Path, dict]]:
     """(stage, folder, summary.json) of every finished training run under the given folders, in pipeline order."""
-    found = []
+    found, seen = [], set()
     for run_dir in run_dirs:
         for folder in [run_dir, *sorted(p for p in run_dir.iterdir() if p.is_dir())]:
             summary = _read_json(folder / "summary.json")
-            if summary and summary.get("stage") in TRAINING_STAGES:
+            if summary and summary.get("stage") in TRAINING_STAGES and folder.resolve() not in seen:
+                seen.add(folder.resolve())  # a stage folder given on its own and inside its demo folder: once
                 found.append((summary["stage"], folder, summary))
     return sorted(found, key=lambda run: TRAINING_STAGES.index(run[0]))
 
