@@ -115,6 +115,13 @@ def test_cli_quantizes_and_reports_errors_without_a_traceback(float_model_dir, t
     argv = ["quantize", "--model", str(float_model_dir), "--output", str(output), "--method", "int8-weight"]
     assert main(argv) == 0
     assert (output / WEIGHTS_FILE).is_file() and (output / "tokenizer.json").is_file()
+    # a quantised folder is not quantised again, nor exported: both need float weights
+    for argv in (
+        ["quantize", "--model", str(output), "--output", str(tmp_path / "again"), "--method", "int4-weight"],
+        ["export", "gguf", "--model", str(output), "--output", str(tmp_path / "q.gguf")],
+    ):
+        assert main(argv) == 2
+        assert f"is a quantised folder (int8-weight); {argv[0]} needs a float model folder" in capsys.readouterr().err
 
 
 def test_cli_report_passes_every_option_through(float_model_dir, token_files, tmp_path, capsys):

@@ -589,7 +589,9 @@ def _quantize(args: argparse.Namespace) -> None:
     args.model = args.model[0]
     from tiny_llama2_zh.loading import load_model
     from tiny_llama2_zh.quantize import apply_method, save_quantized
+    from tiny_llama2_zh.quantize.methods import refuse_quantized
 
+    refuse_quantized(args.model, "quantize")
     model, tokenizer = load_model(args.model, "cpu")
     quantized = apply_method(model, args.method, args.group_size)
     save_quantized(quantized, tokenizer, args.output, args.method, args.group_size, args.model)

@@ -224,6 +224,16 @@ def is_quantized_folder(path: str | Path) -> bool:
     return (Path(path) / QUANTIZATION_FILE).is_file()
 
 
+def refuse_quantized(path: str | Path, needs: str) -> None:
+    """A command that reads float weights (export, quantise again) refuses a quantised folder, naming its source."""
+    if is_quantized_folder(path):
+        recipe = json.loads((Path(path) / QUANTIZATION_FILE).read_text(encoding="utf-8"))
+        raise ValueError(
+            f"{path} is a quantised folder ({recipe.get('method')}); {needs} needs a float model folder, e.g. the one "
+            f"it was quantised from ({recipe.get('source')})"
+        )
+
+
 def load_quantized(path: str | Path, device: str = "cpu") -> TinyLlama2ForCausalLM:
     """A quantised folder as a ready model (eval mode). Refused: a folder whose stored tensors do not match what the
     recipe creates (names or shapes), and a device the method has no kernels for."""

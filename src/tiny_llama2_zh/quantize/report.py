@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from tiny_llama2_zh.quantize.methods import METHODS, WEIGHTS_FILE, apply_method, quantized_tensors, save_quantized
+from tiny_llama2_zh.quantize.methods import (
+    METHODS,
+    WEIGHTS_FILE,
+    apply_method,
+    quantized_tensors,
+    refuse_quantized,
+    save_quantized,
+)
 
 FP32 = "float32"
 
@@ -124,6 +131,8 @@ def quantize_report(
     from tiny_llama2_zh.loading import load_model
 
     methods = methods or list(METHODS)
+    for model_dir in model_dirs:
+        refuse_quantized(model_dir, "quantize --report")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[ReportRow] = []
