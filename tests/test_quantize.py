@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import save_tiny_model
 from tiny_llama2_zh.cli import _QUANTIZE_METHODS, main
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_text
-from tiny_llama2_zh.loading import load_model
+from tiny_llama2_zh.loading import init_tokenizer, load_model
 from tiny_llama2_zh.quantize import METHODS, apply_method, load_quantized, save_quantized
 from tiny_llama2_zh.quantize.methods import WEIGHTS_FILE, _pack_int4, _unpack_int4
 from tiny_llama2_zh.quantize.report import markdown_table, quantize_report
@@ -122,6 +122,8 @@ def test_cli_quantizes_and_reports_errors_without_a_traceback(float_model_dir, t
     ):
         assert main(argv) == 2
         assert f"is a quantised folder (int8-weight); {argv[0]} needs a float model folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"training needs a float model folder, e\.g\. the one it was quantised from"):
+        init_tokenizer(output)  # where sft, reward and dpo read their starting folder
 
 
 def test_cli_report_passes_every_option_through(float_model_dir, token_files, tmp_path, capsys):

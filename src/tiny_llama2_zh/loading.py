@@ -59,7 +59,11 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
 
 def init_tokenizer(init_from: str | Path, expected: str | Path | None = None) -> PreTrainedTokenizerFast:
     """The tokenizer of a folder a stage starts from; with `expected` (the recipe's `model.tokenizer`), refused
-    unless it is that tokenizer, naming both fingerprints."""
+    unless it is that tokenizer, naming both fingerprints. A quantised folder is refused: training needs float
+    weights."""
+    from tiny_llama2_zh.quantize.methods import refuse_quantized
+
+    refuse_quantized(init_from, "training")
     tokenizer = load_tokenizer(init_from)
     if expected is not None:
         wanted = tokenizer_fingerprint(load_tokenizer(expected))
