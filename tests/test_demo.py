@@ -93,6 +93,11 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     assert main(["demo", "--output", str(output), "--only", "grpo", "--eval-rows", "4", *overrides]) == 0
     assert "re-running grpo: removing its earlier run folder" in capsys.readouterr().out
     assert json.loads(state_file.read_text(encoding="utf-8"))["stages"]["pretrain"]["seconds"] == pretrain_seconds
+    # a typo in a late stage's option fails before any stage runs, naming the key
+    assert main(["demo", "--output", str(tmp_path / "typo"), "eval.mc_question=4"]) == 2
+    assert "mc_question" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert main(["demo", "--output", str(tmp_path / "typo"), "grpo.data.max_train_promts=1"]) == 2
+    assert "did you mean max_train_prompts" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     assert main(["demo", "--output", str(tmp_path / "fresh"), "--from", "sft"]) == 2
     assert "not finished yet: corpus, tokenizer, tokenize, pretrain, tasks" in capsys.readouterr().err
 

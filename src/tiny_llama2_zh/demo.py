@@ -34,6 +34,15 @@ DEMO_CONFIGS = {
     "dpo": PACKAGE_CONFIGS / "dpo" / "demo.yaml",
     "grpo": PACKAGE_CONFIGS / "grpo" / "demo.yaml",
 }
+# each recipe stage's config class (module, class), to check the demo's overrides before anything runs
+RECIPE_CLASSES = {
+    "pretrain": ("tiny_llama2_zh.train.pretrain", "PretrainConfig"),
+    "sft": ("tiny_llama2_zh.train.sft", "SFTRecipeConfig"),
+    "reward": ("tiny_llama2_zh.train.reward", "RewardRecipeConfig"),
+    "ppo": ("tiny_llama2_zh.train.ppo", "PPORecipeConfig"),
+    "dpo": ("tiny_llama2_zh.train.dpo", "DPORecipeConfig"),
+    "grpo": ("tiny_llama2_zh.train.grpo", "GRPORecipeConfig"),
+}
 ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
 DEMO_VOCAB_SIZE = 4096
 # The SFT mix: every task's training file, sentiment twice (its replies are one label, so it gets the least signal
@@ -589,8 +598,25 @@ STAGE_OPTIONS = {
 }  # stages without a recipe YAML that take demo overrides
 
 
+def check_overrides(by_stage: dict[str, list[str]]) -> None:
+    """Every stage's overrides against its config class now, so that a typo in the last stage's option fails at
+    once rather than after the stages before it have run (unknown keys and wrong types are ConfigErrors). A recipe's
+    `train:` options are checked against TRL's argument class when the stage builds it, not here."""
+    import importlib
+
+    for stage, overrides in by_stage.items():
+        if not overrides:
+            continue
+        if stage in STAGE_OPTIONS:
+            load_config(STAGE_OPTIONS[stage], None, overrides)
+        else:
+            module, name = RECIPE_CLASSES[stage]
+            load_config(getattr(importlib.import_module(module), name), DEMO_CONFIGS[stage], overrides)
+
+
 def _load_run(output_dir: Path, overrides: list[str], eval_rows: int, force: bool) -> DemoRun:
     run = DemoRun(output_dir, split_overrides(overrides), eval_rows)
+    check_overrides(run.overrides)
     if force and output_dir.exists():
         print(f"--force: removing the earlier demo run in {output_dir}")
         shutil.rmtree(output_dir)
