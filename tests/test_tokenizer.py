@@ -4,7 +4,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from tiny_llama2_zh.tokenizer import CHATGLM3_SPECIAL_TOKENS, ROLE_TOKENS, convert_chatglm3, load_tokenizer
+from tiny_llama2_zh.tokenizer import CHATGLM3_SPECIAL_TOKENS, ROLE_TOKENS, chat_ids, convert_chatglm3, load_tokenizer
 
 EDGE_CASES = [
     "Hello  world\n\t x 😀",
@@ -50,6 +50,8 @@ def test_chat_template_marks_the_assistant_reply(small_tokenizer):
     rendered = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
     reply = [t for t, m in zip(rendered["input_ids"], rendered["assistant_masks"]) if m]
     assert tokenizer.decode(reply) == "二</s>"
+    assert tokenizer.decode(chat_ids(tokenizer, messages[:2], generation_prompt=True)) == prompt
+    assert tokenizer.decode(chat_ids(tokenizer, messages)) == text
     with pytest.raises(Exception, match="unknown chat role"):
         tokenizer.apply_chat_template([{"role": "bot", "content": "x"}], tokenize=False)
 

@@ -49,6 +49,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_ids(
+    tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]], generation_prompt: bool = False
+) -> list[int]:
+    """The chat template's token ids for `messages`: with `generation_prompt`, followed by the assistant's opening
+    (a prompt to answer); without, as written (a conversation whose last reply is closed by eos). The one place a
+    conversation becomes ids, for every stage that feeds a model a chat (SFT data, rewards, PPO, DPO, chat, serve)."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_dict=True)
+    return list(encoded["input_ids"])
+
+
 def iter_texts(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
     """Texts from .jsonl files (one JSON object per line, `text_field` read) or plain text files (one per line)."""
     for path in map(Path, paths):
