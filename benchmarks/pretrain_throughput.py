@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from tiny_llama2_zh.export import to_hf_llama
+from tiny_llama2_zh.export.hf_llama import to_hf_llama
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.presets import count_parameters, flops_per_token, preset_config
 

@@ -22,9 +22,10 @@ from transformers import TrainerCallback
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
 from tiny_llama2_zh.data.tasks import TASKS, build_tasks
-from tiny_llama2_zh.demo import DEMO_CONFIGS, DEMO_VOCAB_SIZE
+from tiny_llama2_zh.demo import DEMO_VOCAB_SIZE
 from tiny_llama2_zh.loading import save_model_folder
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
+from tiny_llama2_zh.recipes import RECIPES
 from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tiny_llama2_zh.train.pretrain import PretrainConfig, build_model_config
 from tiny_llama2_zh.train.sft import SFTRecipeConfig, sft
@@ -57,7 +58,7 @@ def main() -> None:
         args.tokenizer = str(work / "tokenizer")
     tokenizer = load_tokenizer(args.tokenizer)
     build_tasks(work / "tasks")
-    shape = load_config(PretrainConfig, DEMO_CONFIGS["pretrain"]).model  # the demo model's shape
+    shape = load_config(PretrainConfig, RECIPES["pretrain"].demo_config()).model  # the demo model's shape
     config = build_model_config(shape, tokenizer)
     torch.manual_seed(0)
     save_model_folder(TinyLlama2ForCausalLM(config), tokenizer, work / "model")
@@ -69,7 +70,7 @@ def main() -> None:
         clock = Clock(args.warmup)
         recipe = load_config(
             SFTRecipeConfig,
-            DEMO_CONFIGS["sft"],
+            RECIPES["sft"].demo_config(),
             [
                 f"model.init_from={work / 'model'}",
                 f"data.train={[str(work / 'tasks' / task / 'sft-train.jsonl') for task in TASKS]}",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_llama2_zh  # noqa: F401  (registers the Auto classes)
+import tiny_llama2_zh.model  # noqa: F401  (registers the Auto classes)
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
 from tiny_llama2_zh.data.pretokenized import write_token_file

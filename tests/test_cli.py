@@ -1,30 +1,64 @@
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tiny_llama2_zh.cli import COMMANDS, build_parser, main
+from tiny_llama2_zh.cli import _subcommand_parser, build_parser, command_paths, main
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.presets import PRESETS, preset_config
 
 
-def command_paths(commands=COMMANDS, prefix=()):
-    for command in commands:
-        path = (*prefix, command.name)
-        yield path
-        yield from command_paths(command.subcommands, path)
+def command_parser(path: tuple[str, ...]):
+    """The parser of one command (its own options, not the root's)."""
+    if (subcommand := _subcommand_parser(list(path))) is not None:  # `reward score`: beside the recipe's parser
+        return subcommand
+    parser = build_parser(list(path))
+    for name in path:
+        parser = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[name]
+    return parser
 
 
-@pytest.mark.parametrize("path", list(command_paths()), ids=" ".join)
+PATHS = [path for path, _ in command_paths()]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=" ".join)
 def test_every_command_explains_its_options(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*path, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith("usage: tinyllm " + " ".join(path))
-    for action in build_parser()._actions:  # every option of the command carries a help text
-        assert action.help or action.option_strings == []
+    parser = command_parser(path)
+    undocumented = [
+        action.dest
+        for action in parser._actions
+        if not action.help and action.dest != "help" and not isinstance(action, argparse._SubParsersAction)
+    ]
+    assert not undocumented, f"tinyllm {' '.join(path)}: options without help: {undocumented}"
+
+
+def test_the_help_walk_reaches_every_leaf_option():
+    """The walk above really looks at each subcommand's own options (it once looked at the root parser only)."""
+    options = command_parser(("eval", "mc"))._option_string_actions
+    assert "--idioms" in options and "--shots" in options
+    assert "--config" in command_parser(("sft",))._option_string_actions
+
+
+def test_help_at_every_level_imports_no_torch():
+    """`tinyllm --help` and every `tinyllm COMMAND --help` answer without importing torch or transformers: one
+    process builds every command's parser (all their modules imported) and then looks."""
+    code = (
+        "import sys\n"
+        "from tiny_llama2_zh.cli import build_parser, command_paths\n"
+        "for path, _ in command_paths():\n"
+        "    build_parser(list(path))\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'fastapi') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
 
 
 def test_console_script_help_runs():
@@ -65,3 +99,21 @@ def test_ppo_refuses_checkpoints_inside_a_rollout(capsys, tmp_path):
     argv = ["ppo", "--config", str(REPO_ROOT / "configs" / "ppo" / "demo.yaml"), "train.save_steps=6"]
     assert main([*argv, f"train.output_dir={tmp_path / 'run'}"]) == 2
     assert "must be a multiple of 4 (the steps per rollout)" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_of_a_project_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2  # one line, no traceback
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl does not exist"):
+        main(["--debug", "plot", str(tmp_path)])
+
+
+def test_an_error_that_is_not_the_projects_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError raised inside a library is a bug to report, not bad input: it must not shrink to one line."""
+
+    def library_bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr("tiny_llama2_zh.runfiles.plot_curves", library_bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        main(["plot", str(tmp_path)])

@@ -1,65 +1,67 @@
 import json
+from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from tiny_llama2_zh.cli import main
+from tiny_llama2_zh.demo import STAGE_NAMES
+
+SMALL_DEMO = [
+    *("pretrain.train.max_steps=3", "pretrain.train.eval_steps=0", "pretrain.sample_max_new_tokens=4"),
+    *("sft.train.max_steps=2", "sft.train.eval_steps=0", "sft.data.max_train_examples=64"),
+    *("sft.data.max_validation_examples=8", "sft.sample_max_new_tokens=4"),
+    *("reward.train.max_steps=2", "reward.train.eval_steps=0", "reward.data.max_train_examples=16"),
+    "reward.data.max_validation_examples=4",
+    *("ppo.train.max_steps=4", "ppo.train.eval_steps=4", "ppo.train.save_steps=4", "ppo.ppo.max_new_tokens=4"),
+    *("ppo.data.max_train_prompts=32", "ppo.data.max_validation_prompts=4", "ppo.sample_prompts=[]"),
+    *("dpo.train.max_steps=2", "dpo.train.eval_steps=0", "dpo.data.max_train_examples=16"),
+    *("dpo.data.max_validation_examples=4", "dpo.data.max_reward_prompts=4", "dpo.reply_max_new_tokens=4"),
+    *("grpo.train.max_steps=1", "grpo.train.eval_steps=0", "grpo.data.max_train_prompts=16"),
+    *("grpo.data.max_validation_prompts=4", "grpo.train.per_device_train_batch_size=8"),
+    "grpo.train.num_generations=4",
+    *("quantize.shape=none", "quantize.limit=4", "quantize.max_blocks=2", "quantize.decode_tokens=4"),
+    *("quantize.repeats=1", "eval.limit=4", "eval.max_prompts=4", "eval.max_new_tokens=4"),
+    *("export.prompt_count=2", "export.text_count=4", "export.new_tokens=4"),
+]
 
 
 def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     output = tmp_path / "demo"
-    overrides = [
-        *("pretrain.train.max_steps=3", "pretrain.train.eval_steps=0", "pretrain.sample_max_new_tokens=4"),
-        *("sft.train.max_steps=2", "sft.train.eval_steps=0", "sft.data.max_train_examples=64"),
-        *("sft.data.max_validation_examples=8", "sft.sample_max_new_tokens=4"),
-        *("reward.train.max_steps=2", "reward.train.eval_steps=0", "reward.data.max_train_examples=16"),
-        "reward.data.max_validation_examples=4",
-        *("ppo.train.max_steps=4", "ppo.train.eval_steps=4", "ppo.train.save_steps=4", "ppo.ppo.max_new_tokens=4"),
-        *("ppo.data.max_train_prompts=32", "ppo.data.max_validation_prompts=4", "ppo.sample_prompts=[]"),
-        *("dpo.train.max_steps=2", "dpo.train.eval_steps=0", "dpo.data.max_train_examples=16"),
-        *("dpo.data.max_validation_examples=4", "dpo.data.max_reward_prompts=4", "dpo.reply_max_new_tokens=4"),
-        *("grpo.train.max_steps=1", "grpo.train.eval_steps=0", "grpo.data.max_train_prompts=16"),
-        *("grpo.data.max_validation_prompts=4", "grpo.train.per_device_train_batch_size=8"),
-        "grpo.train.num_generations=4",
-        *("quantize.shape=none", "quantize.task_rows=4", "quantize.validation_blocks=2", "quantize.decode_tokens=4"),
-        *("quantize.repeats=1", "eval.mc_questions=4", "export.prompts=2", "export.texts=4", "export.new_tokens=4"),
-    ]
-    assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
+    assert main(["demo", "--output", str(output), *SMALL_DEMO]) == 0
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
-    assert summary["tokens"]["train"] > 2_000_000 and summary["parameters"]["total"] > 1_000_000
-    stages = {"corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "reward", "ppo", "dpo", "grpo", "eval"}
-    stages |= {"quantize", "export", "total"}
-    assert set(summary["stage_seconds"]) == stages
-    assert summary["final_validation_loss"] < summary["initial_validation_loss"]
-    assert set(summary["samples"]) == {"床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："}
+    assert summary["tokens"]["train"] > 2_000_000 and summary["pretrain"]["parameters"]["total"] > 1_000_000
+    assert set(summary["stage_seconds"]) == set(STAGE_NAMES) - {"report"}  # written by the report stage itself
+    pretrain = summary["pretrain"]
+    assert pretrain["final_validation_loss"] < pretrain["initial_validation_loss"]
+    samples = {"床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："}
+    assert set(pretrain["samples"]) == samples
     for path in ("summary.md", "pretrain/loss.png", "pretrain/final/model.safetensors", "tokenizer/tokenizer.json"):
         assert (output / path).is_file(), path
     for path in ("sft/loss.png", "sft/final/model.safetensors", "eval/tasks.json", "tasks/sentiment/sft-test.jsonl"):
         assert (output / path).is_file(), path
-    assert summary["sft"]["steps"] == 2 and len(summary["dialogue"]) == 3
+    assert summary["sft"]["steps"] == 2
     evaluation = json.loads((output / "eval" / "tasks.json").read_text(encoding="utf-8"))
     assert evaluation["rows"][0]["name"] == "trivial baseline" and len(evaluation["rows"]) == 6
-    assert [line.split(" | ")[0] for line in summary["side_by_side"].splitlines()[2:]] == [
-        "| sft",
-        "| ppo",
-        "| dpo",
-        "| grpo",
-    ]
+    assert [Path(row["model"]).parent.name for row in summary["policies"]["rows"]] == ["sft", "ppo", "dpo", "grpo"]
+    assert summary["policies"]["rows"][0]["eval_kl"] == 0.0  # the SFT model against itself
     assert summary["ppo"]["rollouts"] == 1 and summary["ppo"]["initial"]["eval_kl"] == 0.0
-    assert "| reward model |" in summary["reward_table"] and (output / "ppo" / "final" / "config.json").is_file()
+    assert (output / "reward" / "reward_eval.md").is_file() and (output / "ppo" / "final" / "config.json").is_file()
     out = capsys.readouterr().out
-    assert "validation loss" in out and "tinyllm chat --model" in out
+    assert "[demo] tinyllm pretrain --config" in out and "tinyllm chat --model" in out and "| ppo " in out
     assert main(["demo", "--output", str(tmp_path / "other"), "train.max_steps=3"]) == 2  # which stage?
-    assert "STAGE.section.key=value" in capsys.readouterr().err
+    assert "STAGE.KEY=VALUE" in capsys.readouterr().err
 
     quantized = json.loads((output / "quantize" / "quantize_report.json").read_text(encoding="utf-8"))
     assert [(row["model"], row["method"]) for row in quantized["rows"][:4]] == [
         ("pretrain", method) for method in ("float32", "int8-weight", "int8-dynamic", "int4-weight")
     ]
     assert quantized["rows"][4]["model"] == "sft" and quantized["rows"][4]["tasks"]
+    assert not quantized["rows"][0]["tasks"]  # --tasks-model: the pretrained model's task accuracy is not measured
     assert (output / "quantize" / "sft-int8-dynamic" / "quantization.json").is_file()
     exports = (output / "export" / "exports.md").read_text(encoding="utf-8")
-    assert "greedy replies equal ours: 2/2 |" in exports and "| llama2.c | — | — | refused before writing |" in exports
-    assert "## Quantisation" in summary_md(output) and "## Quantisation" in (output / "report.md").read_text()
+    assert "greedy replies equal ours: 2/2" in exports and "refused before writing" in exports
+    assert "## Quantisation" in (output / "report.md").read_text()
 
     # the report card through the command line, for the demo folder and for one stage's run folder
     card = tmp_path / "card" / "report.md"
@@ -68,6 +70,7 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     for heading in ("## Wall time", "## Data", "## pretrain", "## sft", "## reward", "## ppo", "## dpo", "## grpo"):
         assert heading in text, heading
     assert "Produced by: `tinyllm quantize --report --model" in text and "## Exports" in text
+    assert "## Evaluation: the policies side by side" in text
     assert text.count("## sft (") == 1  # the sft folder named twice is reported once
     pngs = sorted(path.name for path in (card.parent / "report_files").glob("*.png"))
     assert "demo-wall-time.png" in pngs and "demo-sft-curves.png" in pngs
@@ -76,7 +79,7 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
     # a second demo into the finished folder must not silently replace the first
-    assert main(["demo", "--output", str(output), *overrides]) == 2
+    assert main(["demo", "--output", str(output), *SMALL_DEMO]) == 2
     assert "--force" in capsys.readouterr().err
 
     # an interrupted run continues at the stage it stopped in; --only re-runs one stage and keeps the others
@@ -86,31 +89,38 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
     del state["stages"]["eval"], state["stages"]["report"]
     state_file.write_text(json.dumps(state), encoding="utf-8")
     (output / "eval" / "tasks.json").unlink()
-    assert main(["demo", "--output", str(output), "--eval-rows", "4", *overrides]) == 0
+    assert main(["demo", "--output", str(output), *SMALL_DEMO]) == 0
     assert "continuing" in capsys.readouterr().out and (output / "eval" / "tasks.json").is_file()
     state = json.loads(state_file.read_text(encoding="utf-8"))
     assert state["stages"]["pretrain"]["seconds"] == pretrain_seconds and "report" in state["stages"]
-    assert main(["demo", "--output", str(output), "--only", "grpo", "--eval-rows", "4", *overrides]) == 0
-    assert "re-running grpo: removing its earlier run folder" in capsys.readouterr().out
+    assert main(["demo", "--output", str(output), "--only", "grpo", *SMALL_DEMO]) == 0
+    assert "re-running grpo: removing its earlier output" in capsys.readouterr().out
     assert json.loads(state_file.read_text(encoding="utf-8"))["stages"]["pretrain"]["seconds"] == pretrain_seconds
-    # a typo in a late stage's option fails before any stage runs, naming the key
-    assert main(["demo", "--output", str(tmp_path / "typo"), "eval.mc_question=4"]) == 2
-    assert "mc_question" in capsys.readouterr().err and not (tmp_path / "typo").exists()
-    assert main(["demo", "--output", str(tmp_path / "typo"), "grpo.data.max_train_promts=1"]) == 2
-    assert "did you mean max_train_prompts" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.limt=4", "no command of the eval stage has an option --limt"),
+        ("grpo.data.max_train_promts=1", "did you mean max_train_prompts"),
+        ("quantize.limit=many", "does not parse"),
+        ("sft=3", "STAGE.KEY=VALUE"),
+    ],
+)
+def test_a_typo_in_any_stage_fails_before_anything_runs(override, message, tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "typo"), override]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_later_stages_need_the_earlier_ones(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "fresh"), "--from", "sft"]) == 2
     assert "not finished yet: corpus, tokenizer, tokenize, pretrain, tasks" in capsys.readouterr().err
 
 
-def summary_md(output) -> str:
-    return (output / "summary.md").read_text(encoding="utf-8")
-
-
-def test_the_command_line_lists_the_demo_stages():
-    from tiny_llama2_zh.cli import _DEMO_STAGES
-    from tiny_llama2_zh.demo import STAGES
-
-    assert tuple(STAGES) == _DEMO_STAGES
+def test_the_committed_storyboard_is_the_demo(capsys):
+    """runs/demo.sh is `tinyllm demo --storyboard`: one source for the demo and its script."""
+    assert main(["demo", "--storyboard"]) == 0
+    assert capsys.readouterr().out == (REPO_ROOT / "runs" / "demo.sh").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -119,8 +129,8 @@ def test_full_demo_learns(tmp_path):
     the SFT model beats the trivial baselines on held-out prompts where the base model scores nothing."""
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["initial_validation_loss"] > 8.0  # ln(4096) = 8.32
-    assert summary["final_validation_loss"] < 6.5
+    assert summary["pretrain"]["initial_validation_loss"] > 8.0  # ln(4096) = 8.32
+    assert summary["pretrain"]["final_validation_loss"] < 6.5
     rows = json.loads((tmp_path / "demo" / "eval" / "tasks.json").read_text(encoding="utf-8"))["rows"]
     baseline, base, sft, *_ = ({task: r["tasks"][task]["metrics"] for task in r["tasks"]} for r in rows)
     assert sft["sentiment"]["accuracy"] > baseline["sentiment"]["accuracy"] + 0.05

@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 from conftest import tiny_config
-from tiny_llama2_zh.export import to_hf_llama
+from tiny_llama2_zh.export.hf_llama import to_hf_llama
 from tiny_llama2_zh.model import (
     TinyLlama2Config,
     TinyLlama2ForCausalLM,

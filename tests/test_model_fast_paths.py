@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from tiny_llama2_zh.export import to_hf_llama
+from tiny_llama2_zh.export.hf_llama import to_hf_llama
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM, plain_linears
 
 

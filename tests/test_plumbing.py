@@ -157,23 +157,76 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize(
-    ("module", "must_not_import"),
-    [
-        ("model.py", "tiny_llama2_zh"),  # copied beside the weights: it must stand alone
-        ("runfiles.py", "tiny_llama2_zh.train"),  # plotting reads files, it needs no trainer
-        ("eval/perplexity.py", "tiny_llama2_zh.infer"),  # evaluation loads models through loading.py
-        ("loading.py", "tiny_llama2_zh.train"),
-        ("demo.py", "tiny_llama2_zh.train.common"),
-    ],
-)
-def test_layering(module, must_not_import):
-    imports = imported_modules(PACKAGE / module)
-    assert not any(name == must_not_import or name.startswith(must_not_import + ".") for name in imports), imports
+# The floors of the package, lowest first (README, "Architecture"): a module imports only from its own floor or
+# below, so that each floor can be read, tested and reused without the ones above it. Longest prefix wins.
+FLOORS = {
+    # 0: foundations, importable alone (model.py imports nothing of the package: it is copied beside the weights)
+    "model": 0, "presets": 0, "tokenizer": 0, "tensors": 0, "errors": 0, "config": 0, "runfiles": 0, "recipes": 0,
+    "__init__": 0,
+    # 1: data, and quantised weights (a model folder may hold them)
+    "data": 1, "quantize.__init__": 1, "quantize.methods": 1,
+    # 2: loading a model folder and decoding with it
+    "loading": 2, "infer": 2,
+    # 3: measuring models
+    "eval": 3,
+    # 4: training stages (they measure themselves with eval)
+    "train": 4,
+    # 5: what is made from trained models: quantisation reports, exports
+    "quantize": 5, "export": 5,
+    # 6: the pipeline and the command line
+    "demo": 6, "cli": 6,
+}  # fmt: skip
+RECIPE_MODULES = {f"train.{stage}" for stage in ("pretrain", "sft", "reward", "ppo", "rloo", "dpo", "grpo")}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def floor(name: str) -> int:
+    keys = [key for key in FLOORS if name == key or name.startswith(key + ".")]
+    assert keys, f"tiny_llama2_zh.{name} is on no floor: add it to FLOORS (and the README's Architecture section)"
+    return FLOORS[max(keys, key=len)]
+
+
+def package_imports(path: Path) -> set[str]:
+    """The package modules `path` imports (at the top or inside functions), without the `tiny_llama2_zh.` prefix."""
+    names = set()
+    for name in imported_modules(path):
+        if name.startswith("tiny_llama2_zh."):
+            name = name.removeprefix("tiny_llama2_zh.")
+            names.add(f"{name}.__init__" if (PACKAGE / name.replace(".", "/")).is_dir() else name)
+    return names
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
+def test_lower_floors_never_import_higher_ones(path):
+    name = module_name(path)
+    upward = [other for other in package_imports(path) if floor(other) > floor(name)]
+    assert not upward, f"tiny_llama2_zh.{name} (floor {floor(name)}) imports from a higher floor: {upward}"
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_MODULES))
+def test_recipes_never_import_each_other(recipe):
+    others = package_imports(PACKAGE / (recipe.replace(".", "/") + ".py")) & (RECIPE_MODULES - {recipe})
+    assert not others, f"tiny_llama2_zh.{recipe} imports the recipe(s) {others}: shared code belongs in train/rl.py"
+
+
+def test_the_layering_check_can_fail(tmp_path):
+    """The checks above read real import statements: a module that imports upward is caught."""
+    upward = tmp_path / "data" / "bad.py"
+    upward.parent.mkdir()
+    upward.write_text("def f():\n    from tiny_llama2_zh.train.sft import sft\n", encoding="utf-8")
+    assert package_imports(upward) == {"train.sft"} and floor("train.sft") > floor("data.bad")
+    assert not {name.split(".")[0] for name in imported_modules(PACKAGE / "model.py")} & {"tiny_llama2_zh"}
 
 
 def test_the_demo_recipe_ships_inside_the_package():
-    from tiny_llama2_zh.demo import DEMO_CONFIGS
+    from tiny_llama2_zh.recipes import RECIPES
 
-    for path in DEMO_CONFIGS.values():
+    for recipe in RECIPES.values():
+        path = recipe.demo_config()
         assert path.is_file() and PACKAGE.resolve() in path.resolve().parents

@@ -1,7 +1,8 @@
 """tiny-llama2-zh: build a small Chinese Llama 2 from scratch, every stage measured.
 
-Importing the package registers the model with transformers' Auto classes, so that
-`AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code`.
+Importing the package is cheap (no torch, no transformers), so that `tinyllm --help` answers at once. The model
+classes load on first use (`tiny_llama2_zh.TinyLlama2ForCausalLM`, or `tiny_llama2_zh.model` directly); importing
+`tiny_llama2_zh.model` registers them with transformers' Auto classes.
 """
 
 import logging
@@ -11,33 +12,7 @@ import logging
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
-
-from tiny_llama2_zh.model import (  # noqa: E402
-    TinyLlama2Config,
-    TinyLlama2ForCausalLM,
-    TinyLlama2ForSequenceClassification,
-    TinyLlama2Model,
-)
-
 __version__ = "0.1.0"
-
-AutoConfig.register(TinyLlama2Config.model_type, TinyLlama2Config, exist_ok=True)
-AutoModel.register(TinyLlama2Config, TinyLlama2Model, exist_ok=True)
-AutoModelForCausalLM.register(TinyLlama2Config, TinyLlama2ForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(TinyLlama2Config, TinyLlama2ForSequenceClassification, exist_ok=True)
-
-# save_pretrained() copies model.py beside the weights and writes `auto_map` into config.json, so a folder
-# also loads in a process that has never imported this package (trust_remote_code=True).
-TinyLlama2Config.register_for_auto_class()
-TinyLlama2Model.register_for_auto_class("AutoModel")
-TinyLlama2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-TinyLlama2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "TinyLlama2Config",
@@ -46,3 +21,12 @@ __all__ = [
     "TinyLlama2Model",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """The model classes, imported on first access (PEP 562)."""
+    if name in __all__:
+        from tiny_llama2_zh import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'tiny_llama2_zh' has no attribute {name!r}")

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tiny_llama2_zh.errors import UsageError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration file or override that does not match the recipe's options."""
 
 

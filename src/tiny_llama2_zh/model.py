@@ -25,6 +25,12 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.configuration_utils import PreTrainedConfig
@@ -663,6 +669,19 @@ class TinyLlama2ForSequenceClassification(TinyLlama2PreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
 
+
+# Importing this file registers the model with transformers' Auto classes, so that
+# `AutoModelForCausalLM.from_pretrained(folder)` works in this process without `trust_remote_code`.
+AutoConfig.register(TinyLlama2Config.model_type, TinyLlama2Config, exist_ok=True)
+AutoModel.register(TinyLlama2Config, TinyLlama2Model, exist_ok=True)
+AutoModelForCausalLM.register(TinyLlama2Config, TinyLlama2ForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(TinyLlama2Config, TinyLlama2ForSequenceClassification, exist_ok=True)
+# save_pretrained() copies this file beside the weights and writes `auto_map` into config.json, so a folder also
+# loads in a process that has never imported this package (trust_remote_code=True).
+TinyLlama2Config.register_for_auto_class()
+TinyLlama2Model.register_for_auto_class("AutoModel")
+TinyLlama2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+TinyLlama2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "TinyLlama2Config",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from huggingface_hub.errors import StrictDataclassError
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.model import TinyLlama2Config
 
 
@@ -33,7 +34,7 @@ PRESETS: dict[str, SizePreset] = {
 def preset_config(name: str, vocab_size: int, **overrides) -> TinyLlama2Config:
     """A TinyLlama2Config for a preset; keyword overrides use the config's (transformers') field names."""
     if name not in PRESETS:
-        raise ValueError(f"unknown size preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown size preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     fields = {
         "vocab_size": vocab_size,
@@ -49,7 +50,7 @@ def preset_config(name: str, vocab_size: int, **overrides) -> TinyLlama2Config:
     try:
         return TinyLlama2Config(**fields)
     except StrictDataclassError as error:  # the config's own checks (heads divide the width, ...)
-        raise ValueError(f"model options {name} + {fields_given}: {str(error).splitlines()[-1].strip()}") from error
+        raise UsageError(f"model options {name} + {fields_given}: {str(error).splitlines()[-1].strip()}") from error
 
 
 def count_parameters(config: TinyLlama2Config) -> dict[str, int]:

@@ -21,6 +21,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.tokenization_utils_base import generate_merges
 
+from tiny_llama2_zh.errors import UsageError
+
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 CHAT_ROLES = ("system", "user", "assistant", "observation")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in CHAT_ROLES)
@@ -72,7 +74,7 @@ def iter_texts(paths: Iterable[str | Path], text_field: str = "text") -> Iterato
                     try:
                         yield json.loads(line)[text_field]
                     except (json.JSONDecodeError, KeyError, TypeError) as error:
-                        raise ValueError(
+                        raise UsageError(
                             f"{path}:{line_number}: expected a JSON object with a {text_field!r} field ({error})"
                         ) from error
                 else:
@@ -107,7 +109,7 @@ def train_bpe_tokenizer(
     """
     special_tokens = [UNK, BOS, EOS, PAD, *ROLE_TOKENS]  # ids 0..7
     if vocab_size < len(special_tokens) + 256:
-        raise ValueError(f"vocab_size {vocab_size} is too small: need 256 bytes + {len(special_tokens)} special tokens")
+        raise UsageError(f"vocab_size {vocab_size} is too small: need 256 bytes + {len(special_tokens)} special tokens")
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -139,7 +141,7 @@ def convert_chatglm3(model_file: str | Path, output_dir: str | Path) -> PreTrain
         raise FileNotFoundError(f"SentencePiece model {model_file} does not exist")
     proto = SentencePieceExtractor(str(model_file)).proto
     if proto.trainer_spec.model_type != 2:  # sentencepiece_model.proto: UNIGRAM=1, BPE=2
-        raise ValueError(f"{model_file} is not a SentencePiece BPE model (model_type={proto.trainer_spec.model_type})")
+        raise UsageError(f"{model_file} is not a SentencePiece BPE model (model_type={proto.trainer_spec.model_type})")
     vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
     scores = {piece.piece: piece.score for piece in proto.pieces}
     merges = generate_merges(vocab, vocab_scores=scores)
@@ -155,7 +157,7 @@ def convert_chatglm3(model_file: str | Path, output_dir: str | Path) -> PreTrain
     for offset, token in enumerate(CHATGLM3_SPECIAL_TOKENS):
         actual = tokenizer.token_to_id(token)
         if actual != len(proto.pieces) + offset:
-            raise ValueError(f"{token} got id {actual}, expected {len(proto.pieces) + offset}")
+            raise UsageError(f"{token} got id {actual}, expected {len(proto.pieces) + offset}")
     # No pad piece exists; <unk> never appears in encodings (byte fallback), so it pads safely.
     wrapped = _wrap(tokenizer, pad_token=UNK)
     wrapped.save_pretrained(str(output_dir))

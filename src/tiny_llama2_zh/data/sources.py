@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tiny_llama2_zh.errors import UsageError
+
 Kind = Literal["pretrain", "sft", "preference"]
 # Where a row is: a line number (int), a description such as "record 3 (line 12)" or "row 5", or None (the file).
 Location = int | str | None
@@ -34,7 +36,7 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class BadInputError(ValueError):
+class BadInputError(UsageError):
     """A row that cannot be read, in strict mode; or a file that yields nothing at all."""
 
 
@@ -205,7 +207,7 @@ def _demo_rows() -> Iterator[tuple[int | None, object]]:
 
 def get_source(name: str) -> Source:
     if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
+        raise UsageError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
     return SOURCES[name]
 
 

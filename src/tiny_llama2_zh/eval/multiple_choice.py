@@ -40,12 +40,14 @@ import csv
 import hashlib
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from tiny_llama2_zh.errors import UsageError
+from tiny_llama2_zh.eval.markdown import note, percent, table, write_result
 
 LETTERS = ("A", "B", "C", "D")
 CEVAL_DESCRIPTION = "以下是中国关于{name}的单项选择题，请选出其中的正确答案。\n\n"
@@ -149,7 +151,7 @@ def build_context(task: MCTask, question: MCQuestion, shots: int) -> str:
     """description + the first `shots` dev questions with their answers + the question (lm-eval's plain-text
     fewshot_context with the first_n sampler)."""
     if shots > len(task.dev):
-        raise ValueError(
+        raise UsageError(
             f"{task.benchmark} {task.subject}: {shots}-shot needs {shots} dev questions, the dev split has "
             f"{len(task.dev)}"
         )
@@ -173,11 +175,11 @@ class _CSVRows:
             reader = csv.reader(file)
             header = next(reader, None)
             if header is None:
-                raise ValueError(f"{self.path}:1: empty file (expected a header with {', '.join(self.required)})")
+                raise UsageError(f"{self.path}:1: empty file (expected a header with {', '.join(self.required)})")
             header = [name.strip() for name in header]
             missing = [name for name in self.required if name not in header]
             if missing:
-                raise ValueError(
+                raise UsageError(
                     f"{self.path}:1: missing column(s) {', '.join(missing)}; the header is {','.join(header)} "
                     f"(expected {','.join(self.required)})"
                 )
@@ -187,7 +189,7 @@ class _CSVRows:
                 if not row or all(not cell.strip() for cell in row):
                     continue
                 if len(row) != len(header):
-                    raise ValueError(f"{self.path}:{start}: {len(row)} fields, the header has {len(header)}")
+                    raise UsageError(f"{self.path}:{start}: {len(row)} fields, the header has {len(header)}")
                 yield start, dict(zip(header, row))
 
 
@@ -201,9 +203,9 @@ def _read_questions(
         if answer not in LETTERS:
             if not require_answer and not answer:
                 continue
-            raise ValueError(f"{path}:{line}: answer {row[answer_column]!r} is not one of A, B, C, D")
+            raise UsageError(f"{path}:{line}: answer {row[answer_column]!r} is not one of A, B, C, D")
         if not row[question_column].strip():
-            raise ValueError(f"{path}:{line}: empty {question_column}")
+            raise UsageError(f"{path}:{line}: empty {question_column}")
         question_id = row[id_column].strip() if id_column else str(len(questions))
         questions.append(
             MCQuestion(
@@ -232,7 +234,7 @@ def read_ceval(folder: str | Path) -> list[MCTask]:
         raise FileNotFoundError(f"--ceval-dir {folder} is not a folder (it should hold C-Eval's dev/ and val/ CSVs)")
     val_files = sorted({*folder.glob("val/*_val.csv"), *folder.glob("*_val.csv")}, key=lambda p: p.name)
     if not val_files:
-        raise ValueError(
+        raise UsageError(
             f"--ceval-dir {folder} holds no {{subject}}_val.csv (looked in {folder}/val/ and {folder}/); C-Eval's "
             "test split has no published answers, so the val split is what is scored"
         )
@@ -262,7 +264,7 @@ def read_cmmlu(folder: str | Path) -> list[MCTask]:
         raise FileNotFoundError(f"--cmmlu-dir {folder} is not a folder (it should hold CMMLU's dev/ and test/)")
     test_files = sorted((folder / "test").glob("*.csv"))
     if not test_files:
-        raise ValueError(f"--cmmlu-dir {folder} holds no test/{{subject}}.csv")
+        raise UsageError(f"--cmmlu-dir {folder} holds no test/{{subject}}.csv")
     tasks = []
     for test in test_files:
         subject = test.stem
@@ -330,7 +332,7 @@ def load_tasks(
 ) -> list[MCTask]:
     """Every task asked for, each cut to its first `limit` questions (lm-eval's --limit)."""
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise UsageError(f"--limit must be at least 1, got {limit}")
     tasks: list[MCTask] = []
     if ceval_dir is not None:
         tasks += read_ceval(ceval_dir)
@@ -339,10 +341,10 @@ def load_tasks(
     if idioms:
         tasks += idiom_tasks(limit)
     if not tasks:
-        raise ValueError("no benchmark chosen: pass --ceval-dir, --cmmlu-dir and/or --idioms")
+        raise UsageError("no benchmark chosen: pass --ceval-dir, --cmmlu-dir and/or --idioms")
     for task in tasks:
         if not task.questions:
-            raise ValueError(f"{task.benchmark} {task.subject}: no questions")
+            raise UsageError(f"{task.benchmark} {task.subject}: no questions")
         task.questions = task.questions[:limit]
     return tasks
 
@@ -351,7 +353,7 @@ def load_tasks(
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval HFLM's `_encode_pair` for a causal model: (context ids, continuation ids)."""
     if not context:
-        raise ValueError("empty context")
+        raise UsageError("empty context")
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -376,9 +378,9 @@ def loglikelihoods(
     for index, (context, continuation) in enumerate(requests):
         context_ids, targets = encode_pair(tokenizer, context, continuation)
         if not targets:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens after its context")
+            raise UsageError(f"continuation {continuation!r} encodes to no tokens after its context")
         if len(targets) > window:
-            raise ValueError(f"continuation of {len(targets)} tokens exceeds the model's window of {window}")
+            raise UsageError(f"continuation of {len(targets)} tokens exceeds the model's window of {window}")
         tokens = (context_ids + targets)[-(window + 1) :][:-1]
         inputs.setdefault(tuple(tokens), []).append((index, targets))
     scores = [math.nan] * len(requests)
@@ -462,7 +464,7 @@ def summarise(subjects: Sequence[dict]) -> dict[str, dict]:
 
 
 def _stderr(message: str) -> None:
-    print(f"tinyllm eval mc: {message}", file=sys.stderr)
+    note("eval mc", message)
 
 
 def evaluate_model(
@@ -502,14 +504,14 @@ def evaluate_mc(
     from tiny_llama2_zh.loading import check_model_folder
 
     if shots < 0:
-        raise ValueError(f"--shots must be at least 0, got {shots}")
+        raise UsageError(f"--shots must be at least 0, got {shots}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     for folder in model_dirs:
         check_model_folder(folder)
     for task in tasks:
         if shots > len(task.dev):
-            raise ValueError(
+            raise UsageError(
                 f"{task.benchmark} {task.subject}: --shots {shots} needs {shots} dev questions, found {len(task.dev)}"
             )
     return {
@@ -532,45 +534,31 @@ def evaluate_mc(
 
 
 # ------------------------------------------------------------------------------------------------- output
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def markdown_report(result: dict) -> str:
     """mc.md: the averages per model (chance beside them), then every subject."""
     shots = result["shots"]
     limited = f", first {result['limit']} questions per subject" if result["limit"] else ""
-    lines = [
-        f"# Multiple choice ({shots}-shot{limited})",
-        "",
-    ]
-    lines += ["| model | benchmark | subjects | questions | acc (subject mean) | acc (pooled) | acc_norm | chance |"]
-    lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
-    for model in result["models"]:
-        for benchmark, avg in model["averages"].items():
-            lines.append(
-                f"| {model['name']} | {benchmark} | {avg['subjects']} | {avg['questions']} | {_percent(avg['acc'])} | "
-                f"{_percent(avg['acc_pooled'])} | {_percent(avg['acc_norm'])} | {_percent(avg['chance'])} |"
-            )
-    lines += ["", "## Per subject", "", "| model | benchmark | subject | questions | acc | acc_norm | chance |"]
-    lines += ["|---|---|---|---:|---:|---:|---:|"]
-    for model in result["models"]:
-        for s in model["subjects"]:
-            lines.append(
-                f"| {model['name']} | {s['benchmark']} | {s['subject']} ({s['name']}) | {s['questions']} | "
-                f"{_percent(s['acc'])} | {_percent(s['acc_norm'])} | {_percent(s['chance'])} |"
-            )
-    lines += ["", f"Scoring: {result['scoring']}."]
+    averages = [
+        (model["name"], benchmark, avg["subjects"], avg["questions"], percent(avg["acc"]), percent(avg["acc_pooled"]),
+         percent(avg["acc_norm"]), percent(avg["chance"]))
+        for model in result["models"]
+        for benchmark, avg in model["averages"].items()
+    ]  # fmt: skip
+    subjects = [
+        (model["name"], s["benchmark"], f"{s['subject']} ({s['name']})", s["questions"], percent(s["acc"]),
+         percent(s["acc_norm"]), percent(s["chance"]))
+        for model in result["models"]
+        for s in model["subjects"]
+    ]  # fmt: skip
+    headers = ("model", "benchmark", "subjects", "questions", "acc (subject mean)", "acc (pooled)", "acc_norm")
+    lines = [f"# Multiple choice ({shots}-shot{limited})", "", table((*headers, "chance"), averages, left=2)]
+    headers = ("model", "benchmark", "subject", "questions", "acc", "acc_norm", "chance")
+    lines += ["", "## Per subject", "", table(headers, subjects, left=3), "", f"Scoring: {result['scoring']}."]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(result: dict, output_dir: str | Path) -> tuple[Path, Path]:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "mc.json", output_dir / "mc.md"
-    json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(markdown_report(result), encoding="utf-8")
-    return json_path, md_path
+    return write_result(result, markdown_report(result), output_dir, "mc")
 
 
 # ------------------------------------------------------------------------------------------ lm-eval export
@@ -687,7 +675,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {len(written)} lm-eval task files to {args.export_lm_eval} (groups: {groups})")
     if not args.model:
         if not args.export_lm_eval:
-            raise ValueError("no model to evaluate: pass --model DIR (or only --export-lm-eval DIR)")
+            raise UsageError("no model to evaluate: pass --model DIR (or only --export-lm-eval DIR)")
         return
     result = evaluate_mc(args.model, tasks, args.shots, args.limit, args.mc_batch_size)
     result["questions_digest"] = questions_digest(tasks)

@@ -10,9 +10,12 @@ import json
 import math
 from pathlib import Path
 
+from tabulate import tabulate
+
+from tiny_llama2_zh.recipes import RECIPES
 from tiny_llama2_zh.runfiles import METRICS_FILE, plot_curves
 
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "rloo", "dpo", "grpo")
+TRAINING_STAGES = tuple(RECIPES)
 FILES_DIR = "report_files"
 
 
@@ -146,18 +149,22 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
         if state:
             seconds = {stage: done["seconds"] for stage, done in state["stages"].items() if stage != "report"}
             chart = _bar_chart(seconds, "wall time per stage", "seconds", files / f"{run_dir.name}-wall-time.png")
-            table = ["| stage | seconds |", "|---|---:|", *(f"| {s} | {v:.1f} |" for s, v in seconds.items())]
-            table.append(f"| **total** | **{sum(seconds.values()):.1f}** ({sum(seconds.values()) / 60:.1f} min) |")
+            total = sum(seconds.values())
+            rows = [*((stage, f"{value:.1f}") for stage, value in seconds.items())]
+            rows.append(("**total**", f"**{total:.1f}** ({total / 60:.1f} min)"))
+            table = tabulate(rows, ("stage", "seconds"), tablefmt="pipe", colalign=("left", "right")).splitlines()
             lines += _section(
                 f"Wall time ({run_dir})", f"tinyllm demo --output {run_dir}", [*table, "", f"![]({relative(chart)})"]
             )
         corpus = _read_json(run_dir / "corpus" / "stats.json")
         if corpus:
+            splits = [
+                (split, f"{corpus[split]['documents']:,}", f"{corpus[split]['characters']:,}")
+                for split in ("train", "validation")
+            ]
             body = [
-                "| split | documents | characters |",
-                "|---|---:|---:|",
-                *(f"| {split} | {corpus[split]['documents']:,} | {corpus[split]['characters']:,} |" for split in
-                  ("train", "validation")),
+                tabulate(splits, ("split", "documents", "characters"), tablefmt="pipe",
+                         colalign=("left", "right", "right")),
                 "",
                 "Documents kept per source: "
                 + ", ".join(f"{name} {count:,}" for name, count in corpus.get("per_source_documents", {}).items())
@@ -205,14 +212,95 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             command = f"tinyllm eval tasks --data {tasks['data']} --limit {tasks['limit']} --model ..."
             lines += _section("Evaluation: demo tasks", command, [markdown_table(tasks), "", f"![]({relative(chart)})"])
         for name, title, command in (
+            (
+                "eval/policies.md",
+                "Evaluation: the policies side by side (reward-model score, KL to SFT)",
+                "tinyllm eval policies (see eval/policies.json's settings)",
+            ),
             ("eval/mc.md", "Evaluation: multiple choice", _mc_command(run_dir / "eval" / "mc.json")),
             ("eval/eval.md", "Evaluation: all benchmarks", "tinyllm eval all (see eval.json's settings)"),
             ("quantize/quantize_report.md", "Quantisation", _quantize_command(run_dir / "quantize")),
-            ("export/exports.md", "Exports", f"tinyllm demo --output {run_dir} --only export"),
+            ("export/exports.md", "Exports", f"tinyllm export check --model {run_dir / 'sft' / 'final'} ..."),
         ):
             path = run_dir / name
             if path.is_file():
                 lines += _section(title, command, [_embedded(path)])
 
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for run_dir in run_dirs:
+        if (run_dir / "demo_state.json").is_file():
+            write_summary(run_dir)
     return output
+
+
+# ------------------------------------------------------------------------------------------ summary.md
+def demo_summary(run_dir: Path) -> dict:
+    """The headline figures of a demo folder, read from the files its stages wrote (summary.json)."""
+    read = lambda name: _read_json(run_dir / name) or {}  # noqa: E731
+    state = read("demo_state.json").get("stages", {})
+    summary: dict = {
+        "output_dir": str(run_dir),
+        "stage_seconds": {stage: done["seconds"] for stage, done in state.items()},
+        "corpus": read("corpus/stats.json"),
+        "tokens": {split: read(f"data/{split}.bin.json").get("num_tokens") for split in ("train", "validation")},
+        "tasks": read("tasks/stats.json"),
+    }
+    for stage in TRAINING_STAGES:
+        if stage_summary := read(f"{stage}/summary.json"):
+            summary[stage] = stage_summary
+    summary["eval"] = read("eval/tasks.json")
+    summary["policies"] = read("eval/policies.json")
+    return summary
+
+
+def _task_rows(evaluation: dict) -> list[tuple]:
+    rows = []
+    for row in evaluation.get("rows", []):
+        name = Path(row["path"]).parent.name if row.get("path") else row["name"]
+        cells = []
+        for task, result in row["tasks"].items():
+            metric = result.get("headline") or next(iter(result["metrics"]))
+            value = result["metrics"][metric]
+            cells.append(f"{task} {metric} {100 * value:.1f} %" if isinstance(value, float) else f"{task} {value}")
+        rows.append((name, "; ".join(cells)))
+    return rows
+
+
+def summary_markdown(summary: dict) -> str:
+    """summary.md: one line per stage with the figure that says whether it did its job, then the held-out tasks."""
+    lines = ["# tiny-llama2-zh demo: summary", "", f"Folder `{summary['output_dir']}`; the full card is report.md.", ""]
+    facts = []
+    if corpus := summary.get("corpus"):
+        facts.append(("corpus", f"{corpus['train']['documents']:,} train / {corpus['validation']['documents']:,} "
+                      "validation documents"))  # fmt: skip
+    if all(summary.get("tokens", {}).values()):
+        facts.append(
+            ("tokens", f"{summary['tokens']['train']:,} train / {summary['tokens']['validation']:,} validation")
+        )
+    for stage in TRAINING_STAGES:
+        if stage in summary:
+            facts += [
+                (stage, fact) for fact in _stage_facts(stage, summary[stage])[1:] or _stage_facts(stage, summary[stage])
+            ]
+    if parameters := summary.get("pretrain", {}).get("parameters"):
+        facts.insert(
+            0, ("model", f"{parameters['total']:,} parameters ({parameters['non_embedding']:,} without embedding)")
+        )
+    lines += [tabulate(facts, ("stage", "figure"), tablefmt="pipe"), ""]
+    if summary.get("eval"):
+        lines += ["## Held-out tasks (greedy replies)", "", tabulate(_task_rows(summary["eval"]), ("model", "accuracy"),
+                  tablefmt="pipe"), ""]  # fmt: skip
+    policies = Path(summary["output_dir"]) / "eval" / "policies.md"
+    if policies.is_file():
+        lines += ["## Policies on PPO's held-out prompts (sampled replies)", "", policies.read_text().strip(), ""]
+    seconds = summary["stage_seconds"]
+    lines.append("Wall time: " + ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items())
+                 + f"; total {sum(seconds.values()) / 60:.1f} min.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: Path) -> Path:
+    summary = demo_summary(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (run_dir / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    return run_dir / "summary.md"

@@ -31,15 +31,15 @@ demo tasks and the chance level of each multiple-choice column.
 
 import argparse
 import glob
-import json
-import sys
 from pathlib import Path
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.eval import multiple_choice as mc
+from tiny_llama2_zh.eval.markdown import note, percent, table, write_result
 
 
 def _stderr(message: str) -> None:
-    print(f"tinyllm eval all: {message}", file=sys.stderr)
+    note("eval all", message)
 
 
 def resolve_data(data: str | Path) -> str:
@@ -104,12 +104,12 @@ def evaluate_all(args: argparse.Namespace) -> dict:
     from tiny_llama2_zh.loading import check_model_folder
 
     if not args.model:
-        raise ValueError("no model to evaluate: pass --model DIR")
+        raise UsageError("no model to evaluate: pass --model DIR")
     for folder in args.model:  # a typo fails before anything slow runs
         check_model_folder(folder)
     has_mc = bool(args.ceval_dir or args.cmmlu_dir or args.idioms)
     if not (args.data or args.tasks or has_mc):
-        raise ValueError("nothing to evaluate: pass --data, --tasks, --ceval-dir, --cmmlu-dir and/or --idioms")
+        raise UsageError("nothing to evaluate: pass --data, --tasks, --ceval-dir, --cmmlu-dir and/or --idioms")
     data = resolve_data(args.data) if args.data else None
     mc_tasks = mc.load_tasks(args.ceval_dir, args.cmmlu_dir, args.idioms, args.limit) if has_mc else []
 
@@ -169,20 +169,16 @@ def evaluate_all(args: argparse.Namespace) -> dict:
 def _cell(key: str, value: float | None) -> str:
     if value is None:
         return "—"
-    return f"{value:.2f}" if key == "ppl" else f"{100 * value:.1f}%"
+    return f"{value:.2f}" if key == "ppl" else percent(value)
 
 
 def markdown_report(result: dict) -> str:
     """eval.md: one row per model, a baseline/chance row, then the multiple-choice subjects."""
     columns = result["columns"]
-    lines = ["# Evaluation", "", "| model | " + " | ".join(c["header"] for c in columns) + " |"]
-    lines.append("|---|" + "---:|" * len(columns))
-    for model in result["models"]:
-        cells = [_cell(c["key"], model["row"].get(c["key"])) for c in columns]
-        lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
-    baseline = result["baseline"]["row"]
-    cells = [_cell(c["key"], baseline.get(c["key"])) for c in columns]
-    lines.append("| baseline / chance | " + " | ".join(cells) + " |")
+    named = [(model["name"], model["row"]) for model in result["models"]]
+    named.append(("baseline / chance", result["baseline"]["row"]))
+    rows = [(name, *(_cell(c["key"], row.get(c["key"])) for c in columns)) for name, row in named]
+    lines = ["# Evaluation", "", table(("model", *(c["header"] for c in columns)), rows)]
     settings = result["settings"]
     lines += ["", "Sources:"]
     if settings["data"]:
@@ -196,14 +192,14 @@ def markdown_report(result: dict) -> str:
             "baseline = chance (25 %)"
             + (f"; first {settings['limit']} questions per subject" if settings["limit"] else "")
         )
-        lines += ["", "## Multiple choice per subject", "", "| model | subject | questions | acc | acc_norm | chance |"]
-        lines.append("|---|---|---:|---:|---:|---:|")
-        for model in result["models"]:
-            for s in model["mc"]["subjects"]:
-                lines.append(
-                    f"| {model['name']} | {s['benchmark']}/{s['subject']} ({s['name']}) | {s['questions']} | "
-                    f"{100 * s['acc']:.1f}% | {100 * s['acc_norm']:.1f}% | {100 * s['chance']:.1f}% |"
-                )
+        subjects = [
+            (model["name"], f"{s['benchmark']}/{s['subject']} ({s['name']})", s["questions"], percent(s["acc"]),
+             percent(s["acc_norm"]), percent(s["chance"]))
+            for model in result["models"]
+            for s in model["mc"]["subjects"]
+        ]  # fmt: skip
+        headers = ("model", "subject", "questions", "acc", "acc_norm", "chance")
+        lines += ["", "## Multiple choice per subject", "", table(headers, subjects, left=2)]
     return "\n".join(lines) + "\n"
 
 
@@ -225,12 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_outputs(result: dict, output_dir: str | Path) -> tuple[Path, Path]:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "eval.json", output_dir / "eval.md"
-    json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(markdown_report(result), encoding="utf-8")
-    return json_path, md_path
+    return write_result(result, markdown_report(result), output_dir, "eval")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -2,8 +2,5 @@
 (`gguf`) and karpathy/llama2.c (`llama2c`). Each export is checked by the runtime itself in the tests
 (tests/test_export.py): transformers' LlamaForCausalLM, llama.cpp through node-llama-cpp, llama2.c's run.c/runq.c.
 
-Heavy modules load lazily: `from tiny_llama2_zh.export.gguf import export_gguf` etc."""
-
-from tiny_llama2_zh.export.hf_llama import export_hf_llama, to_hf_llama, to_hf_llama_config
-
-__all__ = ["export_hf_llama", "to_hf_llama", "to_hf_llama_config"]
+Each format is its own module (`from tiny_llama2_zh.export.gguf import export_gguf`, ...); this package imports
+nothing, so `tinyllm export --help` needs no torch."""

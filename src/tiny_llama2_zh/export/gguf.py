@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.export.common import (
     BYTE_PIECE,
     VocabInfo,
@@ -38,7 +39,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, out_type: str = "f16"
     import gguf
 
     if out_type not in GGUF_TYPES:
-        raise ValueError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+        raise UsageError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     model_dir = Path(model_dir)
     model, tokenizer = load_source(model_dir)
     config = model.config
@@ -47,7 +48,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, out_type: str = "f16"
         widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
         bad = {name: width for name, width in widths.items() if width % Q8_0_BLOCK}
         if bad:
-            raise ValueError(f"q8_0 quantizes rows in blocks of {Q8_0_BLOCK}; {bad} is not a multiple of it")
+            raise UsageError(f"q8_0 quantizes rows in blocks of {Q8_0_BLOCK}; {bad} is not a multiple of it")
     tensors = _llama_tensors(model)
     chat_template = tokenizer.chat_template
     file_type = {

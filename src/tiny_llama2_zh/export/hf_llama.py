@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.model import TinyLlama2Config, TinyLlama2ForCausalLM
 
 
@@ -51,5 +52,5 @@ def export_hf_llama(model_dir: str | Path, output: str | Path, overwrite: bool =
         leftovers = [p.name for p in temp.iterdir() if p.suffix == ".py"]
         config = json.loads((temp / "config.json").read_text(encoding="utf-8"))
         if leftovers or "auto_map" in config or config.get("model_type") != "llama":
-            raise ValueError(f"the Llama folder would need remote code ({leftovers}, {config.get('auto_map')})")
+            raise UsageError(f"the Llama folder would need remote code ({leftovers}, {config.get('auto_map')})")
     return Path(output)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.export.common import (
     BYTE_PIECE,
     VocabInfo,
@@ -54,7 +55,7 @@ def check_llama2c_model(config, tokenizer, vocab: VocabInfo, model_dir: Path) ->
     if abs(float(config.rms_norm_eps) - 1e-5) > 1e-12:
         problems.append(f"rms_norm_eps is {config.rms_norm_eps}; run.c uses 1e-5")
     if problems:
-        raise ValueError(f"{model_dir} cannot be exported to llama2.c: " + "; ".join(problems))
+        raise UsageError(f"{model_dir} cannot be exported to llama2.c: " + "; ".join(problems))
 
 
 def llama2c_token_strings(vocab: VocabInfo, tokenizer, vocab_size: int) -> tuple[list[bytes], list[float]]:
@@ -78,7 +79,7 @@ def llama2c_token_strings(vocab: VocabInfo, tokenizer, vocab_size: int) -> tuple
         scores.append(NEVER_MERGED)
     duplicates = len(strings) - len(set(strings))
     if duplicates:
-        raise ValueError(
+        raise UsageError(
             f"{duplicates} pieces become the same string in tokenizer.bin; run.c could not tell them apart"
         )
     return strings, scores
@@ -163,7 +164,7 @@ def group_size_for(config) -> int:
     for size in (64, 32, 16, 8, 4, 2):
         if config.hidden_size % size == 0 and config.intermediate_size % size == 0:
             return size
-    raise ValueError(
+    raise UsageError(
         f"hidden_size {config.hidden_size} and intermediate_size {config.intermediate_size} share no even group "
         "size for runq.c's int8 groups"
     )
@@ -205,7 +206,7 @@ def export_llama2c(
 ) -> tuple[Path, Path]:
     """Write the model file (`version` 0 for run.c, 2 for runq.c) and tokenizer.bin (default: beside it)."""
     if version not in LLAMA2C_VERSIONS:
-        raise ValueError(f"llama2.c version {version} is not written here; choose 0 (run.c) or 2 (runq.c)")
+        raise UsageError(f"llama2.c version {version} is not written here; choose 0 (run.c) or 2 (runq.c)")
     model_dir = Path(model_dir)
     model, tokenizer = load_source(model_dir)
     vocab = read_vocab(tokenizer, model_dir)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TextStreamer
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.infer.generate import Message, SamplingOptions, generate_reply, generate_text
 
 USER_PROMPT = "you> "
@@ -46,7 +47,7 @@ def check_room(model: PreTrainedModel, options: SamplingOptions) -> None:
     """The reply must leave room for a prompt in the model's context; say so plainly instead of failing later."""
     context = model.config.max_position_embeddings
     if not 0 < options.max_new_tokens < context:
-        raise ValueError(
+        raise UsageError(
             f"--max-new-tokens must be between 1 and {context - 1}: the model's context is {context} tokens and "
             "the prompt needs room too"
         )
@@ -112,7 +113,7 @@ def continue_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, te
     room = model.config.max_position_embeddings - options.max_new_tokens
     length = len(tokenizer(text)["input_ids"])
     if length > room:
-        raise ValueError(f"the text is {length} tokens, more than the {room} the model's context leaves for it")
+        raise UsageError(f"the text is {length} tokens, more than the {room} the model's context leaves for it")
     return generate_text(model, tokenizer, text, options, stream=True)
 
 

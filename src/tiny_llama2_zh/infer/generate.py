@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TextStreamer
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tokenizer import ROLE_TOKENS
 
 
@@ -84,7 +85,7 @@ def chat_prompt_ids(
         if len(ids) <= max_prompt_tokens:
             return ids, dropped
         if len(turns) <= 1:
-            raise ValueError(
+            raise UsageError(
                 f"the message is {len(ids)} tokens with the template, more than the {max_prompt_tokens} the model's "
                 "context leaves for it; shorten it or lower max_new_tokens"
             )

@@ -30,7 +30,6 @@ are used as they are, never re-quantised.
 
 import json
 import warnings
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -39,23 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
+from tiny_llama2_zh.quantize import METHODS
 
 QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "model.quantized.safetensors"
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    library: str
-    summary: str
-
-
-METHODS: dict[str, Method] = {
-    "int8-weight": Method("int8-weight", "torchao", "int8 weights per output channel, float32 activations"),
-    "int8-dynamic": Method("int8-dynamic", "torch.ao", "int8 weights per channel, activations int8 per batch (fbgemm)"),
-    "int4-weight": Method("int4-weight", "torchao", "int4 weights per group of input channels, float32 activations"),
-}
 
 
 def check_method(method: str, group_size: int, widths: tuple[int, ...] = ()) -> None:

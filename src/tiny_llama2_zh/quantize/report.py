@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from tiny_llama2_zh.eval.markdown import percent, table
 from tiny_llama2_zh.quantize.methods import (
     METHODS,
     WEIGHTS_FILE,
@@ -219,10 +220,8 @@ def _ratio(size: int, reference: int) -> str:
 def markdown_table(report: dict) -> str:
     task_headers = sorted({header for row in report["rows"] for header in (row["tasks"] or {})})
     header = ["model", "method", "weights on disk", "smaller", "perplexity", "change", *task_headers]
-    lines = [
-        "| " + " | ".join([*header, "decode tok/s (batch 1)", "prefill tok/s"]) + " |",
-        "|---|---|" + "---:|" * (len(header) - 2 + 2),
-    ]
+    header += ["decode tok/s (batch 1)", "prefill tok/s"]
+    rows = []
     reference: dict[str, int] = {}
     for row in report["rows"]:
         reference.setdefault(row["model"], row["size_bytes"])
@@ -233,11 +232,11 @@ def markdown_table(report: dict) -> str:
             _ratio(row["size_bytes"], reference[row["model"]]),
             f"{row['perplexity']:.2f}" if row["perplexity"] is not None else "—",
             f"{100 * row['perplexity_change']:+.2f}%" if row["perplexity_change"] is not None else "—",
-            *(f"{100 * row['tasks'][h]:.1f}%" if row["tasks"] and h in row["tasks"] else "—" for h in task_headers),
+            *(percent(row["tasks"].get(h)) if row["tasks"] else "—" for h in task_headers),
             f"{row['decode_tokens_per_s']:.0f}",
             f"{row['prefill_tokens_per_s']:.0f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     notes = [
         "",
         f"Speeds on {report['threads']} threads; perplexity on {report['validation_blocks']} validation blocks of "
@@ -246,4 +245,4 @@ def markdown_table(report: dict) -> str:
         + "; ".join(f"{name} ({method.library}): {method.summary}" for name, method in METHODS.items())
         + f"; int4 group size {report['group_size']}.",
     ]
-    return "\n".join(lines + notes)
+    return "\n".join([table(header, rows, left=2), *notes])

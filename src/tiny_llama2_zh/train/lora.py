@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.loading import check_model_folder, load_model, save_model_folder
 
 # Every linear layer of the model, by its transformers-Llama name.
@@ -26,9 +27,9 @@ def peft_config(options: LoraOptions):
 
     unknown = sorted(set(options.target_modules) - set(ALL_LINEAR))
     if unknown:
-        raise ValueError(f"model.lora.target_modules: {unknown} are not layers of this model; choose from {ALL_LINEAR}")
+        raise UsageError(f"model.lora.target_modules: {unknown} are not layers of this model; choose from {ALL_LINEAR}")
     if options.r < 1:
-        raise ValueError(f"model.lora.r must be at least 1, got {options.r}")
+        raise UsageError(f"model.lora.r must be at least 1, got {options.r}")
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=options.r,
