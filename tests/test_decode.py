@@ -331,3 +331,27 @@ def test_invalid_bytes_and_special_tokens_still_decode_in_a_bounded_window(chatg
     pieces, recorder = streamed(tokenizer, ids)
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == "好 好" + "\ufffd" * 40 + " 好"
     assert max(recorder.lengths) <= 2 * IncrementalDetokenizer.MAX_PENDING
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_a_stop_token_ends_the_reply(small_tokenizer):
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = random_model(vocab_size=len(tokenizer), max_position_embeddings=96)
+    prompt = tokenizer("北京是")["input_ids"]
+    reply = greedy_generate(LeanDecoder(model, max_batch=1), [prompt], 40)[0]
+
+    def decoded(end: int) -> str:
+        return tokenizer.decode(reply[:end], skip_special_tokens=True)
+
+    # a token of the reply that ends it when made a stop id: its first occurrence, after whole characters
+    end = next(i for i in range(3, len(reply)) if reply[i] not in reply[:i] and decoded(i)[-1:] not in ("", "\ufffd"))
+    text = decoded(end)
+    stop = text[-1] + "〇never"  # the reply's last character may begin this stop string: it is held back
+    engine = Engine(model, tokenizer, max_batch=1, queue_size=0).start()
+    try:
+        collector = Collector()
+        engine.submit(GenerationRequest(prompt, 40, collector, stop_ids=frozenset({reply[end]}), stop_strings=(stop,)))
+        assert collector.done.wait(30)
+    finally:
+        engine.stop()
+    assert collector.events[-1].reason == "stop" and collector.events[-1].completion_tokens == end + 1
+    assert collector.text() == text  # the stop token ends the reply, and the held-back character is sent with it
