@@ -8,9 +8,17 @@ from torch import nn
 
 from conftest import tiny_config
 from tiny_llama2_zh.infer.decode import LeanDecoder, greedy_generate, sample_token
-from tiny_llama2_zh.infer.engine import Engine, Failed, Finished, GenerationRequest, QueueFull, TextDelta
+from tiny_llama2_zh.infer.engine import (
+    Engine,
+    Failed,
+    Finished,
+    GenerationRequest,
+    IncrementalDetokenizer,
+    QueueFull,
+    TextDelta,
+)
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
-from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.tokenizer import convert_chatglm3, load_tokenizer
 
 EOS = 2
 PROMPTS = [
@@ -179,3 +187,171 @@ def test_a_request_that_fails_alone_leaves_the_batch_running(small_tokenizer):
         assert after.done.wait(30) and isinstance(after.events[-1], Finished)
     finally:
         engine.stop()
+
+
+def test_sampled_requests_never_touch_the_global_rng_and_a_seed_reproduces_a_reply_in_any_batch(small_tokenizer):
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = random_model(vocab_size=len(tokenizer), max_position_embeddings=96)
+    prompt = tokenizer("北京是")["input_ids"]
+    engine = Engine(model, tokenizer, max_batch=3, queue_size=3).start()
+
+    def run(*seeds: int | None) -> list[str]:
+        collectors = [Collector() for _ in seeds]
+        for seed, collector in zip(seeds, collectors):
+            engine.submit(GenerationRequest(prompt, 16, collector, temperature=1.0, top_p=0.95, seed=seed))
+        assert all(collector.done.wait(30) for collector in collectors)
+        return [collector.text() for collector in collectors]
+
+    try:
+        global_state = torch.get_rng_state()
+        unseeded = run(None, None, None)
+        assert torch.equal(torch.get_rng_state(), global_state)  # was reseeded by torch.seed() per request
+        assert len(set(unseeded)) > 1  # unseeded requests still differ: each has its own fresh generator
+        alone = run(5)[0]
+        assert run(5)[0] == alone
+        assert run(None, 5, None)[1] == alone  # batched with other sampled rows, the seeded reply is the same
+        assert run(6)[0] != alone
+    finally:
+        engine.stop()
+
+
+def test_the_queue_bound_counts_a_request_while_the_engine_prefills_it(small_tokenizer, monkeypatch):
+    """max_batch 1 + queue_size 1: while the first request is being prefilled (taken from the queue, not yet in
+    the batch) one more may wait and a third is refused. Deterministic: the prefill waits for an Event."""
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = random_model(vocab_size=len(tokenizer), max_position_embeddings=96)
+    prompt = tokenizer("北京是")["input_ids"]
+    engine = Engine(model, tokenizer, max_batch=1, queue_size=1)
+    prefilling, release = threading.Event(), threading.Event()
+    real_prefill = engine.decoder.prefill
+
+    def held_prefill(*args, **kwargs):
+        prefilling.set()
+        assert release.wait(30)
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "prefill", held_prefill)
+    engine.start()
+    try:
+        first, second = Collector(), Collector()
+        engine.submit(GenerationRequest(prompt, 3, first))
+        assert prefilling.wait(30)  # the engine thread holds the first request in prefill now
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 0)
+        engine.submit(GenerationRequest(prompt, 3, second))  # 1 running + 1 waiting: the bound is reached
+        with pytest.raises(QueueFull, match="1 requests running and 1 waiting"):
+            engine.submit(GenerationRequest(prompt, 3, Collector()))
+        release.set()
+        assert first.done.wait(30) and second.done.wait(30)
+        assert isinstance(first.events[-1], Finished) and isinstance(second.events[-1], Finished)
+    finally:
+        release.set()
+        engine.stop()
+
+
+class RecordingDecode:
+    """The tokenizer's real decode, recording how many ids each call is given."""
+
+    def __init__(self, decode) -> None:
+        self.decode = decode
+        self.lengths: list[int] = []
+
+    def __call__(self, ids, *args, **kwargs) -> str:
+        self.lengths.append(len(ids))
+        return self.decode(ids, *args, **kwargs)
+
+
+def test_the_engine_decodes_a_streamed_reply_from_a_short_window_of_tokens(small_tokenizer):
+    """Decoding the whole reply again for every token is quadratic in its length: each decode call must see a
+    bounded window of recent ids (at most 2 x 8 + 1), and the streamed text is still the whole reply's decode."""
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = random_model(vocab_size=len(tokenizer), max_position_embeddings=128)
+    prompt = tokenizer("人民日报报道")["input_ids"]
+    expected = greedy_generate(LeanDecoder(model, max_batch=1), [prompt], 100)[0]
+    engine = Engine(model, tokenizer, max_batch=1, queue_size=0)
+    engine._decode = recorder = RecordingDecode(engine._decode)
+    engine.start()
+    try:
+        collector = Collector()
+        engine.submit(GenerationRequest(prompt, 100, collector))  # no stop ids: exactly 100 tokens
+        assert collector.done.wait(30)
+    finally:
+        engine.stop()
+    assert collector.events[-1].completion_tokens == 100
+    assert collector.text() == tokenizer.decode(expected, skip_special_tokens=True)
+    assert max(recorder.lengths) <= 17, recorder.lengths
+    assert len(recorder.lengths) <= 2 * 100 + 1  # at most two decodes per token (the window and its new prefix)
+
+
+# ------------------------------------------------------------------------------------------ detokenizer
+# 𠮷, 龘, 靐, 齉, 爩 and 鱻 are not in ChatGLM3's vocabulary: they become <0xNN> byte-fallback pieces, 3 or 4 each
+BYTE_FALLBACK_TEXT = "今天𠮷野家的饭很好吃😀，龘靐齉爩！Hello world 鱻\n第二行：　全角空格。"
+
+
+@pytest.fixture(scope="module")
+def chatglm3_tokenizer(chatglm3_model_file, tmp_path_factory):
+    return convert_chatglm3(chatglm3_model_file, tmp_path_factory.mktemp("chatglm3"))
+
+
+def streamed(tokenizer, ids: list[int]) -> tuple[list[str], RecordingDecode]:
+    """Each token's piece of text (and the final flush), with the lengths every decode call was given."""
+    backend = tokenizer.backend_tokenizer
+    recorder = RecordingDecode(backend.decode)
+    special_ids = frozenset(i for i, token in backend.get_added_tokens_decoder().items() if token.special)
+    detokenizer = IncrementalDetokenizer(recorder, special_ids)
+    return [*(detokenizer.push(token) for token in ids), detokenizer.flush()], recorder
+
+
+@pytest.mark.parametrize("name", ["chatglm3", "byte-level BPE"])
+def test_streamed_pieces_are_whole_characters_that_concatenate_to_the_full_decode(
+    name, request, corpus_texts, small_tokenizer
+):
+    tokenizer = request.getfixturevalue("chatglm3_tokenizer") if name == "chatglm3" else load_tokenizer(small_tokenizer)
+    bound = 2 * IncrementalDetokenizer.MAX_PENDING
+    partial_tokens = 0  # tokens that hold part of a character (decoded alone: U+FFFD)
+    for text in [BYTE_FALLBACK_TEXT, *corpus_texts[:40]]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces, recorder = streamed(tokenizer, ids)
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in piece for piece in pieces), pieces  # never half a character
+        assert max(recorder.lengths) <= bound and len(recorder.lengths) <= 2 * len(ids) + 1
+        partial_tokens += sum("\ufffd" in tokenizer.decode([token]) for token in ids)
+    assert partial_tokens >= 16  # the texts did exercise multi-byte characters split across tokens
+    if name == "chatglm3":
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(BYTE_FALLBACK_TEXT, add_special_tokens=False)["input_ids"])
+        assert sum(piece.startswith("<0x") for piece in pieces) >= 16
+
+
+def test_invalid_bytes_and_special_tokens_still_decode_in_a_bounded_window(chatglm3_tokenizer):
+    """A model may write bytes that never become valid UTF-8: the window still moves on after MAX_PENDING tokens.
+    Special tokens (decoded as nothing) stay out of the window: after a run of them, "▁好" keeps its space."""
+    tokenizer = chatglm3_tokenizer
+    lead_byte = tokenizer.convert_tokens_to_ids("<0xE5>")
+    good = tokenizer("好", add_special_tokens=False)["input_ids"]  # "▁好": a space unless it begins the text
+    ids = good + [tokenizer.eos_token_id] * 20 + good + [lead_byte] * 40 + good
+    pieces, recorder = streamed(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == "好 好" + "\ufffd" * 40 + " 好"
+    assert max(recorder.lengths) <= 2 * IncrementalDetokenizer.MAX_PENDING
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_a_stop_token_ends_the_reply(small_tokenizer):
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = random_model(vocab_size=len(tokenizer), max_position_embeddings=96)
+    prompt = tokenizer("北京是")["input_ids"]
+    reply = greedy_generate(LeanDecoder(model, max_batch=1), [prompt], 40)[0]
+
+    def decoded(end: int) -> str:
+        return tokenizer.decode(reply[:end], skip_special_tokens=True)
+
+    # a token of the reply that ends it when made a stop id: its first occurrence, after whole characters
+    end = next(i for i in range(3, len(reply)) if reply[i] not in reply[:i] and decoded(i)[-1:] not in ("", "\ufffd"))
+    text = decoded(end)
+    stop = text[-1] + "〇never"  # the reply's last character may begin this stop string: it is held back
+    engine = Engine(model, tokenizer, max_batch=1, queue_size=0).start()
+    try:
+        collector = Collector()
+        engine.submit(GenerationRequest(prompt, 40, collector, stop_ids=frozenset({reply[end]}), stop_strings=(stop,)))
+        assert collector.done.wait(30)
+    finally:
+        engine.stop()
+    assert collector.events[-1].reason == "stop" and collector.events[-1].completion_tokens == end + 1
+    assert collector.text() == text  # the stop token ends the reply, and the held-back character is sent with it

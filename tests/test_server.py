@@ -1,11 +1,14 @@
 """`tinyllm serve`: the official `openai` client against a real uvicorn on a free loopback port.
 
 The model is random (nothing is trained); what is checked is the protocol: OpenAI's shapes, streaming, the
-sampling parameters, stop conditions, errors for every kind of bad input, the API key, the bounded queue (429) and
-a disconnected client freeing its row at once.
+sampling parameters, stop conditions, errors for every kind of bad input, the API key, the bounded queue (429),
+a disconnected client freeing its row at once, and what a browser may do: only the server's own origin and host
+names (cross-site requests and DNS rebinding refused), JSON bodies only, internal errors answered without their
+text.
 """
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -21,7 +24,7 @@ from conftest import lively_model
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, generate_text
 from tiny_llama2_zh.infer.server import create_app, running_server
 from tiny_llama2_zh.loading import load_model, save_model_folder
-from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.tokenizer import chat_ids, load_tokenizer
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 
@@ -38,8 +41,13 @@ def serve_model_dir(small_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(serve_model_dir):
-    with running_server(create_app(serve_model_dir, model_name=MODEL, max_batch=4, queue_size=4)) as url:
+def app(serve_model_dir):
+    return create_app(serve_model_dir, model_name=MODEL, max_batch=4, queue_size=4)
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    with running_server(app) as url:
         yield url
 
 
@@ -90,7 +98,7 @@ def test_chat_completion_is_the_models_greedy_reply(client, reference):
     choice = response.choices[0]
     expected, _ = generate_reply(model, tokenizer, HELLO, SamplingOptions(max_new_tokens=24, temperature=0.0))
     assert choice.message.role == "assistant" and choice.message.content.strip() == expected and expected
-    prompt_tokens = len(tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, return_dict=True)["input_ids"])
+    prompt_tokens = len(chat_ids(tokenizer, HELLO, generation_prompt=True))
     assert response.usage.prompt_tokens == prompt_tokens
     assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
     assert choice.finish_reason in ("stop", "length")
@@ -270,6 +278,100 @@ def test_the_chat_page_is_served(server):
     assert "/v1/chat/completions" in page and "http://" not in page.replace("http://HOST", "")  # nothing remote
 
 
+# ------------------------------------------------------------------------- what a browser may send
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_declared_json_gets_415(server, content_type):
+    """The three types a cross-site form or "simple" fetch may send without a CORS preflight."""
+    status, answer, _ = post(f"{server}/v1/chat/completions", chat(max_tokens=1), {"Content-Type": content_type})
+    assert status == 415, answer
+    assert_openai_error(answer, code="unsupported_media_type")
+    assert "application/json" in answer["error"]["message"]
+    status, answer, _ = post(
+        f"{server}/v1/chat/completions", chat(max_tokens=1), {"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert status == 200, answer
+
+
+@pytest.mark.parametrize(
+    ("headers", "refused", "option"),
+    [
+        ({"Origin": "http://evil.example"}, "Origin", "--allow-origin http://evil.example"),
+        ({"Origin": "null"}, "Origin", "--allow-origin null"),
+        ({"Host": "evil.example:{port}"}, "Host", "--allow-host evil.example"),  # DNS rebinding
+        ({"Host": "evil.example:{port}", "Origin": "http://evil.example:{port}"}, "Host", "--allow-host"),
+        ({"Host": "127.0.0.1:1"}, "Host", "--allow-host"),  # a loopback name, but not this server's port
+        ({"Origin": "http://127.0.0.1:1"}, "Origin", "--allow-origin"),
+    ],
+    ids=["foreign origin", "null origin", "foreign host", "rebound page", "other port", "origin of other port"],
+)
+def test_cross_site_requests_and_foreign_host_names_are_refused_with_403(server, headers, refused, option):
+    port = port_of(server)
+    headers = {name: value.format(port=port) for name, value in headers.items()}
+    for method, path, body in (("POST", "/v1/chat/completions", chat(max_tokens=1)), ("GET", "/v1/models", None)):
+        request = urllib.request.Request(
+            f"{server}{path}",
+            data=json.dumps(body).encode() if body else None,
+            headers={"Content-Type": "application/json", **headers},
+            method=method,
+        )
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=30)
+        assert error.value.code == 403
+        answer = json.loads(error.value.read())
+        assert_openai_error(answer)
+        message = answer["error"]["message"]
+        assert f"{refused} header" in message and option in message, message
+
+
+def test_the_pages_own_requests_are_accepted_from_every_loopback_name(server):
+    """What the chat page's fetch() sends (same origin, JSON), whichever loopback name the browser used."""
+    port = port_of(server)
+    for host in ("127.0.0.1", "localhost", "[::1]"):
+        same_origin = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+        status, answer, _ = post(f"{server}/v1/chat/completions", chat(max_tokens=2), same_origin)
+        assert status == 200 and answer["choices"][0]["message"]["role"] == "assistant", (host, answer)
+        request = urllib.request.Request(f"{server}/", headers={"Host": f"{host}:{port}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+    stream = urllib.request.Request(
+        f"{server}/v1/chat/completions",
+        json.dumps(chat(max_tokens=3, stream=True)).encode(),
+        {"Content-Type": "application/json", "Origin": server},
+    )
+    with urllib.request.urlopen(stream, timeout=30) as response:
+        assert response.read().decode().endswith("data: [DONE]\n\n")
+
+
+def test_an_internal_error_is_logged_with_a_request_id_and_answered_without_its_text(app, server, monkeypatch, caplog):
+    secret = "secret internal detail 7f3a"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(secret)
+
+    caplog.set_level(logging.ERROR)
+    # inside the engine (a decode step fails: the batch fails, the engine goes on) and inside a route handler
+    for target in ("decoder.step", "submit"):
+        owner, name = (app.state.engine.decoder, "step") if target == "decoder.step" else (app.state.engine, "submit")
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, broken)
+            caplog.clear()
+            status, answer, headers = post(f"{server}/v1/chat/completions", chat(max_tokens=4, ignore_eos=True))
+        assert status == 500, (target, answer)
+        assert_openai_error(answer)
+        message = answer["error"]["message"]
+        assert secret not in message and answer["error"]["type"] == "server_error"
+        request_id = headers["x-request-id"]
+        assert request_id in message
+        logged = [record for record in caplog.records if request_id in record.getMessage()]
+        assert logged and secret in caplog.text, (target, caplog.text)
+    status, _, _ = post(f"{server}/v1/chat/completions", chat(max_tokens=2))  # and the server still serves
+    assert status == 200
+
+
 # ----------------------------------------------------------------------------------- key and capacity
 def test_api_key_is_required_when_set(serve_model_dir):
     with running_server(create_app(serve_model_dir, model_name=MODEL, api_key="sekret")) as url:
@@ -345,16 +447,52 @@ def test_tinyllm_serve_runs_the_server_on_loopback(serve_model_dir):
         str(port),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([*command, "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    allowed = ["--allow-host", "mybox.lan", "--allow-origin", "http://app.example:3000"]
+    server = subprocess.Popen(
+        [*command, "--threads", "1", *allowed], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: _health_ok(f"http://127.0.0.1:{port}") or server.poll() is not None, timeout=60)
+        assert wait_for(lambda: _health_ok(url) or server.poll() is not None, timeout=60)
         assert server.poll() is None, server.stderr.read().decode()[-2000:]
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3).usage.completion_tokens
+        # --allow-host: that name at any port (a reverse proxy's); --allow-origin: that page's JSON POSTs get CORS
+        status, _, _ = post(f"{url}/v1/chat/completions", chat(max_tokens=1), {"Host": "mybox.lan"})
+        assert status == 200
+        status, _, headers = post(
+            f"{url}/v1/chat/completions", chat(max_tokens=1), {"Origin": "http://app.example:3000"}
+        )
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.example:3000"
+        preflight = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            method="OPTIONS",
+            headers={
+                "Origin": "http://app.example:3000",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,authorization",
+            },
+        )
+        with urllib.request.urlopen(preflight, timeout=10) as response:
+            assert response.headers["access-control-allow-origin"] == "http://app.example:3000"
+        status, answer, _ = post(f"{url}/v1/chat/completions", chat(max_tokens=1), {"Origin": "http://app.example"})
+        assert status == 403 and "--allow-origin http://app.example" in answer["error"]["message"]
+        status, _, _ = post(f"{url}/v1/chat/completions", chat(max_tokens=1), {"Host": "otherbox.lan"})
+        assert status == 403
     finally:
         server.terminate()
         stdout, _ = server.communicate(timeout=30)
     assert f"on http://127.0.0.1:{port}" in stdout.decode()  # the default bind address is loopback
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("allow_origins", "http://app.example/chat"), ("allow_origins", "app.example"), ("allow_hosts", "http://mybox")],
+)
+def test_malformed_allow_lists_are_refused_before_the_model_loads(option, value):
+    flag = option.replace("_", "-")[:-1]
+    with pytest.raises(ValueError, match=f"--{flag} expects"):
+        create_app("/nonexistent/model", **{option: [value]})
 
 
 def _health_ok(url: str) -> bool:

@@ -134,7 +134,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="torch threads for the model (default: 0 = torch's default; 1 is often fastest for the small models)",
     )
-    parser.epilog = "The chat page is at http://HOST:PORT/; the OpenAI-compatible API at http://HOST:PORT/v1."
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="also answer requests whose Host header names HOST (any port; HOST:PORT for one port), e.g. the "
+        "machine's name on the network or a reverse proxy's; repeatable. By default only localhost, 127.0.0.1, "
+        "[::1], the --host address and the address a client connected to, with --port, are answered: other names "
+        "are refused (403), which stops DNS rebinding",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (scheme://host[:port], e.g. http://localhost:3000) call the API and read "
+        "its answers (CORS); repeatable. By default a browser request from any page but the server's own chat "
+        "page is refused (403), so that no web site can use the server through its visitors' browsers",
+    )
+    parser.epilog = (
+        "The chat page is at http://HOST:PORT/; the OpenAI-compatible API at http://HOST:PORT/v1. Requests from "
+        "other web sites and to foreign host names are refused unless allowed with --allow-origin / --allow-host."
+    )
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -159,4 +181,6 @@ def run_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         queue_size=args.queue_size,
         max_body_bytes=args.max_body_bytes,
+        allow_hosts=args.allow_host,
+        allow_origins=args.allow_origin,
     )

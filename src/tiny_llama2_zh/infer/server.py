@@ -11,8 +11,20 @@ and tools built on it work unchanged; vLLM and llama.cpp's server offer the same
 
 Every request goes through one `Engine` (continuous batching on a background thread). Bad input gets OpenAI's
 error shape, `{"error": {"message", "type", "param", "code"}}`, with status 400 (401 for a missing or wrong key
-with --api-key, 404 for an unknown model or path, 413 for a body over the limit, 429 with Retry-After when the
-queue is full); the server never answers a client's mistake with a 500.
+with --api-key, 403 for a request from another site or to a foreign host name, 404 for an unknown model or path,
+413 for a body over the limit, 415 for a body not sent as application/json, 429 with Retry-After when the queue
+is full); the server never answers a client's mistake with a 500. A 500 (a bug, or a failed decode step) says
+only that something failed and a request id; the traceback goes to the server's log under the same id.
+
+What a browser may do. Without a key the server trusts whoever can reach it, and a browser can be made to reach a
+loopback server by any web site its user visits: a cross-site form or "simple" fetch POSTs text/plain without a
+CORS preflight, and DNS rebinding points the attacker's own host name at 127.0.0.1 so that even reading answers
+is same-origin. So (as Jupyter's and Vite's dev servers do) a request is refused unless its Host header is one
+this server answers to (localhost, 127.0.0.1, [::1], the bound host or the address the client connected to, with
+the server's port, or a name given with --allow-host), unless its Origin header, when present, is the server's own
+(http:// + that Host) or one given with --allow-origin (which also gets CORS headers, so a page there can read
+the answers), and unless a body is declared application/json (which a cross-site page cannot send without a
+preflight that only an allowed origin passes). The chat page at `/` is same-origin and works unchanged.
 """
 
 import asyncio
@@ -24,7 +36,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,15 +44,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tiny_llama2_zh.infer.engine import Engine, Failed, Finished, GenerationRequest, QueueFull, TextDelta
 from tiny_llama2_zh.infer.generate import turn_end_ids
+from tiny_llama2_zh.tokenizer import chat_ids
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class APIError(Exception):
@@ -64,6 +81,108 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _internal_error(request_id: str, what: str = "The server had an error while processing your request") -> APIError:
+    """A 500 that tells the client nothing about the code (the log does, under `request_id`)."""
+    return APIError(
+        500,
+        f"{what} (request id {request_id}); the server's log has the details",
+        type="server_error",
+        headers={"x-request-id": request_id},
+    )
+
+
+# ---------------------------------------------------------------------------------------- origin and host
+def _split_host(value: str) -> tuple[str, str | None]:
+    """A Host header or --allow-host value ('name', 'name:port', '[::1]:port', '::1') as (name, port or None),
+    the name lower-cased and without an IPv6 address's brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else None
+    if value.count(":") > 1:  # a bare IPv6 address
+        return value, None
+    name, colon, port = value.partition(":")
+    return name, port if colon else None
+
+
+def _allowed_host(value: str) -> tuple[str, str | None]:
+    """An --allow-host value, checked: a host name or address, with or without a port."""
+    name, port = _split_host(value)
+    if not name or "/" in value or (port is not None and not port.isdigit()):
+        raise ValueError(f"--allow-host expects a host name such as mybox.local or mybox.local:8000, got {value!r}")
+    return name, port
+
+
+def _allowed_origin(value: str) -> str:
+    """An --allow-origin value, checked and normalised: scheme://host[:port] as browsers send it, or null."""
+    origin = value.strip().lower().rstrip("/")
+    scheme, separator, host = origin.partition("://")
+    if origin != "null" and not (separator and scheme in ("http", "https") and host and "/" not in host):
+        raise ValueError(
+            f"--allow-origin expects an origin such as http://localhost:3000 (scheme, host and port, no path), "
+            f"got {value!r}"
+        )
+    return origin
+
+
+class _SameOriginGuard:
+    """ASGI middleware that refuses, with a 403 in OpenAI's shape, a request whose Host header is not a name this
+    server answers to (DNS rebinding) or whose Origin header is neither the server's own origin nor an allowed one
+    (a page on another site). See the module docstring; the `bound_hosts` and `allowed_hosts` come from `serve`."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        bound_hosts: tuple[str, ...],
+        allowed_hosts: tuple[tuple[str, str | None], ...],
+        allowed_origins: frozenset[str],
+    ) -> None:
+        self.app = app
+        self.own_names = {_split_host(host)[0] for host in (*LOOPBACK_NAMES, *bound_hosts)}
+        self.allowed_hosts = allowed_hosts
+        self.allowed_origins = allowed_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.refusal(Headers(scope=scope), scope.get("server"))
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, headers: Headers, server: tuple[str, int | None] | None) -> APIError | None:
+        address, port = server or (None, None)
+        host = headers.get("host", "")
+        name, given_port = _split_host(host)
+        own_names = (self.own_names | {_split_host(address)[0]}) if address else self.own_names
+        own = name in own_names and (port is None or given_port == str(port))
+        allowed = any(name == other and other_port in (None, given_port) for other, other_port in self.allowed_hosts)
+        if not (own or allowed):
+            shown = f":{port}" if port is not None else ""
+            expected = ", ".join(f"{_bracketed(known)}{shown}" for known in sorted(own_names))
+            return APIError(
+                403,
+                f"the Host header {host!r} is not a name this server answers to ({expected}): refused, as a web page "
+                f"may use DNS rebinding to reach a local server. If you reach the server by this name, start it with "
+                f"--allow-host {_bracketed(name) if name else 'NAME'}",
+                code="host_not_allowed",
+            )
+        origin = headers.get("origin")
+        if origin is None or origin.lower() in (f"http://{host.lower()}", *self.allowed_origins):
+            return None
+        return APIError(
+            403,
+            f"the Origin header {origin!r} is not this server's own origin (http://{host}): refused, as a page on "
+            f"another site may not use this server. To let that page call it, start the server with "
+            f"--allow-origin {origin}",
+            code="origin_not_allowed",
+        )
+
+
+def _bracketed(name: str) -> str:
+    return f"[{name}]" if ":" in name else name
 
 
 # ------------------------------------------------------------------------------------------ request bodies
@@ -142,11 +261,21 @@ def create_app(
     queue_size: int = 32,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     device: str | None = None,
+    bound_hosts: Sequence[str] = (),
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The server for the model folder `model_dir`, answering to `model_name`. The engine thread starts here and
-    stops with the app's lifespan (uvicorn runs it; `app.state.engine.stop()` for callers that do not)."""
+    stops with the app's lifespan (uvicorn runs it; `app.state.engine.stop()` for callers that do not).
+
+    Host headers accepted: the loopback names, `bound_hosts` (the address the server binds) and the address a
+    client connected to, all with the server's port, and `allow_hosts` (a name: any port; name:port: that one).
+    Origin headers accepted: the server's own (http:// + an accepted Host) and `allow_origins`, which also get CORS
+    headers (their pages may send JSON and read the answers)."""
     from tiny_llama2_zh.loading import load_model
 
+    allowed_hosts = tuple(_allowed_host(host) for host in allow_hosts)
+    allowed_origins = frozenset(_allowed_origin(origin) for origin in allow_origins)
     model, tokenizer = load_model(model_dir, device or "cpu")
     engine = Engine(model, tokenizer, max_batch=max_batch, queue_size=queue_size).start()
     context = engine.context
@@ -160,6 +289,18 @@ def create_app(
         engine.stop()
 
     app = FastAPI(title="tiny-llama2-zh", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if allowed_origins:  # Starlette's CORS: preflights answered and answers readable for these origins only
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            allow_private_network=True,  # Chrome's Private Network Access: a public page calling a local server
+        )
+    # added last, so it runs first: a refused request reaches nothing else
+    app.add_middleware(
+        _SameOriginGuard, bound_hosts=tuple(bound_hosts), allowed_hosts=allowed_hosts, allowed_origins=allowed_origins
+    )
     app.state.engine = engine
     app.state.model_name = model_name
 
@@ -182,8 +323,11 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unexpected error")
-        return APIError(500, f"internal error: {error}", type="server_error").response()
+        request_id = f"req_{uuid.uuid4().hex}"
+        logger.error(
+            "internal error in %s %s, request id %s", request.method, request.url.path, request_id, exc_info=error
+        )
+        return _internal_error(request_id).response()
 
     # ---------------------------------------------------------------------------------- helpers
     def check_key(request: Request) -> None:
@@ -201,6 +345,16 @@ def create_app(
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
+        # Only a body declared JSON: a page on another site can send text/plain or form data without a CORS
+        # preflight, never application/json (the MIME type's parameters, such as charset=utf-8, are fine).
+        content_type = request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise APIError(
+                415,
+                f"the request body is declared as {content_type or 'nothing'!r}; send JSON with the header "
+                "'Content-Type: application/json'",
+                code="unsupported_media_type",
+            )
         # An oversized body is still read (and dropped) up to a hard cap, so that the client, which sends the whole
         # body before it reads the answer, gets the 413 instead of a broken connection.
         body = bytearray()
@@ -267,6 +421,7 @@ def create_app(
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         job = GenerationRequest(
             prompt_ids=prompt_ids,
             max_tokens=token_budget(body, len(prompt_ids)),
@@ -276,6 +431,7 @@ def create_app(
             seed=body.seed,
             stop_ids=frozenset() if body.ignore_eos else stop_ids,
             stop_strings=stop,
+            request_id=ident,
         )
         try:
             engine.submit(job)
@@ -287,7 +443,6 @@ def create_app(
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             ) from error
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -308,7 +463,7 @@ def create_app(
                 if isinstance(event, TextDelta):
                     pieces.append(event.text)
                 elif isinstance(event, Failed):
-                    raise APIError(500, event.message, type="server_error")
+                    raise _internal_error(ident, event.message)
                 else:
                     break
         finally:
@@ -354,7 +509,7 @@ def create_app(
                 if isinstance(event, TextDelta):
                     yield chunk(event.text, None)
                 elif isinstance(event, Failed):
-                    yield _sse(APIError(500, event.message, type="server_error").body())
+                    yield _sse(_internal_error(ident, event.message).body())
                     break
                 else:
                     yield chunk(None, event.reason)
@@ -423,8 +578,8 @@ def create_app(
             if isinstance(content, list):
                 content = "".join(part.text for part in content)
             messages.append({"role": ROLES[message.role], "content": content})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        return await generate(request, body, list(ids), chat_stop_ids, chat=True)
+        ids = chat_ids(tokenizer, messages, generation_prompt=True)
+        return await generate(request, body, ids, chat_stop_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -461,6 +616,8 @@ def serve(
     max_batch: int = 8,
     queue_size: int = 32,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
 ) -> None:
     """`tinyllm serve`: run the app under uvicorn until Ctrl-C."""
     import uvicorn
@@ -472,6 +629,9 @@ def serve(
         max_batch=max_batch,
         queue_size=queue_size,
         max_body_bytes=max_body_bytes,
+        bound_hosts=(host,),
+        allow_hosts=allow_hosts,
+        allow_origins=allow_origins,
     )
     print(f"serving {model_dir} as '{model_name}' on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2)
