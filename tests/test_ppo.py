@@ -13,17 +13,15 @@ from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tiny_llama2_zh.train.callbacks import TrainingDivergedError
 from tiny_llama2_zh.train.ppo import (
     PolicyAndValue,
-    PPODataOptions,
     PPOModelOptions,
     PPOOptions,
     PPORecipeConfig,
     PPOTrainer,
     ppo,
     ppo_arguments,
-    prompt_ids,
-    sample_replies,
 )
 from tiny_llama2_zh.train.reward import load_reward_model
+from tiny_llama2_zh.train.rl import PromptDataOptions, prompt_ids, sample_replies
 
 PPO_YAML = REPO_ROOT / "configs" / "ppo" / "demo.yaml"
 PROMPTS = ["这本书很好看", "质量太差了", "物流很快", "包装破损", "非常满意", "不推荐购买", "孩子很喜欢", "用了两天就坏"]
@@ -40,7 +38,7 @@ def make_trainer(model_dir, tmp_path, reward=half_the_vocabulary, max_steps=8, *
     options = PPOOptions(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, missing_eos_penalty=0)
     config = PPORecipeConfig(
         model=PPOModelOptions(policy=str(model_dir), reward_model=str(model_dir)),
-        data=PPODataOptions(prompts="unused"),
+        data=PromptDataOptions(prompts="unused"),
         ppo=options,
         train={
             "output_dir": str(tmp_path / "run"),

@@ -175,7 +175,7 @@ def side_by_side(output_dir: Path, evaluation: dict, ppo_config, stage_seconds: 
 
     from tiny_llama2_zh.data.conversations import load_prompts
     from tiny_llama2_zh.tokenizer import load_tokenizer
-    from tiny_llama2_zh.train.ppo import held_out_metrics, prompt_ids, reward_model_function
+    from tiny_llama2_zh.train.rl import held_out_metrics, prompt_ids, reward_model_function
 
     tokenizer = load_tokenizer(output_dir / "sft" / "final")
     rows, _ = load_prompts(
