@@ -2,7 +2,8 @@
 (`train/grpo.py`), and every comparison of their policies (DPO's reply check, the demo's side-by-side table). The
 recipes import from here and never from each other.
 
-- The folders a stage starts from (`training_folders`): model folders that share the policy's tokenizer.
+- The folders a stage starts from (`training_folders`): float model folders (a quantised one is refused, naming
+  the folder it was quantised from, as sft, reward and dpo refuse it) that share the policy's tokenizer.
 - Rollout prompts (`PromptDataOptions`, `load_rollout_prompts`, `prompt_ids`): read from chat or preference files
   by `data.conversations.load_prompts`, the held-out ones beside them, as ids through the chat template.
 - Sampled replies scored token by token (`sample_and_score`): replies sampled with the KV cache, masked after
@@ -23,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tiny_llama2_zh.data.conversations import ConversationReport, load_prompts
 from tiny_llama2_zh.infer.generate import left_pad, turn_end_ids
-from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
+from tiny_llama2_zh.loading import check_model_folder, refuse_quantized, same_tokenizer_or_refuse
 from tiny_llama2_zh.tensors import eval_mode, token_log_probs
 from tiny_llama2_zh.tokenizer import chat_ids
 
@@ -36,6 +37,8 @@ def training_folders(policy: str | Path, *scorers: str | Path) -> list[Path]:
     """The policy's folder and the folders that score it (reward model, value model), checked before anything is
     written: each a saved float model folder, each made with the policy's tokenizer."""
     folders = [check_model_folder(folder) for folder in (policy, *scorers)]
+    for folder in folders:
+        refuse_quantized(folder, "training")
     for other in dict.fromkeys(folders[1:]):
         same_tokenizer_or_refuse(folders[0], other)
     return folders
