@@ -103,3 +103,28 @@ def test_an_rl_stage_refuses_a_quantized_policy_naming_its_float_source(
     assert f"{quantized_dir} is a quantised folder (int8-dynamic); training needs a float model folder" in error
     assert f"the one it was quantised from ({tiny_model_dir})" in error
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "batch", "counts"),
+    [
+        ("ppo", ["ppo.rollout_batch_size=8"], "ppo.rollout_batch_size 8"),
+        (
+            "rloo",
+            ["train.per_device_train_batch_size=64", "train.num_generations=8"],
+            "64 replies per generation batch = 8 prompts x train.num_generations 8",
+        ),
+        (
+            "grpo",
+            ["train.per_device_train_batch_size=64", "train.num_generations=8"],
+            "64 replies per generation batch = 8 prompts x train.num_generations 8",
+        ),
+    ],
+)
+def test_an_rl_stage_refuses_fewer_prompts_than_one_step_needs(stage, batch, counts, tiny_model_dir, tmp_path, capsys):
+    prompts = write_sentiment_prompts(tmp_path / "tasks", 7)
+    output_dir = tmp_path / "run"
+    assert main(rl_argv(stage, tiny_model_dir, tiny_model_dir, prompts, output_dir, *batch)) == 2
+    error = capsys.readouterr().err
+    assert "data.prompts: 7 usable prompts, fewer than the 8 that one step needs" in error and counts in error
+    assert not output_dir.exists()

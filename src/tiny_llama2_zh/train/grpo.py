@@ -36,7 +36,13 @@ from tiny_llama2_zh.train.rewards import (
     format_reward,
     guarded,
 )
-from tiny_llama2_zh.train.rl import PromptDataOptions, load_rollout_prompts, training_folders
+from tiny_llama2_zh.train.rl import (
+    PromptDataOptions,
+    check_enough_prompts,
+    load_rollout_prompts,
+    prompts_per_generation,
+    training_folders,
+)
 from tiny_llama2_zh.train.runner import RL_DEFAULTS, HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
 
@@ -128,6 +134,7 @@ def grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None = Non
             print(f"{name} whose answer cannot be checked: {report['unchecked']}")
     if not train_rows or not eval_rows:
         raise ConfigError(f"data.{'prompts' if not train_rows else 'validation'}: no prompt with a checkable answer")
+    check_enough_prompts(len(train_rows), *prompts_per_generation(args))
 
     run = StageRun("grpo", config, args, resume=config.resume, language_model=False)
     model = AutoModelForCausalLM.from_pretrained(str(init_from))

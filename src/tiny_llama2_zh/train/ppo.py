@@ -52,6 +52,7 @@ from tiny_llama2_zh.train.callbacks import SamplesCallback, TrainingDivergedErro
 from tiny_llama2_zh.train.rl import (
     PromptDataOptions,
     RewardFunction,
+    check_enough_prompts,
     held_out_metrics,
     load_rollout_prompts,
     position_ids_of,
@@ -460,8 +461,8 @@ def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     tokenizer = load_tokenizer(policy_dir)
     prompts = load_rollout_prompts(config.data, tokenizer)
     train_rows, train_report, eval_rows = prompts.train, prompts.train_report, prompts.held_out
-    if len(train_rows) < config.ppo.rollout_batch_size:
-        raise ConfigError(f"data.prompts: {len(train_rows)} usable prompts, fewer than one rollout batch")
+    rollout = config.ppo.rollout_batch_size
+    check_enough_prompts(len(train_rows), rollout, f"ppo.rollout_batch_size {rollout}")
     if args.eval_strategy != "no" and not eval_rows:
         raise ConfigError("train.eval_steps evaluates periodically but data.validation gives no prompt")
 

@@ -5,7 +5,9 @@ recipes import from here and never from each other.
 - The folders a stage starts from (`training_folders`): float model folders (a quantised one is refused, naming
   the folder it was quantised from, as sft, reward and dpo refuse it) that share the policy's tokenizer.
 - Rollout prompts (`PromptDataOptions`, `load_rollout_prompts`, `prompt_ids`): read from chat or preference files
-  by `data.conversations.load_prompts`, the held-out ones beside them, as ids through the chat template.
+  by `data.conversations.load_prompts`, the held-out ones beside them, as ids through the chat template; refused
+  before the run folder exists when fewer are usable than one step samples from (`check_enough_prompts`: TRL's
+  sampler drops an incomplete batch, so RLOO and GRPO would train 0 steps and fail only at the end).
 - Sampled replies scored token by token (`sample_and_score`): replies sampled with the KV cache, masked after
   their first end-of-turn token, and their log-probabilities under the policy and under the frozen reference. Their
   difference per token is the k1 estimate of the KL to the reference (Schulman 2020, "Approximating KL
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
+from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.data.conversations import ConversationReport, load_prompts
 from tiny_llama2_zh.infer.generate import left_pad, turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, refuse_quantized, same_tokenizer_or_refuse
@@ -73,6 +76,28 @@ def load_rollout_prompts(data: PromptDataOptions, tokenizer: PreTrainedTokenizer
         )
         print(f"held-out prompts: {held_out_report.summary()}")
     return RolloutPrompts(train, train_report, held_out, held_out_report)
+
+
+def check_enough_prompts(usable: int, needed: int, why: str) -> None:
+    """Refuse, before the run starts, a prompt set smaller than what one step samples from: PPO's rollout would
+    repeat prompts within a batch, and TRL's `RepeatSampler` drops an incomplete batch, so RLOO and GRPO would
+    train 0 steps and fail only at the end."""
+    if usable < needed:
+        raise ConfigError(
+            f"data.prompts: {usable} usable prompts, fewer than the {needed} that one step needs ({why}); "
+            "add prompts or make the batch smaller"
+        )
+
+
+def prompts_per_generation(args: TrainingArguments) -> tuple[int, str]:
+    """The distinct prompts one generation batch of a TRL RL trainer (RLOOConfig, GRPOConfig) samples from, and
+    why: `generation_batch_size` replies (per_device_train_batch_size x processes x steps_per_generation), each
+    prompt `num_generations` times."""
+    needed = args.generation_batch_size // args.num_generations
+    return needed, (
+        f"{args.generation_batch_size} replies per generation batch = {needed} prompts x "
+        f"train.num_generations {args.num_generations}"
+    )
 
 
 def prompt_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:

@@ -17,15 +17,16 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.rl import (
     PromptDataOptions,
+    check_enough_prompts,
     held_out_metrics,
     load_rollout_prompts,
     prompt_ids,
+    prompts_per_generation,
     reward_model_function,
     training_folders,
 )
@@ -68,8 +69,7 @@ def rloo(config: RLOORecipeConfig, callbacks: list[TrainerCallback] | None = Non
     tokenizer = load_tokenizer(policy_dir)
     prompts = load_rollout_prompts(config.data, tokenizer)
     train_rows, train_report, eval_rows = prompts.train, prompts.train_report, prompts.held_out
-    if not train_rows:
-        raise ConfigError("data.prompts: no usable prompt")
+    check_enough_prompts(len(train_rows), *prompts_per_generation(args))
     run = StageRun("rloo", config, args, resume=config.resume, language_model=False)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
     policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
