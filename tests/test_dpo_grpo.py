@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.train.rewards import (
     RewardErrors,
@@ -138,6 +139,7 @@ def test_dpo_learns_held_out_preferences_and_reports_replies(tiny_model_dir, tin
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evaluations if "eval_accuracy" in r][:3] == [0, 10, 20]
     assert (run / "loss.png").is_file() and "| DPO implicit reward |" in (run / "dpo_eval.md").read_text()
+    assert_shipped_folder_is_pickle_free(run / "final")
 
 
 def test_dpo_with_lora_trains_adapters_against_the_adapter_free_reference(tiny_model_dir, tmp_path):
@@ -146,6 +148,7 @@ def test_dpo_with_lora_trains_adapters_against_the_adapter_free_reference(tiny_m
     result = dpo(dpo_recipe(tiny_model_dir, tmp_path, "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.max_steps=4"))
     assert result["lora"] and 0 < result["parameters"]["trainable"] < result["parameters"]["total"] / 5
     assert result["final"]["accuracy"] > 0.5 and (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    assert_shipped_folder_is_pickle_free(tmp_path / "run" / "final")
 
 
 # ------------------------------------------------------------------------------------------------- GRPO
@@ -183,6 +186,7 @@ def test_grpo_recipe_runs_with_checkable_prompts_only(tiny_model_dir, tmp_path):
     assert {"eval_accuracy", "eval_reward", "eval_sentiment_accuracy"} <= result["final"].keys()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward_std" in r for r in records) and result["reward_errors"]["counts"] == {}
+    assert_shipped_folder_is_pickle_free(tmp_path / "run" / "final")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from conftest import REPO_ROOT, save_tiny_model
+from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tiny_llama2_zh.train.callbacks import TrainingDivergedError
@@ -173,6 +174,7 @@ def test_the_recipe_runs_and_a_resumed_run_continues_exactly(tiny_model_dir, tin
         {"score", "kl", "value_loss", "clip_fraction", "entropy"} <= r.keys() for r in logged
     )
     assert (run / "loss.png").is_file() and (run / "samples.jsonl").is_file()
+    assert_shipped_folder_is_pickle_free(run / "final")
 
     with pytest.raises(KeyboardInterrupt):
         ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "b"), callbacks=[StopAfterFirstCheckpoint()])
@@ -227,3 +229,4 @@ def test_rloo_recipe_runs_on_trl_with_the_reward_model(tiny_model_dir, tiny_rewa
     result = rloo(load_config(RLOORecipeConfig, REPO_ROOT / "configs" / "rloo" / "demo.yaml", overrides))
     assert result["steps"] == 2 and result["initial"]["eval_kl"] == 0.0 and result["final"]["eval_kl"] != 0.0
     assert (tmp_path / "rloo" / "final" / "config.json").is_file() and (tmp_path / "rloo" / "loss.png").is_file()
+    assert_shipped_folder_is_pickle_free(tmp_path / "rloo" / "final")

@@ -400,12 +400,12 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """A checkpoint (and `final/`) is the policy as a plain model folder, the value model beside it, and the
-        adaptive KL coefficient."""
+        adaptive KL coefficient; no pickle (the arguments are in the run's config.yaml, copied beside every
+        checkpoint, and `final/training_args.json`)."""
         output_dir = Path(output_dir or self.args.output_dir)
         self.model.policy.save_pretrained(str(output_dir))
         self.model.value_model.save_pretrained(str(output_dir / "value_model"))
         (output_dir / "ppo_state.json").write_text(json.dumps({"kl_coef": self.kl_coef}) + "\n")
-        torch.save(self.args, output_dir / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         checkpoint = Path(resume_from_checkpoint)
