@@ -26,6 +26,7 @@ model, optimizer, scheduler, RNG), resume, TensorBoard and the project's callbac
 stage's. Checkpoints fall on rollout boundaries, so a resumed run continues exactly.
 """
 
+import contextlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -342,15 +343,21 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
 
     def ppo_loss(self, batch: Rollout, train_policy: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """Clipped policy loss + vf_coef * clipped value loss on one minibatch (Schulman et al. 2017, eq. 7 and 9);
-        the value loss alone while the critic warms up."""
+        the value loss alone while the critic warms up.
+
+        In warm-up the policy's forward runs without autograd, so its weights get no gradient at all and the
+        optimizer skips them; a zero gradient (0 * policy loss) would still get AdamW's weight decay and count in
+        its moment estimates. The log-softmax is computed here, not with `tensors.token_log_probs`, because the
+        entropy needs the whole distribution: the log-probabilities of the replies are read from it."""
         options, width = self.options, batch.prompt_width
         mask = batch.reply_mask.float()
         positions = position_ids_of(batch.attention_mask)
         policy, value_model = self.model.policy, self.model.value_model
-        logits = policy(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=positions).logits
-        logits = logits[:, width - 1 : -1].float() / options.temperature
-        log_softmax = torch.log_softmax(logits, -1)
-        new_logprobs = log_softmax.gather(-1, batch.replies[..., None]).squeeze(-1)
+        with contextlib.nullcontext() if train_policy else torch.no_grad():
+            logits = policy(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=positions)
+            logits = logits.logits[:, width - 1 : -1].float() / options.temperature
+            log_softmax = torch.log_softmax(logits, -1)
+            new_logprobs = log_softmax.gather(-1, batch.replies[..., None]).squeeze(-1)
         values = token_values(value_model, batch.sequences, batch.attention_mask, positions)[:, width - 1 : -1]
         clipped_values = batch.values + (values - batch.values).clamp(
             -options.clip_range_value, options.clip_range_value
@@ -362,7 +369,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         ratio = torch.exp(log_ratio)
         clipped_ratio = ratio.clamp(1 - options.clip_range, 1 + options.clip_range)
         policy_loss = masked_mean(torch.maximum(-batch.advantages * ratio, -batch.advantages * clipped_ratio), mask)
-        loss = (policy_loss if train_policy else 0.0 * policy_loss) + options.vf_coef * value_loss
+        loss = options.vf_coef * value_loss + (policy_loss if train_policy else 0.0)
         with torch.no_grad():
             entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             stats = {
