@@ -151,6 +151,58 @@ def test_dpo_with_lora_trains_adapters_against_the_adapter_free_reference(tiny_m
     assert_shipped_folder_is_pickle_free(tmp_path / "run" / "final")
 
 
+CONVERSATIONS = [  # multi-turn prompts: the last user turn alone would be the same question for both
+    [
+        {"role": "user", "content": "评论：这本书很好看"},
+        {"role": "assistant", "content": "正面"},
+        {"role": "user", "content": "那这一条呢？"},
+    ],
+    [
+        {"role": "user", "content": "评论：质量太差了"},
+        {"role": "assistant", "content": "负面"},
+        {"role": "user", "content": "那这一条呢？"},
+    ],
+]
+
+
+def write_conversation_pairs(path: Path, count: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"prompt": CONVERSATIONS[i % 2], "chosen": ["正面", "负面"][i % 2], "rejected": ["负面", "正面"][i % 2]}
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_dpo_trains_on_and_scores_replies_to_the_whole_conversation(tiny_model_dir, tiny_reward_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from tiny_llama2_zh.data.preferences import load_preferences
+    from tiny_llama2_zh.tokenizer import chat_ids, load_tokenizer
+    from tiny_llama2_zh.train.dpo import dpo, reward_prompt_rows
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    held_out = write_conversation_pairs(tmp_path / "conversations" / "test" / "toy" / "preference-test.jsonl", 8)
+    rows, _ = load_preferences(str(held_out), tokenizer, max_length=64)
+    # the reward model scores replies to each distinct held-out conversation, earlier turns included
+    assert reward_prompt_rows(rows, limit=10) == [{"prompt": conversation} for conversation in CONVERSATIONS]
+
+    class SeenPrompts(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.prompt_ids = [list(ids) for ids in train_dataloader.dataset["prompt_ids"]]
+
+    seen = SeenPrompts()
+    train = write_conversation_pairs(tmp_path / "conversations" / "train" / "toy" / "preference-train.jsonl", 16)
+    config = dpo_recipe(
+        tiny_model_dir, tmp_path, f"data.train={train}", f"data.validation={held_out}", "train.max_steps=1",
+        f"model.reward_model={tiny_reward_dir}",
+    )  # fmt: skip
+    result = dpo(config, callbacks=[seen])
+    whole = [chat_ids(tokenizer, conversation, generation_prompt=True) for conversation in CONVERSATIONS]
+    assert all(ids in seen.prompt_ids for ids in whole) and set(result["replies"]) == {"sft", "dpo"}
+
+
 # ------------------------------------------------------------------------------------------------- GRPO
 def test_grpo_recipe_runs_with_checkable_prompts_only(tiny_model_dir, tmp_path):
     from tiny_llama2_zh.train.grpo import GRPORecipeConfig, grpo

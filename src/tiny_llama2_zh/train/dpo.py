@@ -99,14 +99,15 @@ def implicit_reward_report(
 
 def reward_prompt_rows(rows: list[dict], limit: int) -> list[dict]:
     """The distinct prompts of the held-out pairs, taken from each source in turn (so that every source is
-    scored), at most `limit`, as prompt rows (`{"prompt": [messages]}`) for `train.rl.prompt_ids`."""
-    by_source: dict[str, list[tuple[str, ...]]] = {}
+    scored), at most `limit`, as prompt rows (`{"prompt": [messages]}`) for `train.rl.prompt_ids`. A prompt is
+    the whole conversation before the reply, as DPO trained on it, earlier turns included."""
+    by_source: dict[str, list[tuple[tuple[str, str], ...]]] = {}
     for row in rows:
-        key = tuple(m["content"] for m in row["prompt"])
+        key = tuple((m["role"], m["content"]) for m in row["prompt"])
         if key not in by_source.setdefault(row["source"], []):
             by_source[row["source"]].append(key)
     picked = [key for keys in zip_longest(*by_source.values()) for key in keys if key is not None]
-    return [{"prompt": [{"role": "user", "content": key[-1]}]} for key in picked[:limit]]
+    return [{"prompt": [{"role": role, "content": content} for role, content in key]} for key in picked[:limit]]
 
 
 class HeldOutPairsDPOTrainer(HeldOutEvaluation, DPOTrainer):
