@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.train.rewards import (
     RewardErrors,
@@ -138,6 +139,7 @@ def test_dpo_learns_held_out_preferences_and_reports_replies(tiny_model_dir, tin
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evaluations if "eval_accuracy" in r][:3] == [0, 10, 20]
     assert (run / "loss.png").is_file() and "| DPO implicit reward |" in (run / "dpo_eval.md").read_text()
+    assert_shipped_folder_is_pickle_free(run / "final")
 
 
 def test_dpo_with_lora_trains_adapters_against_the_adapter_free_reference(tiny_model_dir, tmp_path):
@@ -146,6 +148,59 @@ def test_dpo_with_lora_trains_adapters_against_the_adapter_free_reference(tiny_m
     result = dpo(dpo_recipe(tiny_model_dir, tmp_path, "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.max_steps=4"))
     assert result["lora"] and 0 < result["parameters"]["trainable"] < result["parameters"]["total"] / 5
     assert result["final"]["accuracy"] > 0.5 and (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    assert_shipped_folder_is_pickle_free(tmp_path / "run" / "final")
+
+
+CONVERSATIONS = [  # multi-turn prompts: the last user turn alone would be the same question for both
+    [
+        {"role": "user", "content": "评论：这本书很好看"},
+        {"role": "assistant", "content": "正面"},
+        {"role": "user", "content": "那这一条呢？"},
+    ],
+    [
+        {"role": "user", "content": "评论：质量太差了"},
+        {"role": "assistant", "content": "负面"},
+        {"role": "user", "content": "那这一条呢？"},
+    ],
+]
+
+
+def write_conversation_pairs(path: Path, count: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"prompt": CONVERSATIONS[i % 2], "chosen": ["正面", "负面"][i % 2], "rejected": ["负面", "正面"][i % 2]}
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_dpo_trains_on_and_scores_replies_to_the_whole_conversation(tiny_model_dir, tiny_reward_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from tiny_llama2_zh.data.preferences import load_preferences
+    from tiny_llama2_zh.tokenizer import chat_ids, load_tokenizer
+    from tiny_llama2_zh.train.dpo import dpo, reward_prompt_rows
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    held_out = write_conversation_pairs(tmp_path / "conversations" / "test" / "toy" / "preference-test.jsonl", 8)
+    rows, _ = load_preferences(str(held_out), tokenizer, max_length=64)
+    # the reward model scores replies to each distinct held-out conversation, earlier turns included
+    assert reward_prompt_rows(rows, limit=10) == [{"prompt": conversation} for conversation in CONVERSATIONS]
+
+    class SeenPrompts(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.prompt_ids = [list(ids) for ids in train_dataloader.dataset["prompt_ids"]]
+
+    seen = SeenPrompts()
+    train = write_conversation_pairs(tmp_path / "conversations" / "train" / "toy" / "preference-train.jsonl", 16)
+    config = dpo_recipe(
+        tiny_model_dir, tmp_path, f"data.train={train}", f"data.validation={held_out}", "train.max_steps=1",
+        f"model.reward_model={tiny_reward_dir}",
+    )  # fmt: skip
+    result = dpo(config, callbacks=[seen])
+    whole = [chat_ids(tokenizer, conversation, generation_prompt=True) for conversation in CONVERSATIONS]
+    assert all(ids in seen.prompt_ids for ids in whole) and set(result["replies"]) == {"sft", "dpo"}
 
 
 # ------------------------------------------------------------------------------------------------- GRPO
@@ -183,6 +238,7 @@ def test_grpo_recipe_runs_with_checkable_prompts_only(tiny_model_dir, tmp_path):
     assert {"eval_accuracy", "eval_reward", "eval_sentiment_accuracy"} <= result["final"].keys()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward_std" in r for r in records) and result["reward_errors"]["counts"] == {}
+    assert_shipped_folder_is_pickle_free(tmp_path / "run" / "final")
 
 
 @pytest.mark.parametrize(

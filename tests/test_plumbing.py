@@ -163,10 +163,10 @@ FLOORS = {
     # 0: foundations, importable alone (model.py imports nothing of the package: it is copied beside the weights)
     "model": 0, "presets": 0, "tokenizer": 0, "tensors": 0, "errors": 0, "config": 0, "runfiles": 0, "recipes": 0,
     "__init__": 0,
-    # 1: data, and quantised weights (a model folder may hold them)
-    "data": 1, "quantize.__init__": 1, "quantize.methods": 1,
-    # 2: loading a model folder and decoding with it
-    "loading": 2, "infer": 2,
+    # 1: data (and the names of the quantisation methods)
+    "data": 1, "quantize.__init__": 1,
+    # 2: loading a model folder (float or quantised weights) and decoding with it
+    "loading": 2, "quantize.methods": 2, "infer": 2,
     # 3: measuring models
     "eval": 3,
     # 4: training stages (they measure themselves with eval)

@@ -8,22 +8,24 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from conftest import REPO_ROOT, save_tiny_model
+from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tiny_llama2_zh.train.callbacks import TrainingDivergedError
 from tiny_llama2_zh.train.ppo import (
     PolicyAndValue,
-    PPODataOptions,
     PPOModelOptions,
     PPOOptions,
     PPORecipeConfig,
     PPOTrainer,
+    adapted_kl_coef,
+    gae,
     ppo,
     ppo_arguments,
-    prompt_ids,
-    sample_replies,
+    whiten,
 )
 from tiny_llama2_zh.train.reward import load_reward_model
+from tiny_llama2_zh.train.rl import PromptDataOptions, prompt_ids, sample_replies
 
 PPO_YAML = REPO_ROOT / "configs" / "ppo" / "demo.yaml"
 PROMPTS = ["这本书很好看", "质量太差了", "物流很快", "包装破损", "非常满意", "不推荐购买", "孩子很喜欢", "用了两天就坏"]
@@ -35,12 +37,15 @@ def half_the_vocabulary(sequences, mask, positions, prompt_width):
     return ((replies % 2 == 0) * reply_mask).sum(-1).float()
 
 
-def make_trainer(model_dir, tmp_path, reward=half_the_vocabulary, max_steps=8, **train):
+def make_trainer(model_dir, tmp_path, reward=half_the_vocabulary, max_steps=8, ppo_options=None, **train):
     tokenizer = load_tokenizer(model_dir)
-    options = PPOOptions(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, missing_eos_penalty=0)
+    options = PPOOptions(
+        rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, missing_eos_penalty=0,
+        **(ppo_options or {}),
+    )  # fmt: skip
     config = PPORecipeConfig(
         model=PPOModelOptions(policy=str(model_dir), reward_model=str(model_dir)),
-        data=PPODataOptions(prompts="unused"),
+        data=PromptDataOptions(prompts="unused"),
         ppo=options,
         train={
             "output_dir": str(tmp_path / "run"),
@@ -112,6 +117,66 @@ def test_masks_ignore_padding_and_everything_after_the_end(tiny_model_dir, tmp_p
     torch.testing.assert_close(loss_scrambled, loss)
 
 
+def test_gae_matches_a_hand_computed_example():
+    # gamma 0.9, lambda 0.8: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, V_3 = 0
+    rewards, values = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.5, 1.0, -0.5]])
+    # delta = [1 + 0.9 - 0.5, 0 - 0.45 - 1, 2 + 0.5] = [1.4, -1.45, 2.5]; A_2 = 2.5,
+    # A_1 = -1.45 + 0.72 * 2.5 = 0.35, A_0 = 1.4 + 0.72 * 0.35 = 1.652
+    torch.testing.assert_close(gae(rewards, values, gamma=0.9, lam=0.8), torch.tensor([[1.652, 0.35, 2.5]]))
+
+
+def test_whitening_uses_the_real_tokens_only_and_zeroes_the_rest():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [5.0, -50.0, 7.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    whitened = whiten(values, mask)
+    # real tokens 1, 2, 3: mean 2, (population) variance 2/3
+    expected = torch.tensor([[-1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]) / (2 / 3) ** 0.5
+    torch.testing.assert_close(whitened, expected)
+    real = whitened[mask.bool()]
+    assert abs(float(real.mean())) < 1e-6 and float(real.var(unbiased=False)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kl", "expected"),
+    [
+        (6.0, 0.05 * (1 + 0.2 * 32 / 1000)),  # 6 / 4 - 1 = 0.5, clipped to 0.2: 0.05032
+        (3.5, 0.05 * (1 - 0.125 * 32 / 1000)),  # 3.5 / 4 - 1 = -0.125: 0.0498
+        (0.0, 0.05 * (1 - 0.2 * 32 / 1000)),  # -1, clipped to -0.2: 0.04968
+        (4.0, 0.05),  # on target
+    ],
+)
+def test_the_adaptive_kl_controller_matches_ziegler_et_al(kl, expected):
+    # Ziegler et al. 2019, sec. 2.2: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta (1 + e n / horizon)
+    assert adapted_kl_coef(0.05, kl, target=4.0, n_steps=32, horizon=1000) == pytest.approx(expected, rel=1e-12)
+    assert adapted_kl_coef(0.05, kl, target=None, n_steps=32, horizon=1000) == 0.05  # fixed coefficient
+
+
+def test_a_rollout_updates_the_kl_coefficient_from_its_own_kl(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, ppo_options={"kl_coef": 0.1, "target_kl": 0.5, "kl_horizon": 40})
+    with torch.no_grad():  # a policy that is not the reference: the rollout's KL is not 0
+        for weight in trainer.model.policy.parameters():
+            weight.add_(torch.randn_like(weight) * 0.05)
+    stats = trainer.make_rollout(trainer.rollout_prompts(0)).stats
+    assert stats["kl_coef"] == 0.1 and stats["kl"] != 0.0
+    error = max(-0.2, min(0.2, stats["kl"] / 0.5 - 1))
+    assert trainer.kl_coef == pytest.approx(0.1 * (1 + error * 8 / 40))
+
+
+def test_the_critic_warmup_trains_the_value_model_only(tiny_model_dir, tmp_path):
+    # one rollout of warm-up (4 optimizer steps), with weight decay on: the policy must not move at all
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, max_steps=4, ppo_options={"critic_warmup_rollouts": 1}, weight_decay=0.1,
+        learning_rate=1e-2,
+    )  # fmt: skip
+    policy = {k: v.clone() for k, v in trainer.model.policy.state_dict().items()}
+    value = {k: v.clone() for k, v in trainer.model.value_model.state_dict().items()}
+    trainer.train()
+    for name, weight in trainer.model.policy.state_dict().items():
+        torch.testing.assert_close(weight, policy[name], rtol=0, atol=0, msg=f"policy {name} moved in warm-up")
+    changed = [k for k, v in trainer.model.value_model.state_dict().items() if not torch.equal(v, value[k])]
+    assert "score.weight" in changed and any(k.startswith("model.layers.") for k in changed)
+
+
 def test_a_nan_reward_stops_the_run_naming_the_step(tiny_model_dir, tmp_path):
     def broken(sequences, mask, positions, prompt_width):
         return torch.full((len(sequences),), float("nan"))
@@ -175,6 +240,7 @@ def test_the_recipe_runs_and_a_resumed_run_continues_exactly(tiny_model_dir, tin
         {"score", "kl", "value_loss", "clip_fraction", "entropy"} <= r.keys() for r in logged
     )
     assert (run / "loss.png").is_file() and (run / "samples.jsonl").is_file()
+    assert_shipped_folder_is_pickle_free(run / "final")
 
     with pytest.raises(KeyboardInterrupt):
         ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "b"), callbacks=[StopAfterFirstCheckpoint()])
@@ -229,3 +295,4 @@ def test_rloo_recipe_runs_on_trl_with_the_reward_model(tiny_model_dir, tiny_rewa
     result = rloo(load_config(RLOORecipeConfig, REPO_ROOT / "configs" / "rloo" / "demo.yaml", overrides))
     assert result["steps"] == 2 and result["initial"]["eval_kl"] == 0.0 and result["final"]["eval_kl"] != 0.0
     assert (tmp_path / "rloo" / "final" / "config.json").is_file() and (tmp_path / "rloo" / "loss.png").is_file()
+    assert_shipped_folder_is_pickle_free(tmp_path / "rloo" / "final")

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO_ROOT
+from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.preferences import load_preferences
 from tiny_llama2_zh.eval.preferences import pair_report
@@ -78,6 +79,7 @@ def test_reward_recipe_learns_a_visible_preference_and_reports_it(tiny_model_dir
     assert [r["step"] for r in evaluations][:3] == [0, 15, 30] and "eval_toy_accuracy" in evaluations[-1]
     assert not any("eval_perplexity" in r for r in records)  # a pairwise loss is not a language model's
     assert (run / "loss.png").is_file() and "| reward model |" in (run / "reward_eval.md").read_text()
+    assert_shipped_folder_is_pickle_free(run / "final")
 
     from tiny_llama2_zh.cli import main
 

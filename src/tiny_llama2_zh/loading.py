@@ -4,8 +4,13 @@ command: generation, evaluation, the later training stages, export.
 A folder loads through transformers' Auto classes: with this package imported they resolve our model class
 directly; in a process that never imports it, `trust_remote_code=True` uses the copy of model.py saved beside the
 weights. TRL's own loader (`trl.trainer.utils.create_model_from_path`) takes the same folders.
+
+A quantised folder (`tinyllm quantize`) is told apart here, by its `quantization.json`: every command that reads a
+folder asks this module what it is, and the ones that need float weights (training, export, quantising again)
+refuse it here, without importing the quantisation code.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,6 +18,23 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 import tiny_llama2_zh.model  # noqa: F401  (registers the model with the Auto classes)
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+QUANTIZATION_FILE = "quantization.json"  # the recipe of a quantised folder: method, group size, float source
+
+
+def is_quantized_folder(path: str | Path) -> bool:
+    return (Path(path) / QUANTIZATION_FILE).is_file()
+
+
+def refuse_quantized(path: str | Path, needs: str) -> None:
+    """A command that reads float weights (training, export, quantise again) refuses a quantised folder, naming its
+    source."""
+    if is_quantized_folder(path):
+        recipe = json.loads((Path(path) / QUANTIZATION_FILE).read_text(encoding="utf-8"))
+        raise ValueError(
+            f"{path} is a quantised folder ({recipe.get('method')}); {needs} needs a float model folder, e.g. the one "
+            f"it was quantised from ({recipe.get('source')})"
+        )
 
 
 def default_device() -> str:
@@ -33,11 +55,11 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The model (in eval mode, on `device`) and its tokenizer from a saved folder."""
     path = check_model_folder(path)
-    from tiny_llama2_zh.quantize.methods import is_quantized_folder, load_quantized
-
-    if is_quantized_folder(path):  # `tinyllm quantize` output: our own loader, the library's kernels
+    if is_quantized_folder(path):  # `tinyllm quantize` output: its own loader (imported only then), the kernels
         if auto_class is not AutoModelForCausalLM:
             raise ValueError(f"{path} holds a quantised causal LM; this command needs a {auto_class.__name__} folder")
+        from tiny_llama2_zh.quantize.methods import load_quantized
+
         model = load_quantized(path, device or "cpu")
     else:
         model = auto_class.from_pretrained(str(path)).to(device or default_device()).eval()
@@ -61,8 +83,6 @@ def init_tokenizer(init_from: str | Path, expected: str | Path | None = None) ->
     """The tokenizer of a folder a stage starts from; with `expected` (the recipe's `model.tokenizer`), refused
     unless it is that tokenizer, naming both fingerprints. A quantised folder is refused: training needs float
     weights."""
-    from tiny_llama2_zh.quantize.methods import refuse_quantized
-
     refuse_quantized(init_from, "training")
     tokenizer = load_tokenizer(init_from)
     if expected is not None:

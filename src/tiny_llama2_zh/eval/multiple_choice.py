@@ -373,6 +373,8 @@ def loglikelihoods(
     input: the four single-token letter choices of a question share one forward pass."""
     import torch
 
+    from tiny_llama2_zh.tensors import token_log_probs
+
     window = model.config.max_position_embeddings
     inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # input ids -> (request index, targets)
     for index, (context, continuation) in enumerate(requests):
@@ -399,9 +401,8 @@ def loglikelihoods(
             for row, tokens in enumerate(chunk):
                 for index, targets in inputs[tokens]:
                     end = len(tokens)
-                    rows = logits[row, end - len(targets) : end].float().log_softmax(-1)
-                    picked = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None])
-                    scores[index] = float(picked.sum())
+                    target_ids = torch.tensor(targets, device=logits.device)
+                    scores[index] = float(token_log_probs(logits[row, end - len(targets) : end], target_ids).sum())
             if progress is not None:
                 progress(sum(len(inputs[tokens]) for tokens in chunk))
     return scores

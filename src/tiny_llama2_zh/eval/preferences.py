@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tiny_llama2_zh.tensors import eval_mode, token_log_probs
+from tiny_llama2_zh.tokenizer import chat_ids
+
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -31,13 +34,12 @@ def tokenize_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list
     """Rows from `data.preferences.load_preferences` as token ids, through the chat template."""
     pairs = []
     for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
-        chosen = tokenizer.apply_chat_template([*row["prompt"], *row["chosen"]], return_dict=True)
-        rejected = tokenizer.apply_chat_template([*row["prompt"], *row["rejected"]], return_dict=True)
-        prompt_ids, chosen_ids = list(prompt["input_ids"]), list(chosen["input_ids"])
+        prompt_ids = chat_ids(tokenizer, row["prompt"], generation_prompt=True)
+        chosen_ids = chat_ids(tokenizer, [*row["prompt"], *row["chosen"]])
         if chosen_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError("the chat template renders a prompt differently when a reply follows it")
-        pairs.append(TokenizedPair(chosen_ids, list(rejected["input_ids"]), len(prompt_ids), row["source"]))
+        rejected_ids = chat_ids(tokenizer, [*row["prompt"], *row["rejected"]])
+        pairs.append(TokenizedPair(chosen_ids, rejected_ids, len(prompt_ids), row["source"]))
     return pairs
 
 
@@ -55,13 +57,11 @@ def reward_scores(
     model: PreTrainedModel, sequences: list[list[int]], pad_id: int, batch_size: int = 64
 ) -> torch.Tensor:
     """A sequence-classification model's score of each sequence (read at its last token), as a float CPU tensor."""
-    was_training = model.training
-    model.eval()
-    scores = [
-        model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
-        for ids, mask in _batches(sequences, batch_size, pad_id, model.device)
-    ]
-    model.train(was_training)
+    with eval_mode(model):
+        scores = [
+            model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
+            for ids, mask in _batches(sequences, batch_size, pad_id, model.device)
+        ]
     return torch.cat(scores)
 
 
@@ -73,8 +73,7 @@ def reply_log_probs(
     sums, counts = [], []
     start = 0
     for ids, mask in _batches(sequences, batch_size, pad_id, model.device):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        token_logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        token_logp = token_log_probs(model(input_ids=ids, attention_mask=mask).logits[:, :-1], ids[:, 1:])  # (B, T-1)
         positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
         lengths = torch.tensor(prompt_lengths[start : start + len(ids)], device=ids.device)[:, None]
         reply = (positions >= lengths) & mask[:, 1:].bool()
@@ -130,10 +129,7 @@ def score_replies(model_dir: str, prompt: str, replies: list[str]) -> list[float
     if model.config.num_labels != 1:
         raise ValueError(f"{model_dir} has {model.config.num_labels} outputs; a reward model has one")
     user = [{"role": "user", "content": prompt}]
-    sequences = [
-        list(tokenizer.apply_chat_template([*user, {"role": "assistant", "content": r}], return_dict=True)["input_ids"])
-        for r in replies
-    ]
+    sequences = [chat_ids(tokenizer, [*user, {"role": "assistant", "content": reply}]) for reply in replies]
     return reward_scores(model, sequences, tokenizer.pad_token_id).tolist()
 
 

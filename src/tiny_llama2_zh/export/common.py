@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_llama2_zh.loading import check_model_folder, load_model
+from tiny_llama2_zh.loading import check_model_folder, load_model, refuse_quantized
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
@@ -21,8 +21,6 @@ BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 def load_source(model_dir: str | Path):
     """Our model (float32, CPU, eval) and its tokenizer, refusing a folder that is not a causal LM of ours."""
     model_dir = check_model_folder(model_dir)
-    from tiny_llama2_zh.quantize.methods import refuse_quantized
-
     refuse_quantized(model_dir, "export")  # the formats take float weights and quantise them their own way
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != "tiny_llama2":

@@ -37,10 +37,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# quantised-folder detection lives in loading (the lower floor); re-exported here for the quantisation commands
+from tiny_llama2_zh.loading import QUANTIZATION_FILE, is_quantized_folder, refuse_quantized  # noqa: F401
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
 from tiny_llama2_zh.quantize import METHODS
 
-QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "model.quantized.safetensors"
 
 
@@ -204,20 +205,6 @@ def save_quantized(model: nn.Module, tokenizer, output_dir: str | Path, method: 
     }
     (output_dir / QUANTIZATION_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
     return output_dir
-
-
-def is_quantized_folder(path: str | Path) -> bool:
-    return (Path(path) / QUANTIZATION_FILE).is_file()
-
-
-def refuse_quantized(path: str | Path, needs: str) -> None:
-    """A command that reads float weights (export, quantise again) refuses a quantised folder, naming its source."""
-    if is_quantized_folder(path):
-        recipe = json.loads((Path(path) / QUANTIZATION_FILE).read_text(encoding="utf-8"))
-        raise ValueError(
-            f"{path} is a quantised folder ({recipe.get('method')}); {needs} needs a float model folder, e.g. the one "
-            f"it was quantised from ({recipe.get('source')})"
-        )
 
 
 def load_quantized(path: str | Path, device: str = "cpu") -> TinyLlama2ForCausalLM:

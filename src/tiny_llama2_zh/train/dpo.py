@@ -11,7 +11,7 @@ hub id); with `model.lora` the reference is the same network with its adapters o
 Every evaluation scores the held-out pairs (split by prompt) with DPO's implicit reward: accuracy (chosen above
 rejected; at step 0 every margin is 0, a tie, so 50 %) and mean margin, per source. With `model.reward_model`,
 the end of the run also samples replies to the held-out prompts from the SFT and the DPO model and reports the
-reward model's mean score of each and the DPO model's KL to the SFT model (`train.ppo.held_out_metrics`, the
+reward model's mean score of each and the DPO model's KL to the SFT model (`train.rl.held_out_metrics`, the
 same measure as PPO's and RLOO's).
 """
 
@@ -35,8 +35,9 @@ from tiny_llama2_zh.eval.preferences import (
 )
 from tiny_llama2_zh.infer.generate import turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, init_tokenizer, same_tokenizer_or_refuse
+from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
-from tiny_llama2_zh.train.ppo import held_out_metrics, reward_model_function
+from tiny_llama2_zh.train.rl import held_out_metrics, prompt_ids, reward_model_function
 from tiny_llama2_zh.train.runner import HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
 
@@ -96,6 +97,19 @@ def implicit_reward_report(
     return pair_report(sides["chosen"], sides["rejected"], [p.source for p in pairs])
 
 
+def reward_prompt_rows(rows: list[dict], limit: int) -> list[dict]:
+    """The distinct prompts of the held-out pairs, taken from each source in turn (so that every source is
+    scored), at most `limit`, as prompt rows (`{"prompt": [messages]}`) for `train.rl.prompt_ids`. A prompt is
+    the whole conversation before the reply, as DPO trained on it, earlier turns included."""
+    by_source: dict[str, list[tuple[tuple[str, str], ...]]] = {}
+    for row in rows:
+        key = tuple((m["role"], m["content"]) for m in row["prompt"])
+        if key not in by_source.setdefault(row["source"], []):
+            by_source[row["source"]].append(key)
+    picked = [key for keys in zip_longest(*by_source.values()) for key in keys if key is not None]
+    return [{"prompt": [{"role": role, "content": content} for role, content in key]} for key in picked[:limit]]
+
+
 class HeldOutPairsDPOTrainer(HeldOutEvaluation, DPOTrainer):
     """TRL's DPOTrainer whose evaluation is the implicit-reward report on the held-out pairs (per source)."""
 
@@ -104,14 +118,11 @@ class HeldOutPairsDPOTrainer(HeldOutEvaluation, DPOTrainer):
         self.held_out, self.reference, self.eval_batch_size = held_out, reference, eval_batch_size
 
     def held_out_report(self) -> dict:
-        was_training = self.model.training
-        self.model.eval()
-        report = implicit_reward_report(
-            self.model, self.reference, self.held_out, self.args.beta, self.processing_class.pad_token_id,
-            self.eval_batch_size,
-        )  # fmt: skip
-        self.model.train(was_training)
-        return report
+        with eval_mode(self.model):
+            return implicit_reward_report(
+                self.model, self.reference, self.held_out, self.args.beta, self.processing_class.pad_token_id,
+                self.eval_batch_size,
+            )  # fmt: skip
 
     def held_out_metrics(self) -> dict[str, float]:
         return flat_metrics(self.held_out_report())
@@ -156,21 +167,7 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     replies = None
     if config.model.reward_model:
         reward_model = AutoModelForSequenceClassification.from_pretrained(config.model.reward_model).eval()
-        # distinct held-out prompts, taken from each source in turn
-        by_source: dict[str, list[tuple[str, ...]]] = {}
-        for row in eval_rows:
-            key = tuple(m["content"] for m in row["prompt"])
-            if key not in by_source.setdefault(row["source"], []):
-                by_source[row["source"]].append(key)
-        picked = [key for keys in zip_longest(*by_source.values()) for key in keys if key is not None]
-        prompts = [
-            list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": key[-1]}], add_generation_prompt=True, return_dict=True
-                )["input_ids"]
-            )
-            for key in picked[: config.data.max_reward_prompts]
-        ]
+        prompts = prompt_ids(reward_prompt_rows(eval_rows, config.data.max_reward_prompts), tokenizer)
         measure = {"reward": reward_model_function(reward_model), "prompts": prompts, "tokenizer": tokenizer}
         options = {"max_new_tokens": config.reply_max_new_tokens, "temperature": 1.0, "seed": args.seed}
         with torch.no_grad():

@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.conversations import load_prompts
+from tiny_llama2_zh.data.conversations import ConversationReport
 from tiny_llama2_zh.infer.generate import greedy_replies, turn_end_ids
-from tiny_llama2_zh.loading import check_model_folder
+from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
 from tiny_llama2_zh.train.rewards import (
@@ -35,6 +35,13 @@ from tiny_llama2_zh.train.rewards import (
     correctness_reward,
     format_reward,
     guarded,
+)
+from tiny_llama2_zh.train.rl import (
+    PromptDataOptions,
+    check_enough_prompts,
+    load_rollout_prompts,
+    prompts_per_generation,
+    training_folders,
 )
 from tiny_llama2_zh.train.runner import RL_DEFAULTS, HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
@@ -46,11 +53,9 @@ class GRPOModelOptions:
 
 
 @dataclass
-class GRPODataOptions:
-    prompts: str | list[str]  # task chat files (`tinyllm data tasks`: <task>/sft-train.jsonl), globs allowed
-    validation: str | list[str]  # held-out task files: accuracy before and after
-    max_prompt_length: int = 192
-    max_train_prompts: int | None = None  # per file
+class GRPODataOptions(PromptDataOptions):
+    # prompts: task chat files (`tinyllm data tasks`: <task>/sft-train.jsonl, the task is the folder), globs allowed
+    validation: str | list[str]  # held-out task files (required): accuracy before and after
     max_validation_prompts: int = 200  # per file
 
 
@@ -76,9 +81,10 @@ def grpo_arguments(config: GRPORecipeConfig) -> GRPOConfig:
     )
 
 
-def task_rows(patterns, tokenizer, max_prompt_length: int, limit: int | None) -> tuple[list[dict], dict]:
-    """Prompt rows with their task and checkable answer; rows whose answer cannot be checked are counted."""
-    rows, report = load_prompts(patterns, tokenizer, max_prompt_length, limit)
+def task_rows(rows: list[dict], report: ConversationReport | None) -> tuple[list[dict], dict]:
+    """The prompt rows (`load_prompts`) with their task and checkable answer, and the counts: read, kept, skipped
+    by the reader, and those whose answer cannot be checked (counted by reason)."""
+    report = report or ConversationReport(unit="prompts")
     kept, unchecked = [], {}
     for row in rows:
         problem = answer_problem(row["source"], row["reference"])
@@ -92,10 +98,8 @@ def task_rows(patterns, tokenizer, max_prompt_length: int, limit: int | None) ->
 
 def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
     """Greedy replies to the rows: per task and overall, the fraction with full marks and the mean reward."""
-    was_training = model.training
-    model.eval()
-    replies = greedy_replies(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens)
-    model.train(was_training)
+    with eval_mode(model):
+        replies = greedy_replies(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens)
     scores: dict[str, list[float]] = {}
     for row, reply in zip(rows, replies, strict=True):
         scores.setdefault(row["task"], []).append(CORRECTNESS[row["task"]](row["answer"], reply))
@@ -120,18 +124,17 @@ class HeldOutTasksGRPOTrainer(HeldOutEvaluation, GRPOTrainer):
 
 def grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = grpo_arguments(config)
-    init_from = check_model_folder(config.model.init_from)
+    (init_from,) = training_folders(config.model.init_from)
     tokenizer = load_tokenizer(init_from)
-    train_rows, train_report = task_rows(
-        config.data.prompts, tokenizer, config.data.max_prompt_length, config.data.max_train_prompts
-    )
-    print(f"prompts: {train_report}")
-    eval_rows, eval_report = task_rows(
-        config.data.validation, tokenizer, config.data.max_prompt_length, config.data.max_validation_prompts
-    )
-    print(f"held-out prompts: {eval_report}")
+    prompts = load_rollout_prompts(config.data, tokenizer)
+    train_rows, train_report = task_rows(prompts.train, prompts.train_report)
+    eval_rows, eval_report = task_rows(prompts.held_out, prompts.held_out_report)
+    for name, report in (("prompts", train_report), ("held-out prompts", eval_report)):
+        if report["unchecked"]:
+            print(f"{name} whose answer cannot be checked: {report['unchecked']}")
     if not train_rows or not eval_rows:
         raise ConfigError(f"data.{'prompts' if not train_rows else 'validation'}: no prompt with a checkable answer")
+    check_enough_prompts(len(train_rows), *prompts_per_generation(args))
 
     run = StageRun("grpo", config, args, resume=config.resume, language_model=False)
     model = AutoModelForCausalLM.from_pretrained(str(init_from))

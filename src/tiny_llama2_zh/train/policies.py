@@ -31,7 +31,7 @@ def compare_policies(
     from tiny_llama2_zh.data.conversations import load_prompts
     from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
     from tiny_llama2_zh.tokenizer import load_tokenizer
-    from tiny_llama2_zh.train.ppo import held_out_metrics, prompt_ids, reward_model_function
+    from tiny_llama2_zh.train.rl import held_out_metrics, prompt_ids, reward_model_function
 
     for folder in (*model_dirs, reference_dir, reward_model_dir):
         check_model_folder(folder)

@@ -26,9 +26,9 @@ model, optimizer, scheduler, RNG), resume, TensorBoard and the project's callbac
 stage's. Checkpoints fall on rollout boundaries, so a resumed run continues exactly.
 """
 
+import contextlib
 import json
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,15 +47,22 @@ from transformers import (
 )
 
 from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.conversations import load_prompts
-from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, left_pad, turn_end_ids
-from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
+from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback, TrainingDivergedError
+from tiny_llama2_zh.train.rl import (
+    PromptDataOptions,
+    RewardFunction,
+    check_enough_prompts,
+    held_out_metrics,
+    load_rollout_prompts,
+    position_ids_of,
+    prompt_ids,
+    reward_model_function,
+    sample_and_score,
+    training_folders,
+)
 from tiny_llama2_zh.train.runner import RL_DEFAULTS, HeldOutEvaluation, StageRun, training_arguments
-
-# (sequences (B, T), attention mask (B, T), position ids (B, T), prompt width P) -> one score per sequence (B,)
-RewardFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -107,16 +114,6 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
 
 
-def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so a left-padded prompt is computed as if unpadded."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature): (B, R, V), (B, R) -> (B, R)."""
-    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
-
-
 def token_values(value_model: PreTrainedModel, sequences, mask, positions) -> torch.Tensor:
     """The value model's score head read at every position (its forward reads only the last): (B, T)."""
     hidden = value_model.model(input_ids=sequences, attention_mask=mask, position_ids=positions).last_hidden_state
@@ -133,6 +130,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
         last = delta + gamma * lam * last
         advantages[:, t] = last
     return advantages
+
+
+def adapted_kl_coef(coef: float, kl: float, target: float | None, n_steps: int, horizon: int) -> float:
+    """The adaptive KL coefficient after one rollout (Ziegler et al. 2019, sec. 2.2): proportional control toward
+    `target` nats per reply, error e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + e * n_steps / horizon),
+    `n_steps` the replies of the rollout. A `target` of None keeps the coefficient fixed."""
+    if target is None:
+        return coef
+    error = max(-0.2, min(0.2, kl / target - 1))
+    return coef * (1 + error * n_steps / horizon)
 
 
 @dataclass
@@ -160,83 +167,6 @@ class Rollout:
             name: value[index] if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()
         }
         return Rollout(**picked)
-
-
-@torch.no_grad()
-def sample_replies(
-    policy: PreTrainedModel,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    end_ids: list[int],
-    pad_id: int,
-    max_new_tokens: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sampled replies (KV cache): sequences (B, P + R), their attention mask, and the reply mask (B, R) that
-    keeps each reply up to and including its first end-of-turn token (what `generate` appends after it is
-    padding). Also returns whether each reply ended."""
-    output = policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        eos_token_id=end_ids,
-        pad_token_id=pad_id,
-    )
-    replies = output[:, prompt_ids.shape[1] :]
-    is_end = torch.isin(replies, torch.tensor(end_ids, device=replies.device))
-    ended = is_end.any(-1)
-    first_end = torch.where(ended, is_end.int().argmax(-1), replies.shape[1] - 1)
-    reply_mask = (torch.arange(replies.shape[1], device=replies.device)[None, :] <= first_end[:, None]).long()
-    replies = torch.where(reply_mask.bool(), replies, pad_id)
-    sequences = torch.cat([prompt_ids, replies], dim=1)
-    return sequences, torch.cat([prompt_mask, reply_mask], dim=1), reply_mask, ended
-
-
-@torch.no_grad()
-def held_out_metrics(
-    policy: PreTrainedModel,
-    ref_policy: PreTrainedModel,
-    reward: RewardFunction,
-    prompts: list[list[int]],
-    tokenizer: PreTrainedTokenizerBase,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """How a policy answers held-out prompts, for PPO, RLOO and the comparison of both: replies sampled as in
-    training (a fixed seed, in a forked RNG state so a run's own random stream is untouched), their mean
-    reward-model score, KL to the reference (summed over each reply's tokens, the k1 estimate), length, and the
-    fraction that ended. Scores here are raw: no missing-eos penalty."""
-    end_ids, pad_id = turn_end_ids(tokenizer), tokenizer.pad_token_id
-    totals: dict[str, float] = defaultdict(float)
-    was_training = policy.training
-    policy.eval()
-    devices = [policy.device] if policy.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            prompt_ids, prompt_mask = left_pad(prompts[start : start + batch_size], pad_id, policy.device)
-            sequences, mask, reply_mask, ended = sample_replies(
-                policy, prompt_ids, prompt_mask, end_ids, pad_id, max_new_tokens, temperature
-            )
-            width, positions = prompt_ids.shape[1], position_ids_of(mask)
-            replies = sequences[:, width:]
-            kl = 0
-            for sign, model in ((1, policy), (-1, ref_policy)):
-                logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
-                kl = kl + sign * token_log_probs(logits[:, width - 1 : -1], replies, temperature) * reply_mask
-            totals["score"] += float(reward(sequences, mask, positions, width).float().sum())
-            totals["kl"] += float(kl.sum())
-            totals["response_length"] += float(reply_mask.sum())
-            totals["ended_fraction"] += float(ended.sum())
-    policy.train(was_training)
-    return {f"eval_{name}": total / len(prompts) for name, total in totals.items()}
 
 
 def check_rollout_schedule(args: TrainingArguments, options: PPOOptions) -> None:
@@ -352,26 +282,13 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
     @torch.no_grad()
     def make_rollout(self, prompts: list[list[int]]) -> Rollout:
         options = self.options
-        policy = self.model.policy
-        value_model = self.model.value_model
-        device = policy.device
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, device)
-        was_training = policy.training
-        policy.eval()
-        sequences, mask, reply_mask, ended = sample_replies(
-            policy, prompt_ids, prompt_mask, self.end_ids, self.pad_id, options.max_new_tokens, options.temperature
-        )
-        policy.train(was_training)
-        width = prompt_ids.shape[1]
-        positions = position_ids_of(mask)
-        replies = sequences[:, width:]
-
-        def log_probs(model: PreTrainedModel) -> torch.Tensor:
-            logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
-            return token_log_probs(logits, replies, options.temperature) * reply_mask
-
-        logprobs, ref_logprobs = log_probs(policy), log_probs(self.ref_policy)
-        values = token_values(value_model, sequences, mask, positions)[:, width - 1 : -1] * reply_mask
+        sampled = sample_and_score(
+            self.model.policy, self.ref_policy, prompts, self.end_ids, self.pad_id, options.max_new_tokens,
+            options.temperature,
+        )  # fmt: skip
+        sequences, mask, positions = sampled.sequences, sampled.attention_mask, sampled.positions
+        width, reply_mask, ended = sampled.prompt_width, sampled.reply_mask, sampled.ended
+        values = token_values(self.model.value_model, sequences, mask, positions)[:, width - 1 : -1] * reply_mask
         scores = self.reward(sequences, mask, positions, width).float()
         if not torch.isfinite(scores).all():
             raise TrainingDivergedError(
@@ -380,7 +297,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
             )
         raw_scores = scores.clone()
         scores = scores - options.missing_eos_penalty * (~ended).float()
-        kl = (logprobs - ref_logprobs) * reply_mask  # (B, R) per-token k1 estimate
+        kl = sampled.kl  # (B, R) per-token k1 estimate, 0 outside the replies
         rewards = -self.kl_coef * kl
         last = reply_mask.sum(-1) - 1
         rewards[torch.arange(len(rewards)), last] += scores
@@ -397,12 +314,11 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
             "response_length": float(reply_mask.sum(-1).float().mean()),
             "ended_fraction": float(ended.float().mean()),
         }
-        if options.target_kl is not None:  # Ziegler et al. 2019: proportional control of the KL
-            error = max(-0.2, min(0.2, stats["kl"] / options.target_kl - 1))
-            self.kl_coef *= 1 + error * len(prompts) / options.kl_horizon
+        self.kl_coef = adapted_kl_coef(self.kl_coef, stats["kl"], options.target_kl, len(prompts), options.kl_horizon)
         return Rollout(
-            sequences, mask, reply_mask, width, logprobs, ref_logprobs, values, scores, advantages, returns, stats
-        )
+            sequences, mask, reply_mask, width, sampled.log_probs, sampled.ref_log_probs, values, scores, advantages,
+            returns, stats,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ update
     def compute_loss(self, model, inputs: dict[str, int], return_outputs=False, num_items_in_batch=None):
@@ -427,15 +343,21 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
 
     def ppo_loss(self, batch: Rollout, train_policy: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """Clipped policy loss + vf_coef * clipped value loss on one minibatch (Schulman et al. 2017, eq. 7 and 9);
-        the value loss alone while the critic warms up."""
+        the value loss alone while the critic warms up.
+
+        In warm-up the policy's forward runs without autograd, so its weights get no gradient at all and the
+        optimizer skips them; a zero gradient (0 * policy loss) would still get AdamW's weight decay and count in
+        its moment estimates. The log-softmax is computed here, not with `tensors.token_log_probs`, because the
+        entropy needs the whole distribution: the log-probabilities of the replies are read from it."""
         options, width = self.options, batch.prompt_width
         mask = batch.reply_mask.float()
         positions = position_ids_of(batch.attention_mask)
         policy, value_model = self.model.policy, self.model.value_model
-        logits = policy(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=positions).logits
-        logits = logits[:, width - 1 : -1].float() / options.temperature
-        log_softmax = torch.log_softmax(logits, -1)
-        new_logprobs = log_softmax.gather(-1, batch.replies[..., None]).squeeze(-1)
+        with contextlib.nullcontext() if train_policy else torch.no_grad():
+            logits = policy(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=positions)
+            logits = logits.logits[:, width - 1 : -1].float() / options.temperature
+            log_softmax = torch.log_softmax(logits, -1)
+            new_logprobs = log_softmax.gather(-1, batch.replies[..., None]).squeeze(-1)
         values = token_values(value_model, batch.sequences, batch.attention_mask, positions)[:, width - 1 : -1]
         clipped_values = batch.values + (values - batch.values).clamp(
             -options.clip_range_value, options.clip_range_value
@@ -447,7 +369,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         ratio = torch.exp(log_ratio)
         clipped_ratio = ratio.clamp(1 - options.clip_range, 1 + options.clip_range)
         policy_loss = masked_mean(torch.maximum(-batch.advantages * ratio, -batch.advantages * clipped_ratio), mask)
-        loss = (policy_loss if train_policy else 0.0 * policy_loss) + options.vf_coef * value_loss
+        loss = options.vf_coef * value_loss + (policy_loss if train_policy else 0.0)
         with torch.no_grad():
             entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             stats = {
@@ -485,12 +407,12 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """A checkpoint (and `final/`) is the policy as a plain model folder, the value model beside it, and the
-        adaptive KL coefficient."""
+        adaptive KL coefficient; no pickle (the arguments are in the run's config.yaml, copied beside every
+        checkpoint, and `final/training_args.json`)."""
         output_dir = Path(output_dir or self.args.output_dir)
         self.model.policy.save_pretrained(str(output_dir))
         self.model.value_model.save_pretrained(str(output_dir / "value_model"))
         (output_dir / "ppo_state.json").write_text(json.dumps({"kl_coef": self.kl_coef}) + "\n")
-        torch.save(self.args, output_dir / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         checkpoint = Path(resume_from_checkpoint)
@@ -511,18 +433,9 @@ class PPOModelOptions:
 
 
 @dataclass
-class PPODataOptions:
-    prompts: str | list[str]  # chat JSONL ({"messages"}: the prompt is what precedes the last reply) or {"prompt"}
-    validation: str | list[str] | None = None  # held-out prompts: score and KL at every evaluation
-    max_prompt_length: int = 192
-    max_train_prompts: int | None = None  # per file
-    max_validation_prompts: int = 64  # per file
-
-
-@dataclass
 class PPORecipeConfig:
     model: PPOModelOptions
-    data: PPODataOptions
+    data: PromptDataOptions
     ppo: PPOOptions
     # TrainingArguments: output_dir, max_steps (optimizer steps: ppo_epochs x minibatches per rollout), learning
     # rate, schedule, save_steps / eval_steps (multiples of the steps per rollout), seed, report_to, ...
@@ -546,41 +459,17 @@ def ppo_arguments(config: PPORecipeConfig) -> TrainingArguments:
     )
 
 
-def reward_model_function(reward_model: PreTrainedModel) -> RewardFunction:
-    def score(sequences, mask, positions, prompt_width) -> torch.Tensor:
-        return reward_model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
-
-    return score
-
-
-def prompt_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    return [
-        list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
-        for r in rows
-    ]
-
-
 def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = ppo_arguments(config)
     check_rollout_schedule(args, config.ppo)
-    policy_dir = check_model_folder(config.model.policy)
-    reward_dir = check_model_folder(config.model.reward_model)
-    value_dir = check_model_folder(config.model.value_model or config.model.reward_model)
-    for other in {reward_dir, value_dir}:
-        same_tokenizer_or_refuse(policy_dir, other)
-    tokenizer = load_tokenizer(policy_dir)
-    train_rows, train_report = load_prompts(
-        config.data.prompts, tokenizer, config.data.max_prompt_length, config.data.max_train_prompts
+    policy_dir, reward_dir, value_dir = training_folders(
+        config.model.policy, config.model.reward_model, config.model.value_model or config.model.reward_model
     )
-    print(f"prompts: {train_report.summary()}")
-    if len(train_rows) < config.ppo.rollout_batch_size:
-        raise ConfigError(f"data.prompts: {len(train_rows)} usable prompts, fewer than one rollout batch")
-    eval_rows = []
-    if config.data.validation:
-        eval_rows, eval_report = load_prompts(
-            config.data.validation, tokenizer, config.data.max_prompt_length, config.data.max_validation_prompts
-        )
-        print(f"held-out prompts: {eval_report.summary()}")
+    tokenizer = load_tokenizer(policy_dir)
+    prompts = load_rollout_prompts(config.data, tokenizer)
+    train_rows, train_report, eval_rows = prompts.train, prompts.train_report, prompts.held_out
+    rollout = config.ppo.rollout_batch_size
+    check_enough_prompts(len(train_rows), rollout, f"ppo.rollout_batch_size {rollout}")
     if args.eval_strategy != "no" and not eval_rows:
         raise ConfigError("train.eval_steps evaluates periodically but data.validation gives no prompt")
 

@@ -6,7 +6,7 @@
 REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"): k replies per prompt, each reply's baseline is
 the mean reward of the other k-1, no value model, a KL penalty to the reference with coefficient `beta`. It needs
 half of PPO's networks; `tinyllm ppo` and this recipe read the same prompt files and are measured the same way
-(`train.ppo.held_out_metrics`: reward-model score and KL on held-out prompts, sampled replies), so the two sit side
+(`train.rl.held_out_metrics`: reward-model score and KL on held-out prompts, sampled replies), so the two sit side
 by side in the demo's summary.
 """
 
@@ -17,13 +17,19 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 from trl import RLOOConfig, RLOOTrainer
 
-from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.conversations import load_prompts
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
-from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback
-from tiny_llama2_zh.train.ppo import PPODataOptions, held_out_metrics, prompt_ids, reward_model_function
+from tiny_llama2_zh.train.rl import (
+    PromptDataOptions,
+    check_enough_prompts,
+    held_out_metrics,
+    load_rollout_prompts,
+    prompt_ids,
+    prompts_per_generation,
+    reward_model_function,
+    training_folders,
+)
 from tiny_llama2_zh.train.runner import RL_DEFAULTS, StageRun, training_arguments, trl_defaults
 
 
@@ -36,7 +42,7 @@ class RLOOModelOptions:
 @dataclass
 class RLOORecipeConfig:
     model: RLOOModelOptions
-    data: PPODataOptions
+    data: PromptDataOptions
     # Any option of TRL's RLOOConfig (num_generations, max_completion_length, beta, temperature, ...)
     train: dict[str, Any]
     sample_prompts: list[str] = field(default_factory=list)
@@ -59,21 +65,11 @@ def rloo_arguments(config: RLOORecipeConfig) -> RLOOConfig:
 
 def rloo(config: RLOORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = rloo_arguments(config)
-    policy_dir = check_model_folder(config.model.policy)
-    reward_dir = check_model_folder(config.model.reward_model)
-    same_tokenizer_or_refuse(policy_dir, reward_dir)
+    policy_dir, reward_dir = training_folders(config.model.policy, config.model.reward_model)
     tokenizer = load_tokenizer(policy_dir)
-    train_rows, train_report = load_prompts(
-        config.data.prompts, tokenizer, config.data.max_prompt_length, config.data.max_train_prompts
-    )
-    print(f"prompts: {train_report.summary()}")
-    eval_rows = []
-    if config.data.validation:
-        eval_rows, _ = load_prompts(
-            config.data.validation, tokenizer, config.data.max_prompt_length, config.data.max_validation_prompts
-        )
-    if not train_rows:
-        raise ConfigError("data.prompts: no usable prompt")
+    prompts = load_rollout_prompts(config.data, tokenizer)
+    train_rows, train_report, eval_rows = prompts.train, prompts.train_report, prompts.held_out
+    check_enough_prompts(len(train_rows), *prompts_per_generation(args))
     run = StageRun("rloo", config, args, resume=config.resume, language_model=False)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
     policy.generation_config.eos_token_id = turn_end_ids(tokenizer)

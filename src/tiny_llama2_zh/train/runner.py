@@ -245,7 +245,12 @@ class StageRun:
     ) -> dict[str, Any] | None:
         """Save the final model with its tokenizer (`final/`), sample once more, draw the curves and write
         `summary.json`. Every process takes part in saving and sampling (ZeRO-3); the main one returns the
-        summary, the others None."""
+        summary, the others None.
+
+        `final/` holds no pickle: transformers' `Trainer._save` writes the arguments with `torch.save`
+        (`training_args.bin`, which runs code when loaded); they are kept as `training_args.json` instead."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+
         final_dir = self.output_dir / "final"
         trainer.save_model(str(final_dir))
         step = trainer.state.global_step
@@ -254,6 +259,8 @@ class StageRun:
         if not self.main_process:
             return None
         tokenizer.save_pretrained(str(final_dir))
+        (final_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        (final_dir / "training_args.json").write_text(trainer.args.to_json_string(), encoding="utf-8")
         plot_curves(self.output_dir)
         summary = {
             "stage": self.stage,
