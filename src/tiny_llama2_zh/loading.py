@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 import tiny_llama2_zh.model  # noqa: F401  (registers the model with the Auto classes)
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 QUANTIZATION_FILE = "quantization.json"  # the recipe of a quantised folder: method, group size, float source
@@ -31,7 +32,7 @@ def refuse_quantized(path: str | Path, needs: str) -> None:
     source."""
     if is_quantized_folder(path):
         recipe = json.loads((Path(path) / QUANTIZATION_FILE).read_text(encoding="utf-8"))
-        raise ValueError(
+        raise UsageError(
             f"{path} is a quantised folder ({recipe.get('method')}); {needs} needs a float model folder, e.g. the one "
             f"it was quantised from ({recipe.get('source')})"
         )
@@ -57,7 +58,7 @@ def load_model(
     path = check_model_folder(path)
     if is_quantized_folder(path):  # `tinyllm quantize` output: its own loader (imported only then), the kernels
         if auto_class is not AutoModelForCausalLM:
-            raise ValueError(f"{path} holds a quantised causal LM; this command needs a {auto_class.__name__} folder")
+            raise UsageError(f"{path} holds a quantised causal LM; this command needs a {auto_class.__name__} folder")
         from tiny_llama2_zh.quantize.methods import load_quantized
 
         model = load_quantized(path, device or "cpu")
@@ -65,7 +66,7 @@ def load_model(
         model = auto_class.from_pretrained(str(path)).to(device or default_device()).eval()
     tokenizer = load_tokenizer(path)
     if model.config.vocab_size < len(tokenizer):
-        raise ValueError(
+        raise UsageError(
             f"{path}: the tokenizer has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
             "the folder mixes a model and a tokenizer that were not trained together"
         )
@@ -88,7 +89,7 @@ def init_tokenizer(init_from: str | Path, expected: str | Path | None = None) ->
     if expected is not None:
         wanted = tokenizer_fingerprint(load_tokenizer(expected))
         if wanted != tokenizer_fingerprint(tokenizer):
-            raise ValueError(
+            raise UsageError(
                 f"model.init_from {init_from} was made with tokenizer {tokenizer_fingerprint(tokenizer)}, not with "
                 f"model.tokenizer {expected} ({wanted})"
             )
@@ -99,4 +100,4 @@ def same_tokenizer_or_refuse(first: str | Path, second: str | Path) -> None:
     """Two folders used together (a policy and its reward model, init weights and data) must share a tokenizer."""
     a, b = tokenizer_fingerprint(load_tokenizer(first)), tokenizer_fingerprint(load_tokenizer(second))
     if a != b:
-        raise ValueError(f"{first} (tokenizer {a}) and {second} (tokenizer {b}) were made with different tokenizers")
+        raise UsageError(f"{first} (tokenizer {a}) and {second} (tokenizer {b}) were made with different tokenizers")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tensors import eval_mode, token_log_probs
 from tiny_llama2_zh.tokenizer import chat_ids
 
@@ -127,7 +128,7 @@ def score_replies(model_dir: str, prompt: str, replies: list[str]) -> list[float
 
     model, tokenizer = load_model(model_dir, auto_class=AutoModelForSequenceClassification)
     if model.config.num_labels != 1:
-        raise ValueError(f"{model_dir} has {model.config.num_labels} outputs; a reward model has one")
+        raise UsageError(f"{model_dir} has {model.config.num_labels} outputs; a reward model has one")
     user = [{"role": "user", "content": prompt}]
     sequences = [chat_ids(tokenizer, [*user, {"role": "assistant", "content": reply}]) for reply in replies]
     return reward_scores(model, sequences, tokenizer.pad_token_id).tolist()

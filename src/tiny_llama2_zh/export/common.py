@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.loading import check_model_folder, load_model, refuse_quantized
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
@@ -24,7 +25,7 @@ def load_source(model_dir: str | Path):
     refuse_quantized(model_dir, "export")  # the formats take float weights and quantise them their own way
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != "tiny_llama2":
-        raise ValueError(f"{model_dir}/config.json: model_type is {model_type!r}; export reads tiny_llama2 folders")
+        raise UsageError(f"{model_dir}/config.json: model_type is {model_type!r}; export reads tiny_llama2 folders")
     model, tokenizer = load_model(model_dir, device="cpu")
     model = model.float().eval()
     return model, tokenizer
@@ -41,7 +42,7 @@ def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """
     rows, cols = weight.shape
     if rows % (2 * n_heads) != 0:
-        raise ValueError(f"a projection with {rows} rows cannot hold {n_heads} heads of even size")
+        raise UsageError(f"a projection with {rows} rows cannot hold {n_heads} heads of even size")
     return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
@@ -64,7 +65,7 @@ def vocab_info(tokenizer, model_dir: Path) -> VocabInfo:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"{model_dir}: the tokenizer model is {model.get('type')}; export handles BPE tokenizers")
+        raise UsageError(f"{model_dir}: the tokenizer model is {model.get('type')}; export handles BPE tokenizers")
     size = len(tokenizer)
     pieces = [""] * size
     for piece, index in model["vocab"].items():
@@ -76,27 +77,27 @@ def vocab_info(tokenizer, model_dir: Path) -> VocabInfo:
             special_ids.add(added["id"])
     missing = [i for i, piece in enumerate(pieces) if not piece]
     if missing:
-        raise ValueError(f"{model_dir}: token ids {missing[:5]} have no piece in tokenizer.json")
+        raise UsageError(f"{model_dir}: token ids {missing[:5]} have no piece in tokenizer.json")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     pre = spec.get("pre_tokenizer") or {}
     pre_types = [p["type"] for p in pre.get("pretokenizers", [pre])] if pre else []
     if "ByteLevel" in pre_types:
         if model.get("byte_fallback"):
-            raise ValueError(f"{model_dir}: a byte-level BPE with byte fallback is not a pipeline export knows")
+            raise UsageError(f"{model_dir}: a byte-level BPE with byte fallback is not a pipeline export knows")
         level = next(p for p in pre.get("pretokenizers", [pre]) if p["type"] == "ByteLevel")
         if level.get("add_prefix_space") or not level.get("use_regex", True) or pre_types != ["ByteLevel"]:
-            raise ValueError(
+            raise UsageError(
                 f"{model_dir}: export handles the ByteLevel pre-tokenizer with the GPT-2 regex and no prefix space "
                 f"(tiny_llama2_zh.tokenizer.train_bpe_tokenizer); this one is {pre}"
             )
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
             # llama.cpp applies no normalizer; NFC changes only text that is not NFC already (rare in practice)
-            raise ValueError(f"{model_dir}: the tokenizer normalizes with {normalizer}, which llama.cpp would not do")
+            raise UsageError(f"{model_dir}: the tokenizer normalizes with {normalizer}, which llama.cpp would not do")
         return VocabInfo("byte_level", pieces, special_ids, merges, None, None, add_dummy_prefix=False)
     if model.get("byte_fallback") and not pre_types:
         return _sentencepiece_vocab(spec, pieces, special_ids, merges, tokenizer, model_dir)
-    raise ValueError(
+    raise UsageError(
         f"{model_dir}: unknown tokenizer pipeline (pre-tokenizer {pre_types}, byte_fallback "
         f"{model.get('byte_fallback')}); export handles our byte-level BPE and SentencePiece-style BPE with byte "
         "fallback (tinyllm tokenizer convert-chatglm3)"
@@ -114,7 +115,7 @@ def _sentencepiece_vocab(spec, pieces, special_ids, merges, tokenizer, model_dir
     vocab = spec["model"]["vocab"]
     missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
     if missing:
-        raise ValueError(f"{model_dir}: byte fallback is on but byte pieces {missing[:3]} are missing")
+        raise UsageError(f"{model_dir}: byte fallback is on but byte pieces {missing[:3]} are missing")
     normalizer = spec.get("normalizer") or {}
     steps = normalizer.get("normalizers", [normalizer]) if normalizer else []
     described = [(n.get("type"), n.get("prepend"), json.dumps(n.get("pattern")), n.get("content")) for n in steps]
@@ -124,7 +125,7 @@ def _sentencepiece_vocab(spec, pieces, special_ids, merges, tokenizer, model_dir
     elif described == [space_to_bar]:
         dummy_prefix = False
     else:
-        raise ValueError(
+        raise UsageError(
             f"{model_dir}: the tokenizer normalizes text as {described}; export knows only SentencePiece's "
             "'▁' handling (an optional dummy prefix, then spaces as '▁')"
         )

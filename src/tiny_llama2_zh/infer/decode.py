@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from tiny_llama2_zh.errors import UsageError
+
 
 @dataclass(frozen=True)
 class LayerWeights:
@@ -42,7 +44,7 @@ class LayerWeights:
 def _plain_weight(module: nn.Module, name: str) -> torch.Tensor:
     """A plain nn.Linear's weight; an adapter (LoRA) or quantised layer would be silently wrong to read this way."""
     if type(module) is not nn.Linear or module.bias is not None or type(module.weight) is not nn.Parameter:
-        raise ValueError(
+        raise UsageError(
             f"{name} is a {type(module).__name__} with a {type(module.weight).__name__} weight, not a plain "
             "bias-free float nn.Linear: the lean decoder reads float weights directly (merge a LoRA adapter first "
             "with tinyllm lora merge; a quantised folder runs in tinyllm generate, chat and eval, not in serve)"

@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.infer.engine import Engine, Failed, Finished, GenerationRequest, QueueFull, TextDelta
 from tiny_llama2_zh.infer.generate import turn_end_ids
 from tiny_llama2_zh.tokenizer import chat_ids
@@ -111,7 +112,7 @@ def _allowed_host(value: str) -> tuple[str, str | None]:
     """An --allow-host value, checked: a host name or address, with or without a port."""
     name, port = _split_host(value)
     if not name or "/" in value or (port is not None and not port.isdigit()):
-        raise ValueError(f"--allow-host expects a host name such as mybox.local or mybox.local:8000, got {value!r}")
+        raise UsageError(f"--allow-host expects a host name such as mybox.local or mybox.local:8000, got {value!r}")
     return name, port
 
 
@@ -120,7 +121,7 @@ def _allowed_origin(value: str) -> str:
     origin = value.strip().lower().rstrip("/")
     scheme, separator, host = origin.partition("://")
     if origin != "null" and not (separator and scheme in ("http", "https") and host and "/" not in host):
-        raise ValueError(
+        raise UsageError(
             f"--allow-origin expects an origin such as http://localhost:3000 (scheme, host and port, no path), "
             f"got {value!r}"
         )

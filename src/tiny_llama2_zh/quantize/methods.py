@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tiny_llama2_zh.errors import UsageError
+
 # quantised-folder detection lives in loading (the lower floor); re-exported here for the quantisation commands
 from tiny_llama2_zh.loading import QUANTIZATION_FILE, is_quantized_folder, refuse_quantized  # noqa: F401
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM
@@ -49,13 +51,13 @@ def check_method(method: str, group_size: int, widths: tuple[int, ...] = ()) -> 
     """Refuse an unknown method, and an int4 group size that is not a power of two or does not divide every input
     width of the quantised matrices (`widths`: the model width and the SwiGLU width)."""
     if method not in METHODS:
-        raise ValueError(f"unknown quantisation method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown quantisation method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "int4-weight":
         if group_size < 1 or group_size & (group_size - 1):
-            raise ValueError(f"--group-size must be a power of two, got {group_size}")
+            raise UsageError(f"--group-size must be a power of two, got {group_size}")
         for width in widths:
             if width % group_size:
-                raise ValueError(f"--group-size {group_size} does not divide the model's input width {width}")
+                raise UsageError(f"--group-size {group_size} does not divide the model's input width {width}")
 
 
 # ------------------------------------------------------------------------------------------- applying
@@ -217,7 +219,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> TinyLlama2ForCausal
     method, group_size = recipe.get("method"), recipe.get("group_size") or 32
     check_method(method, group_size)
     if method == "int8-dynamic" and device != "cpu":
-        raise ValueError(f"{path}: int8-dynamic runs in fbgemm's CPU kernels; load it on the CPU, not {device}")
+        raise UsageError(f"{path}: int8-dynamic runs in fbgemm's CPU kernels; load it on the CPU, not {device}")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: {QUANTIZATION_FILE} is there but {WEIGHTS_FILE} is missing")
@@ -233,7 +235,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> TinyLlama2ForCausal
         if k in stored and stored[k].shape != expected[k]
     ]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise UsageError(
             f"{weights} does not hold a {method} model of this config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )

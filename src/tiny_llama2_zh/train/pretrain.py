@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from tiny_llama2_zh.data.pretokenized import MixedPretrainDataset, PretrainDataset, expand_token_files
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.eval.perplexity import evaluate_loss
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_text
 from tiny_llama2_zh.model import TinyLlama2Config, TinyLlama2ForCausalLM
@@ -102,7 +103,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     fingerprint = tokenizer_fingerprint(tokenizer)
     model_config = build_model_config(config.model, tokenizer)
     if config.data.seq_len > model_config.max_position_embeddings:
-        raise ValueError(
+        raise UsageError(
             f"data.seq_len {config.data.seq_len} exceeds the model context {model_config.max_position_embeddings}"
         )
     train_dataset = training_data(config.data, fingerprint, args.seed)

@@ -18,6 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.data.conversations import TooLong, load_conversations
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, init_tokenizer
 from tiny_llama2_zh.presets import flops_per_token
@@ -100,7 +101,7 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
     for example in train_report.examples[:5]:
         print(f"  skipped {example}")
     if not train_rows:
-        raise ValueError(f"data.train {config.data.train}: no usable conversation")
+        raise UsageError(f"data.train {config.data.train}: no usable conversation")
     eval_rows, eval_report = [], None
     if config.data.validation:
         eval_rows, eval_report = load_conversations(
