@@ -88,11 +88,15 @@ class ThroughputCallback(TrainerCallback):
 
 class MetricsFileCallback(TrainerCallback):
     """Appends every log record to metrics.jsonl (what `tinyllm plot` and a person read). On resume, records after
-    the checkpoint's step are dropped first: the resumed run recomputes them."""
+    the checkpoint's step are dropped first: the resumed run recomputes them.
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    Only the main process touches the file: under torchrun every rank builds this callback, and ranks truncating
+    and appending at once would race over one file (and one temporary name)."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, main_process: bool = True):
         self.path = Path(path)
-        if resume_step is not None:
+        self.main_process = main_process
+        if resume_step is not None and main_process:
             truncate_metrics(self.path, resume_step)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
@@ -100,7 +104,8 @@ class MetricsFileCallback(TrainerCallback):
             self.write({"step": state.global_step, **logs})
 
     def write(self, record: dict) -> None:
-        append_metrics(self.path, [record])
+        if self.main_process:
+            append_metrics(self.path, [record])
 
 
 class CopyConfigToCheckpoints(TrainerCallback):

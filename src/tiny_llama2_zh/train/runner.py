@@ -204,7 +204,9 @@ class StageRun:
         self.config_file = self.output_dir / "config.yaml"
         if self.main_process:
             save_config(config, self.config_file)
-        self.metrics = MetricsFileCallback(self.output_dir / METRICS_FILE, resume_step=self.resume_step)
+        self.metrics = MetricsFileCallback(
+            self.output_dir / METRICS_FILE, resume_step=self.resume_step, main_process=self.main_process
+        )
         self.samples: SamplesCallback | None = None
         self.stage_seconds = 0.0
 
