@@ -17,7 +17,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from tiny_llama2_zh.tokenizer import CHAT_ROLES
+from tiny_llama2_zh.tokenizer import CHAT_ROLES, chat_ids
 
 TooLong = Literal["skip", "truncate_left"]
 
@@ -112,7 +112,7 @@ def problem(messages: object) -> str | None:
 
 
 def _length(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> int:
-    return len(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+    return len(chat_ids(tokenizer, messages))
 
 
 def fit(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> list[dict] | None:
@@ -192,8 +192,7 @@ def load_prompts(
         if not prompt or prompt[-1]["role"] != "user":
             report.skip(where, "no user turn before the reply")
             continue
-        length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
-        if length > max_prompt_length:
+        if len(chat_ids(tokenizer, prompt, generation_prompt=True)) > max_prompt_length:
             report.skip(where, f"prompt longer than {max_prompt_length} tokens")
             continue
         rows.append({"prompt": prompt, "source": path.parent.name, "reference": reference})

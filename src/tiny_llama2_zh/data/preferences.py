@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from tiny_llama2_zh.data.conversations import ConversationReport, expand_paths, numbered_records, problem
+from tiny_llama2_zh.tokenizer import chat_ids
 
 Message = dict[str, str]
 
@@ -72,8 +73,7 @@ def load_preferences(
             report.skip(where, "chosen equals rejected")
             continue
         longest = max(
-            len(tokenizer.apply_chat_template([*prompt, reply], return_dict=True)["input_ids"])
-            for reply in ({"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected})
+            len(chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": reply}])) for reply in (chosen, rejected)
         )
         if longest > max_length:
             report.skip(where, f"longer than max_length {max_length}")

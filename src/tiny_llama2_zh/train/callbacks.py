@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tiny_llama2_zh.eval.perplexity import perplexity
 from tiny_llama2_zh.runfiles import append_metrics, truncate_metrics
+from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.train.checkpoints import latest_complete_checkpoint
 
 
@@ -137,10 +138,8 @@ class SamplesCallback(TrainerCallback):
             self.write(model, state.global_step, state.is_world_process_zero)
 
     def write(self, model: PreTrainedModel, step: int, main_process: bool = True) -> dict[str, str]:
-        was_training = model.training
-        model.eval()
-        samples = {prompt: self.sample(model, prompt) for prompt in self.prompts}
-        model.train(was_training)
+        with eval_mode(model):
+            samples = {prompt: self.sample(model, prompt) for prompt in self.prompts}
         if main_process:
             records = [{"step": step, "prompt": prompt, "reply": text} for prompt, text in samples.items()]
             with self.path.open("a", encoding="utf-8") as out:
