@@ -200,7 +200,7 @@ def test_read_task_file_counts_and_names_malformed_lines(tmp_path):
     assert [row.line for row in read.rows] == [1, 10]
     assert read.rows[0].prompt == SENTIMENT_PROMPT.format(review="很好") and read.rows[0].reference == "正面"
     assert read.skipped == 8
-    assert read.problems[0].startswith(f"{path}:2: not JSON")
+    assert read.problems[0].startswith(f"{path}:2: malformed line (JSONDecodeError)")
     assert read.problems[3].startswith(f"{path}:5: unknown role 'bot'")
     assert len(read.problems) == eval_tasks.PROBLEMS_KEPT
 
@@ -326,4 +326,4 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(model_dir, tmp_path):
     result = evaluate_tasks([model_dir], tmp_path / "data", max_new_tokens=4, show_progress=False, warn=warnings.append)
     assert set(result["tasks"]) == {"pinyin"} and "segmentation" in result["skipped_tasks"]
     assert result["tasks"]["pinyin"]["skipped_lines"] == 1
-    assert any("pinyin/sft-test.jsonl:1: not JSON" in warning for warning in warnings)
+    assert any("pinyin/sft-test.jsonl:1: malformed line (JSONDecodeError)" in warning for warning in warnings)

@@ -35,10 +35,12 @@ import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
 
 TASK_NAMES = ("sentiment", "segmentation", "pinyin")
 SENTIMENT_LABELS = ("正面", "负面")  # as written by tiny_llama2_zh.data.tasks
@@ -227,14 +229,16 @@ class TaskFile:
     """The usable rows of one file, and the lines skipped (counted, the first few kept with file and line)."""
 
     path: Path
-    rows: list[TaskRow] = field(default_factory=list)
-    skipped: int = 0
-    problems: list[str] = field(default_factory=list)
+    rows: list[TaskRow]
+    report: ReadReport
 
-    def skip(self, line: int, reason: str) -> None:
-        self.skipped += 1
-        if len(self.problems) < PROBLEMS_KEPT:
-            self.problems.append(f"{self.path}:{line}: {reason}")
+    @property
+    def skipped(self) -> int:
+        return self.report.skipped_total
+
+    @property
+    def problems(self) -> list[str]:
+        return self.report.examples[:PROBLEMS_KEPT]
 
 
 def _row_problem(record: object, task: str) -> str | None:
@@ -262,28 +266,17 @@ def _row_problem(record: object, task: str) -> str | None:
 
 def read_task_file(path: str | Path, task: str) -> TaskFile:
     """Every usable row of a task's SFT file, in file order; malformed lines are counted and skipped."""
-    result = TaskFile(Path(path))
-    with result.path.open("rb") as lines:  # bytes: a line that is not UTF-8 is one skipped row, not a crash
-        for number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                result.skip(number, "not UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                result.skip(number, f"not JSON ({error.msg})")
-                continue
-            problem = _row_problem(record, task)
-            if problem:
-                result.skip(number, problem)
-                continue
-            messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-            result.rows.append(TaskRow(messages[:-1], messages[-1]["content"].strip(), number))
-    return result
+    report = ReadReport(unit="rows")
+    rows = []
+    for line in read_jsonl([Path(path)], report):
+        problem = _row_problem(line.value, task)
+        if problem:
+            report.skip(line.where, problem)
+            continue
+        messages = [{"role": m["role"], "content": m["content"]} for m in line.value["messages"]]
+        rows.append(TaskRow(messages[:-1], messages[-1]["content"].strip(), line.line))
+        report.kept += 1
+    return TaskFile(Path(path), rows, report)
 
 
 def limit_rows(rows: list[TaskRow], limit: int | None) -> list[TaskRow]:
