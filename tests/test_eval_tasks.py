@@ -9,24 +9,16 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_model
-from tiny_llama2_zh.data.tasks import PINYIN_PROMPT, SEGMENTATION_PROMPT, SENTIMENT_PROMPT
-from tiny_llama2_zh.eval import tasks as eval_tasks
-from tiny_llama2_zh.eval.tasks import (
-    add_arguments,
-    evaluate_tasks,
-    limit_rows,
-    markdown_table,
-    pinyin_counts,
-    pinyin_metrics,
-    read_task_file,
-    run,
+from tiny_llama2_zh.data.tasks.pinyin import PINYIN_PROMPT, SyllableCounts, pinyin_counts, pinyin_metrics
+from tiny_llama2_zh.data.tasks.segmentation import (
+    SEGMENTATION_PROMPT,
     segmentation_counts,
     segmentation_f1,
     segmentation_metrics,
-    sentiment_exact,
-    sentiment_label,
-    sentiment_metrics,
 )
+from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT, sentiment_exact, sentiment_label, sentiment_metrics
+from tiny_llama2_zh.eval import tasks as eval_tasks
+from tiny_llama2_zh.eval.tasks import add_arguments, evaluate_tasks, limit_rows, markdown_table, read_task_file, run
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -115,7 +107,7 @@ def test_segmentation_empty_reply_and_micro_average():
     ],
 )
 def test_pinyin_counts(reply, matched, total, exact):
-    assert pinyin_counts("dì qū", reply) == eval_tasks.SyllableCounts(matched, total, exact)
+    assert pinyin_counts("dì qū", reply) == SyllableCounts(matched, total, exact)
 
 
 def test_pinyin_metrics_sum_over_rows():
