@@ -2,6 +2,7 @@
 random model."""
 
 import argparse
+import itertools
 import json
 import unicodedata
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_model
+from tiny_llama2_zh.data.tasks import TASKS
 from tiny_llama2_zh.data.tasks.pinyin import PINYIN_PROMPT, SyllableCounts, pinyin_counts, pinyin_metrics
 from tiny_llama2_zh.data.tasks.segmentation import (
     SEGMENTATION_PROMPT,
@@ -124,6 +126,27 @@ def test_references_score_perfectly():
     assert segmentation_metrics(seg, seg)["f1"] == segmentation_metrics(seg, seg)["exact"] == 1.0
     pinyin = ["dì qū", "fú wù"]
     assert pinyin_metrics(pinyin, pinyin)["exact"] == pinyin_metrics(pinyin, pinyin)["syllable_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_registered_task_is_complete_and_consistent(name):
+    """What each entry of the registry must provide, checked on its own generated examples: answers the task can
+    check, that score 1 by every metric in the table, by the GRPO checkers and by the format check; wrong answers
+    that score below 1; a trivial baseline scored by the same metrics."""
+    task = TASKS[name]
+    examples = list(itertools.islice(task.examples(), 40))
+    assert len(examples) == 40 and all(example.answer != example.wrong_answer for example in examples)
+    answers, wrong = [e.answer for e in examples], [e.wrong_answer for e in examples]
+    assert all(task.answer_problem(answer) is None for answer in answers)
+    assert task.headline == task.columns[0][0]
+    right, worse = task.metrics(answers, answers), task.metrics(answers, wrong)
+    assert all(right[metric] == 1.0 for metric, _ in task.columns)
+    assert worse[task.headline] < 1.0
+    assert all(task.correct(a, a) == 1.0 and task.well_formed(a, a) == 1.0 for a in answers)
+    assert all(task.correct(a, w) < 1.0 for a, w in zip(answers, wrong))
+    replies, method = task.baseline(answers, answers)
+    assert len(replies) == len(answers) and method
+    assert 0.0 <= task.metrics(answers, replies)[task.headline] <= 1.0
 
 
 # -------------------------------------------------------------------------------------------- task files
