@@ -244,14 +244,20 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def _cells(line: str) -> list[str]:
+    """A markdown table row's cells, without the padding that aligns the columns."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def test_command_writes_table_json_and_markdown(model_dir, tmp_path, capsys):
     data = write_task_data(tmp_path / "tasks")
     output = tmp_path / "eval"
     run(_args("--model", str(model_dir), "--baseline-model", str(model_dir), "--data", str(data),
               "--output", str(output), "--limit", "5", "--max-new-tokens", "6"))  # fmt: skip
     printed = capsys.readouterr().out
-    assert "| model | sentiment acc | sentiment exact | seg F1 | seg exact | pinyin exact |" in printed
-    assert "| trivial baseline |" in printed and f"| {model_dir} |" in printed and f"{model_dir} (baseline)" in printed
+    table = [_cells(line) for line in printed.splitlines() if line.startswith("|")]
+    assert table[0][:6] == ["model", "sentiment acc", "sentiment exact", "seg F1", "seg exact", "pinyin exact"]
+    assert [row[0] for row in table[2:]] == ["trivial baseline", f"{model_dir} (baseline)", str(model_dir)]
 
     result = json.loads((output / "tasks.json").read_text(encoding="utf-8"))
     assert set(result["tasks"]) == {"sentiment", "segmentation", "pinyin"}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabulate import tabulate
 from tqdm import tqdm
 
 from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
@@ -298,20 +299,18 @@ def markdown_table(result: dict) -> str:
     """One line per baseline and model; columns: each task's headline metrics, then the rows scored per task."""
     columns = [column for column in TABLE_COLUMNS if column[0] in result["tasks"]]
     tasks = list(result["tasks"])
-    counts_header = f"rows ({'/'.join(tasks)})"
-    lines = [
-        "| " + " | ".join(["model", *(header for _, _, header in columns), counts_header]) + " |",
-        "|" + "---|" + "---:|" * (len(columns) + 1),
-    ]
+    headers = ["model", *(header for _, _, header in columns), f"rows ({'/'.join(tasks)})"]
+    lines = []
     for row in result["rows"]:
         name = row["name"] if row["kind"] != "baseline-model" else f"{row['name']} (baseline)"
-        cells = [name.replace("|", "\\|")]
+        cells = [name.replace("|", "\\|")]  # a pipe inside a cell would end it
         for task, metric, _ in columns:
             scored = row["tasks"].get(task)
             cells.append(_percent(scored["metrics"][metric]) if scored else "—")
         cells.append("/".join(str(row["tasks"][t]["rows"]) if t in row["tasks"] else "—" for t in tasks))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    align = ("left", *["right"] * (len(headers) - 1))
+    return tabulate(lines, headers, tablefmt="pipe", colalign=align, disable_numparse=True)
 
 
 def _code(text: str) -> str:
