@@ -80,7 +80,7 @@ def sentiment_format(reference: str, reply: str) -> float:
 
 def sentiment_answer_problem(answer: str) -> str | None:
     if answer not in SENTIMENT_LABELS:
-        return f"sentiment answer {answer!r} is not one of {'/'.join(SENTIMENT_LABELS)}"
+        return f"sentiment answer {answer!r} is not one of {SENTIMENT_LABELS}"
     return None
 
 
