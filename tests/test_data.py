@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from tiny_llama2_zh.data.demo_corpus import build_demo_corpus, strip_pos_tags
 from tiny_llama2_zh.data.pretokenized import (
     Manifest,
     PretrainDataset,
+    manifest_path,
     read_tokens,
     token_dtype,
     write_token_file,
@@ -81,6 +83,37 @@ def test_a_crash_while_writing_leaves_no_complete_looking_file(small_tokenizer, 
     with pytest.raises(RuntimeError):
         write_token_file(texts(), load_tokenizer(small_tokenizer), tmp_path / "x.bin", batch_size=1)
     assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.json").exists()
+    assert not (tmp_path / "x.bin.tmp").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("crash_renaming", ["x.bin", "x.bin.json"])
+def test_a_crash_while_publishing_never_leaves_a_manifest_for_another_bin(
+    small_tokenizer, tmp_path, monkeypatch, overwrite, crash_renaming
+):
+    """The process dies as a finished file is moved into place (the .bin's rename or the manifest's), over nothing
+    or over an earlier file of another length: a manifest that is left must describe the .bin beside it."""
+    tokenizer = load_tokenizer(small_tokenizer)
+    path = tmp_path / "x.bin"
+    if overwrite:
+        write_token_file(["旧的文件"] * 3, tokenizer, path)
+    real_replace = Path.replace
+
+    def dying_replace(self, target):
+        if Path(target).name == crash_renaming:
+            raise KeyboardInterrupt("killed")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_file(["新的文件，更长一些"] * 5, tokenizer, path)
+    monkeypatch.undo()
+    if manifest_path(path).exists():
+        assert path.exists()
+        assert len(read_tokens(path)) == Manifest.read(path).num_tokens  # the count the manifest's writer saw
+    else:
+        with pytest.raises(FileNotFoundError, match=r"x\.bin\.json is missing"):  # a .bin alone is refused
+            read_tokens(path)
     assert not (tmp_path / "x.bin.tmp").exists()
 
 

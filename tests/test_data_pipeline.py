@@ -226,11 +226,13 @@ def test_prepare_is_byte_identical_for_any_worker_count_and_resumes(corpus_file,
     data[10] ^= 0xFF
     corrupted.write_bytes(bytes(data))
     (folder / "train-00003.bin.tmp").write_bytes(b"half")
+    (folder / "train-00004.bin.json.tmp").write_text('{"dtype": ')  # a manifest cut short before its rename
     untouched = folder / "train-00000.bin"
     before = untouched.stat().st_mtime_ns
     again = run_prepare(corpus_file, small_tokenizer, folder, workers=2)
     assert untouched.stat().st_mtime_ns == before  # verified and kept, not rewritten
     assert shard_bytes(folder) == reference and again["tokens"] == one["tokens"]
+    assert not list(folder.glob("*.tmp"))
 
     dataset = PretrainDataset(folder / "train-*.bin", seq_len=64)
     tokens = np.concatenate([np.asarray(read_tokens(p)) for p in sorted(folder.glob("train-*.bin"))])

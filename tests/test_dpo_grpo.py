@@ -9,16 +9,10 @@ import pytest
 from conftest import REPO_ROOT
 from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
-from tiny_llama2_zh.train.rewards import (
-    RewardErrors,
-    answer_problem,
-    correctness_reward,
-    format_reward,
-    guarded,
-    pinyin_correct,
-    segmentation_correct,
-    sentiment_correct,
-)
+from tiny_llama2_zh.data.tasks.pinyin import pinyin_correct
+from tiny_llama2_zh.data.tasks.segmentation import segmentation_correct
+from tiny_llama2_zh.data.tasks.sentiment import sentiment_correct
+from tiny_llama2_zh.train.rewards import RewardErrors, answer_problem, correctness_reward, format_reward, guarded
 
 REVIEWS = ["这本书很好看", "质量太差了", "物流很快", "包装破损", "非常满意", "不推荐购买", "孩子很喜欢", "用了两天就坏"]
 

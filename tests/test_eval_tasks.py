@@ -2,6 +2,7 @@
 random model."""
 
 import argparse
+import itertools
 import json
 import unicodedata
 from pathlib import Path
@@ -9,24 +10,17 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_model
-from tiny_llama2_zh.data.tasks import PINYIN_PROMPT, SEGMENTATION_PROMPT, SENTIMENT_PROMPT
-from tiny_llama2_zh.eval import tasks as eval_tasks
-from tiny_llama2_zh.eval.tasks import (
-    add_arguments,
-    evaluate_tasks,
-    limit_rows,
-    markdown_table,
-    pinyin_counts,
-    pinyin_metrics,
-    read_task_file,
-    run,
+from tiny_llama2_zh.data.tasks import TASKS
+from tiny_llama2_zh.data.tasks.pinyin import PINYIN_PROMPT, SyllableCounts, pinyin_counts, pinyin_metrics
+from tiny_llama2_zh.data.tasks.segmentation import (
+    SEGMENTATION_PROMPT,
     segmentation_counts,
     segmentation_f1,
     segmentation_metrics,
-    sentiment_exact,
-    sentiment_label,
-    sentiment_metrics,
 )
+from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT, sentiment_exact, sentiment_label, sentiment_metrics
+from tiny_llama2_zh.eval import tasks as eval_tasks
+from tiny_llama2_zh.eval.tasks import add_arguments, evaluate_tasks, limit_rows, markdown_table, read_task_file, run
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -115,7 +109,7 @@ def test_segmentation_empty_reply_and_micro_average():
     ],
 )
 def test_pinyin_counts(reply, matched, total, exact):
-    assert pinyin_counts("dì qū", reply) == eval_tasks.SyllableCounts(matched, total, exact)
+    assert pinyin_counts("dì qū", reply) == SyllableCounts(matched, total, exact)
 
 
 def test_pinyin_metrics_sum_over_rows():
@@ -132,6 +126,27 @@ def test_references_score_perfectly():
     assert segmentation_metrics(seg, seg)["f1"] == segmentation_metrics(seg, seg)["exact"] == 1.0
     pinyin = ["dì qū", "fú wù"]
     assert pinyin_metrics(pinyin, pinyin)["exact"] == pinyin_metrics(pinyin, pinyin)["syllable_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_registered_task_is_complete_and_consistent(name):
+    """What each entry of the registry must provide, checked on its own generated examples: answers the task can
+    check, that score 1 by every metric in the table, by the GRPO checkers and by the format check; wrong answers
+    that score below 1; a trivial baseline scored by the same metrics."""
+    task = TASKS[name]
+    examples = list(itertools.islice(task.examples(), 40))
+    assert len(examples) == 40 and all(example.answer != example.wrong_answer for example in examples)
+    answers, wrong = [e.answer for e in examples], [e.wrong_answer for e in examples]
+    assert all(task.answer_problem(answer) is None for answer in answers)
+    assert task.headline == task.columns[0][0]
+    right, worse = task.metrics(answers, answers), task.metrics(answers, wrong)
+    assert all(right[metric] == 1.0 for metric, _ in task.columns)
+    assert worse[task.headline] < 1.0
+    assert all(task.correct(a, a) == 1.0 and task.well_formed(a, a) == 1.0 for a in answers)
+    assert all(task.correct(a, w) < 1.0 for a, w in zip(answers, wrong))
+    replies, method = task.baseline(answers, answers)
+    assert len(replies) == len(answers) and method
+    assert 0.0 <= task.metrics(answers, replies)[task.headline] <= 1.0
 
 
 # -------------------------------------------------------------------------------------------- task files
@@ -200,7 +215,7 @@ def test_read_task_file_counts_and_names_malformed_lines(tmp_path):
     assert [row.line for row in read.rows] == [1, 10]
     assert read.rows[0].prompt == SENTIMENT_PROMPT.format(review="很好") and read.rows[0].reference == "正面"
     assert read.skipped == 8
-    assert read.problems[0].startswith(f"{path}:2: not JSON")
+    assert read.problems[0].startswith(f"{path}:2: malformed line (JSONDecodeError)")
     assert read.problems[3].startswith(f"{path}:5: unknown role 'bot'")
     assert len(read.problems) == eval_tasks.PROBLEMS_KEPT
 
@@ -229,14 +244,20 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def _cells(line: str) -> list[str]:
+    """A markdown table row's cells, without the padding that aligns the columns."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def test_command_writes_table_json_and_markdown(model_dir, tmp_path, capsys):
     data = write_task_data(tmp_path / "tasks")
     output = tmp_path / "eval"
     run(_args("--model", str(model_dir), "--baseline-model", str(model_dir), "--data", str(data),
               "--output", str(output), "--limit", "5", "--max-new-tokens", "6"))  # fmt: skip
     printed = capsys.readouterr().out
-    assert "| model | sentiment acc | sentiment exact | seg F1 | seg exact | pinyin exact |" in printed
-    assert "| trivial baseline |" in printed and f"| {model_dir} |" in printed and f"{model_dir} (baseline)" in printed
+    table = [_cells(line) for line in printed.splitlines() if line.startswith("|")]
+    assert table[0][:6] == ["model", "sentiment acc", "sentiment exact", "seg F1", "seg exact", "pinyin exact"]
+    assert [row[0] for row in table[2:]] == ["trivial baseline", f"{model_dir} (baseline)", str(model_dir)]
 
     result = json.loads((output / "tasks.json").read_text(encoding="utf-8"))
     assert set(result["tasks"]) == {"sentiment", "segmentation", "pinyin"}
@@ -326,4 +347,4 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(model_dir, tmp_path):
     result = evaluate_tasks([model_dir], tmp_path / "data", max_new_tokens=4, show_progress=False, warn=warnings.append)
     assert set(result["tasks"]) == {"pinyin"} and "segmentation" in result["skipped_tasks"]
     assert result["tasks"]["pinyin"]["skipped_lines"] == 1
-    assert any("pinyin/sft-test.jsonl:1: not JSON" in warning for warning in warnings)
+    assert any("pinyin/sft-test.jsonl:1: malformed line (JSONDecodeError)" in warning for warning in warnings)

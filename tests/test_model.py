@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from conftest import tiny_config
 from tiny_llama2_zh.export.hf_llama import to_hf_llama
 from tiny_llama2_zh.model import (
+    LinearCrossEntropy,
     TinyLlama2Config,
     TinyLlama2ForCausalLM,
     TinyLlama2ForSequenceClassification,
@@ -228,6 +229,53 @@ def test_fused_loss_without_grad_mode_computes_no_gradients(no_grad_mode):
         plain = model(ids, labels=ids).loss
     assert without_grad < gradient_bytes
     torch.testing.assert_close(fused, plain)
+
+
+def test_fused_loss_with_a_frozen_head_builds_no_weight_gradient():
+    """LoRA SFT freezes the head (here tied to the frozen embedding) while the layers below still learn: the fused
+    loss must not build the (vocab, dim) float32 weight gradient nobody reads, and the trainable weights must
+    still get the plain loss's gradients."""
+    model = random_model(vocab_size=4096)
+    model.model.embed_tokens.weight.requires_grad_(False)  # the tied head with it
+    assert not model.lm_head.weight.requires_grad
+    ids = torch.randint(3, 4096, (2, 16))
+    gradient_bytes = model.lm_head.weight.numel() * 4
+
+    model.fused_loss_chunk_rows = 8  # a logits chunk (8 x vocab) is 4x smaller than the gradient (dim 32 x vocab)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fused = model(ids, labels=ids).loss
+    assert max(event.self_cpu_memory_usage for event in prof.events()) < gradient_bytes
+    fused.backward()
+    fused_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    model.fused_loss_chunk_rows = None  # the plain path: logits, then F.cross_entropy
+    plain = model(ids, labels=ids).loss
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    assert fused_grads  # the layers below the head do learn
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(fused_grads[name], parameter.grad, msg=name)
+
+
+def test_fused_loss_gradients_when_only_the_head_learns():
+    """The other side: a trainable head over a frozen body (no gradient wanted for the hidden states) gets the
+    plain cross-entropy's weight gradient, and the function hands back no hidden-state gradient."""
+    torch.manual_seed(0)
+    hidden = torch.randn(21, 16)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (21,))
+    labels[:4] = -100
+    normalizer = (labels != -100).sum().float()
+    fused = LinearCrossEntropy.apply(hidden, weight, labels, normalizer, 5, True)
+    saved_hidden_gradient, _ = fused.grad_fn.saved_tensors
+    assert saved_hidden_gradient is None
+    (fused_grad,) = torch.autograd.grad(fused, weight)
+    plain = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum") / normalizer
+    (plain_grad,) = torch.autograd.grad(plain, weight)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(fused_grad, plain_grad)
 
 
 def test_fused_loss_under_bf16_autocast_is_close_to_the_plain_loss():

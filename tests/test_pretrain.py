@@ -67,6 +67,24 @@ def test_unknown_or_mistyped_keys_are_errors(tmp_path):
         load_config(PretrainConfig, bad)
 
 
+def test_every_run_gets_its_own_copy_of_nested_defaults_and_options(tmp_path):
+    """A run's arguments must not share a dict with the module's defaults, another run or the loaded config: a
+    trainer or recipe adjusting its own `lr_scheduler_kwargs` would otherwise change every later run."""
+    from transformers import TrainingArguments
+
+    from tiny_llama2_zh.train.runner import RL_DEFAULTS, training_arguments
+
+    first = training_arguments(TrainingArguments, {"output_dir": str(tmp_path / "a")}, **RL_DEFAULTS)
+    first.lr_scheduler_kwargs["min_lr_rate"] = 0.5  # this run's own adjustment
+    second = training_arguments(TrainingArguments, {"output_dir": str(tmp_path / "b")}, **RL_DEFAULTS)
+    assert second.lr_scheduler_kwargs == {} and RL_DEFAULTS["lr_scheduler_kwargs"] == {}
+
+    section = {"output_dir": str(tmp_path / "c"), "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
+    third = training_arguments(TrainingArguments, section)
+    third.lr_scheduler_kwargs["min_lr_rate"] = 0.9
+    assert section["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}  # the config as loaded (and saved) is untouched
+
+
 def test_generate_and_eval_commands_on_a_trained_folder(small_tokenizer, token_files, tmp_path, capsys):
     from tiny_llama2_zh.cli import main
 

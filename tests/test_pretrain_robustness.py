@@ -157,3 +157,54 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
     reference = AutoModelForCausalLM.from_pretrained(single_process_run / "final").state_dict()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, atol=1e-4, rtol=1e-4)
+
+
+# The CLI under torchrun, with an audit hook (PEP 578) on every process but rank 0 that notes each time it opens a
+# metrics.jsonl* file for writing or renames one: only the main process may write the run's records.
+AUDITED_CLI = textwrap.dedent(
+    """
+    import os, sys
+    log = sys.argv.pop(1)
+    if int(os.environ["RANK"]) != 0:
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+        def is_metrics(path):
+            named = isinstance(path, (str, os.PathLike))
+            return named and os.path.basename(os.fspath(path)).startswith("metrics.jsonl")
+
+        def audit(event, args):
+            writes = event == "open" and isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR)
+            if (writes and is_metrics(args[0])) or (event == "os.rename" and is_metrics(args[1])):
+                os.write(log_fd, f"rank {os.environ['RANK']}: {event} {args[:2]}\\n".encode())
+
+        sys.addaudithook(audit)
+    from tiny_llama2_zh.cli import main
+    sys.exit(main())
+    """
+)
+
+
+@pytest.mark.distributed
+def test_torchrun_resume_truncates_metrics_on_the_main_process_only(small_tokenizer, token_files, tmp_path):
+    """Resuming drops the records after the checkpoint from metrics.jsonl: done by every rank (one shared `.tmp`
+    name), the ranks raced over the file. Rank 1 must not touch it, and each step is recorded once."""
+    run_dir = tmp_path / "run"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+    args = ["pretrain", "--config", str(DEMO_YAML)]
+    steps = ["train.max_steps=4", "train.save_steps=2", "train.per_device_train_batch_size=2"]
+    cli = [*torchrun, "-m", "tiny_llama2_zh.cli"]
+    first = run_child([*args, *overrides(small_tokenizer, token_files, run_dir, *steps)], launcher=cli)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(run_dir / "checkpoint-4")  # as if the run died after logging steps 3 and 4, before saving them
+    assert sorted(step_losses(run_dir)) == [1, 2, 3, 4]
+
+    script, log = tmp_path / "audited_cli.py", tmp_path / "rank1-metrics-writes.txt"
+    script.write_text(AUDITED_CLI)
+    resume = [*args, *overrides(small_tokenizer, token_files, run_dir, *steps, "resume=true")]
+    resumed = run_child([str(script), str(log), *resume], launcher=torchrun)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-2" in resumed.stdout
+    assert log.read_text() == ""  # the file exists: rank 1 did install its audit hook, and it noted nothing
+    assert sorted(step_losses(run_dir)) == [1, 2, 3, 4]  # steps 3 and 4 recomputed, each recorded once
+    finals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("final")]
+    assert len(finals) == 1

@@ -464,9 +464,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     mmap whose pages fault in again on every chunk. In float32 the weight gradient accumulates inside the matmul
     (addmm_), without a (V, d) temporary per chunk.
 
-    `compute_grad` must be False under torch.no_grad()/inference_mode() (evaluation): `ctx.needs_input_grad`
-    follows requires_grad, not grad mode, and inside `forward` grad mode is always off, so only the caller can
-    tell; without it evaluation would build the (V, d) float32 weight gradient for nothing.
+    Each gradient is built only for an input that needs it: LoRA fine-tuning freezes the head (and the tied
+    embedding), and its (V, d) float32 weight gradient would be as large as the head itself, for nothing; a frozen
+    body under a trainable head needs no (N, d) hidden-state gradient. `compute_grad` must be False under
+    torch.no_grad()/inference_mode() (evaluation): `ctx.needs_input_grad` follows requires_grad, not grad mode,
+    and inside `forward` grad mode is always off, so only the caller can tell.
     """
 
     @staticmethod
@@ -476,13 +478,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         compute_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         )
-        needs_grad = compute_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        needs_hidden_grad = compute_grad and ctx.needs_input_grad[0]
+        needs_weight_grad = compute_grad and ctx.needs_input_grad[1]
+        needs_grad = needs_hidden_grad or needs_weight_grad
         n_rows, vocab_size = hidden.shape[0], weight.shape[0]
         buffer_rows = min(chunk_rows, n_rows)
         with torch.autocast(device_type, enabled=False):
             weight_c = weight.to(compute_dtype)
-            grad_hidden = torch.empty_like(hidden) if needs_grad else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+            grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             logits_buffer = hidden.new_empty((buffer_rows, vocab_size), dtype=compute_dtype)
             log_probs_buffer = hidden.new_empty((buffer_rows, vocab_size), dtype=torch.float32)
@@ -501,12 +505,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=probs.dtype))
                     grad_logits = probs.to(compute_dtype)  # (n, V) unscaled; a no-op in float32
                     row_scale = (valid / normalizer)[:, None]  # (n, 1)
-                    grad_hidden[start : start + n] = (grad_logits @ weight_c) * row_scale
-                    scaled_rows = (rows * row_scale).to(compute_dtype)  # (n, d)
-                    if grad_logits.dtype == torch.float32:
-                        grad_weight.addmm_(grad_logits.T, scaled_rows)
-                    else:  # addmm_ cannot mix a float32 accumulator with bf16/fp16 operands
-                        grad_weight += (grad_logits.T @ scaled_rows).float()
+                    if grad_hidden is not None:
+                        grad_hidden[start : start + n] = (grad_logits @ weight_c) * row_scale
+                    if grad_weight is not None:
+                        scaled_rows = (rows * row_scale).to(compute_dtype)  # (n, d)
+                        if grad_logits.dtype == torch.float32:
+                            grad_weight.addmm_(grad_logits.T, scaled_rows)
+                        else:  # addmm_ cannot mix a float32 accumulator with bf16/fp16 operands
+                            grad_weight += (grad_logits.T @ scaled_rows).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / normalizer
@@ -514,7 +520,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):

@@ -8,44 +8,15 @@ One longer than `max_length` tokens (with the template) is skipped, or cut from 
 """
 
 import glob
-import json
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from tiny_llama2_zh.tokenizer import CHAT_ROLES
+from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
+from tiny_llama2_zh.tokenizer import CHAT_ROLES, chat_ids
 
 TooLong = Literal["skip", "truncate_left"]
-
-
-@dataclass
-class ConversationReport:
-    read: int = 0
-    kept: int = 0
-    truncated: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)  # the first few skipped, with file and line
-    unit: str = "conversations"
-
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {reason}")
-
-    def as_dict(self) -> dict:
-        """JSON-ready, for a run's summary.json."""
-        return vars(self) | {"skipped": dict(self.skipped)}
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{reason} {count}" for reason, count in self.skipped.most_common()) or "none"
-        kept = f"{self.kept:,} of {self.read:,} {self.unit} kept"
-        if self.unit == "conversations":
-            kept += f" ({self.truncated:,} cut from the left)"
-        return f"{kept}; skipped: {skipped}"
 
 
 def expand_paths(patterns: str | list[str], kind: str = "chat") -> list[Path]:
@@ -64,30 +35,6 @@ def expand_paths(patterns: str | list[str], kind: str = "chat") -> list[Path]:
             )
         paths += map(Path, matched)
     return paths
-
-
-def numbered_records(
-    paths: list[Path], report: ConversationReport, limit: int | None = None
-) -> Iterator[tuple[Path, str, object]]:
-    """(file, "file:line", parsed JSON) for every non-blank line of the files, counted in `report.read`; a line
-    that is not UTF-8 JSON is skipped and counted. `limit` caps each file by what the caller keeps (counted in
-    `report.kept`), so every file of a mix is represented."""
-    for path in paths:
-        kept_before = report.kept
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                if limit is not None and report.kept - kept_before >= limit:
-                    break
-                if not raw.strip():
-                    continue
-                report.read += 1
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    report.skip(where, f"malformed line ({type(error).__name__})")
-                    continue
-                yield path, where, record
 
 
 def problem(messages: object) -> str | None:
@@ -112,7 +59,7 @@ def problem(messages: object) -> str | None:
 
 
 def _length(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> int:
-    return len(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+    return len(chat_ids(tokenizer, messages))
 
 
 def fit(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> list[dict] | None:
@@ -135,16 +82,17 @@ def load_conversations(
     max_length: int,
     too_long: TooLong = "skip",
     limit: int | None = None,
-) -> tuple[list[dict], ConversationReport]:
+) -> tuple[list[dict], ReadReport]:
     """The trainable conversations of the files (`[{"messages": [...]}, ...]`) and the report. `limit` caps each
     file (the first `limit` usable conversations of every file), so every source of a mix is represented."""
-    report = ConversationReport()
+    report = ReadReport()
     kept: list[dict] = []
-    for _path, where, record in numbered_records(expand_paths(patterns), report, limit):
+    for line in read_jsonl(expand_paths(patterns), report, limit):
+        record = line.value
         messages = record.get("messages") if isinstance(record, dict) else None
         reason = problem(messages)
         if reason is not None:
-            report.skip(where, reason)
+            report.skip(line.where, reason)
             continue
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if messages[-1]["role"] != "assistant":  # trailing user turns teach nothing
@@ -152,7 +100,7 @@ def load_conversations(
         if _length(tokenizer, messages) > max_length:
             fitted = fit(tokenizer, messages, max_length) if too_long == "truncate_left" else None
             if fitted is None:
-                report.skip(where, f"longer than max_length {max_length}")
+                report.skip(line.where, f"longer than max_length {max_length}")
                 continue
             messages = fitted
             report.truncated += 1
@@ -166,14 +114,15 @@ def load_prompts(
     tokenizer: PreTrainedTokenizerBase,
     max_prompt_length: int,
     limit: int | None = None,
-) -> tuple[list[dict], ConversationReport]:
+) -> tuple[list[dict], ReadReport]:
     """Prompts for reinforcement learning (PPO, RLOO, GRPO): from chat files (`{"messages"}`: everything before
     the last assistant reply) or from preference files (`{"prompt"}`). Rows are `{"prompt": [messages], "source":
     folder name, "reference": the reply the file holds (the chosen one), or None}`; `limit` caps each file.
     A prompt longer than `max_prompt_length` tokens with the template is skipped and counted."""
-    report = ConversationReport(unit="prompts")
+    report = ReadReport(unit="prompts")
     rows: list[dict] = []
-    for path, where, record in numbered_records(expand_paths(patterns), report, limit):
+    for line in read_jsonl(expand_paths(patterns), report, limit):
+        record, where = line.value, line.where
         if isinstance(record, dict) and "messages" in record:
             reason = problem(record["messages"])
             if reason is not None:
@@ -192,10 +141,9 @@ def load_prompts(
         if not prompt or prompt[-1]["role"] != "user":
             report.skip(where, "no user turn before the reply")
             continue
-        length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
-        if length > max_prompt_length:
+        if len(chat_ids(tokenizer, prompt, generation_prompt=True)) > max_prompt_length:
             report.skip(where, f"prompt longer than {max_prompt_length} tokens")
             continue
-        rows.append({"prompt": prompt, "source": path.parent.name, "reference": reference})
+        rows.append({"prompt": prompt, "source": line.path.parent.name, "reference": reference})
         report.kept += 1
     return rows, report

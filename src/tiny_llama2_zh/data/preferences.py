@@ -13,7 +13,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from tiny_llama2_zh.data.conversations import ConversationReport, expand_paths, numbered_records, problem
+from tiny_llama2_zh.data.conversations import expand_paths, problem
+from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
+from tiny_llama2_zh.tokenizer import chat_ids
 
 Message = dict[str, str]
 
@@ -48,12 +50,13 @@ def load_preferences(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     limit: int | None = None,
-) -> tuple[list[dict], ConversationReport]:
+) -> tuple[list[dict], ReadReport]:
     """The usable pairs of the files as `{"prompt": [messages], "chosen": [assistant message], "rejected": [...],
     "source": str}` rows, and the report. `limit` caps each file (its first `limit` usable pairs)."""
-    report = ConversationReport(unit="pairs")
+    report = ReadReport(unit="pairs")
     rows: list[dict] = []
-    for path, where, record in numbered_records(expand_paths(patterns, kind="preference"), report, limit):
+    for line in read_jsonl(expand_paths(patterns, kind="preference"), report, limit):
+        record, where = line.value, line.where
         if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
             report.skip(where, "not a {prompt, chosen, rejected} record")
             continue
@@ -72,8 +75,7 @@ def load_preferences(
             report.skip(where, "chosen equals rejected")
             continue
         longest = max(
-            len(tokenizer.apply_chat_template([*prompt, reply], return_dict=True)["input_ids"])
-            for reply in ({"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected})
+            len(chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": reply}])) for reply in (chosen, rejected)
         )
         if longest > max_length:
             report.skip(where, f"longer than max_length {max_length}")
@@ -83,7 +85,7 @@ def load_preferences(
                 "prompt": prompt,
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}],
-                "source": source_name(path),
+                "source": source_name(line.path),
             }
         )
         report.kept += 1
@@ -92,7 +94,7 @@ def load_preferences(
 
 def load_preference_splits(
     data, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[list[dict], ConversationReport, list[dict], ConversationReport]:
+) -> tuple[list[dict], ReadReport, list[dict], ReadReport]:
     """A recipe's `data:` section (train, validation, max_train_examples, max_validation_examples) as training
     and held-out pairs with their reports, printed; either side empty is an error."""
     from tiny_llama2_zh.config import ConfigError

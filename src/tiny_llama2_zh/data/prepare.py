@@ -41,6 +41,7 @@ from tiny_llama2_zh.data.pretokenized import (
     batched,
     framing_tokens,
     manifest_path,
+    publish_token_file,
     token_dtype,
 )
 from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
@@ -342,12 +343,12 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
 def _remove_surplus_shards(output_dir: Path, split: str, count: int) -> None:
     """Shards of an earlier run beyond this run's `count` (fewer documents, a larger docs_per_shard) would still
     match `train-*.bin` and be trained on: remove them, their manifests, and any leftover temporary file."""
-    pattern = re.compile(rf"{re.escape(split)}-(\d{{5,}})\.bin(\.json|\.tmp)?")
+    pattern = re.compile(rf"{re.escape(split)}-(\d{{5,}})\.bin(\.json|\.tmp|\.json\.tmp)?")
     for path in sorted(output_dir.iterdir()):
         match = pattern.fullmatch(path.name)
         if match is None or not path.is_file():
             continue
-        if match.group(2) == ".tmp":
+        if match.group(2) in (".tmp", ".json.tmp"):
             path.unlink()
         elif int(match.group(1)) >= count:
             print(f"{path}: removed: a shard of an earlier run (this run writes {count} {split} shards)")
@@ -381,8 +382,7 @@ def _write_shard(
             bos_token_id=tokenizer.bos_token_id,
             inputs_hash=inputs_hash,
         )
-        manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        temporary.replace(bin_path)  # the .bin appears only when complete, after its manifest
+        publish_token_file(temporary, bin_path, manifest)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -66,6 +66,33 @@ def manifest_path(bin_path: str | Path) -> Path:
     return Path(f"{bin_path}.json")
 
 
+def _fsync(path: Path) -> None:
+    with path.open("rb") as file:
+        os.fsync(file.fileno())
+
+
+def publish_token_file(temporary: Path, bin_path: Path, manifest: Manifest) -> None:
+    """Move a completely written `temporary` into place as `bin_path`, then write its manifest beside it.
+
+    The steps are ordered so that a crash between any two never leaves a manifest describing a missing, partial
+    or different `.bin`: the earlier manifest (of an earlier file) is removed first, so an old `.bin` left alone is
+    refused rather than read with another file's counts; the `.bin` appears by an atomic rename of synced bytes;
+    the manifest is written under a temporary name, synced and renamed over (POSIX rename is atomic), so it is
+    either absent or complete -- the usual write-temp-then-rename recipe (e.g. SQLite's and git's lock files)."""
+    _fsync(temporary)
+    manifest_file = manifest_path(bin_path)
+    manifest_file.unlink(missing_ok=True)
+    temporary.replace(bin_path)
+    manifest_temporary = manifest_file.with_name(manifest_file.name + ".tmp")
+    try:
+        manifest_temporary.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        _fsync(manifest_temporary)
+        manifest_temporary.replace(manifest_file)
+    except BaseException:
+        manifest_temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_token_file(
     texts: Iterable[str],
     tokenizer: PreTrainedTokenizerFast,
@@ -77,8 +104,9 @@ def write_token_file(
     """Tokenize texts in batches with the fast tokenizer and stream the ids to bin_path, each document framed
     as bos + tokens + eos.
 
-    Memory is bounded by one batch. The file is written under a temporary name and renamed at the end, so a
-    crash never leaves a `.bin` that looks complete (and the temporary file is removed).
+    Memory is bounded by one batch. The file is written under a temporary name and published with its manifest
+    at the end (`publish_token_file`), so a crash never leaves a `.bin` that looks complete, nor a manifest that
+    describes another file (and the temporary file is removed).
     """
     bos, eos = framing_tokens(tokenizer)
     vocab_size = len(tokenizer)
@@ -99,8 +127,6 @@ def write_token_file(
                 num_tokens += len(ids)
                 num_documents += len(batch)
                 progress.update(len(batch))
-            out.flush()
-            os.fsync(out.fileno())
         manifest = Manifest(
             dtype=dtype.name,
             num_tokens=num_tokens,
@@ -111,8 +137,7 @@ def write_token_file(
             sources=sources or [],
             bos_token_id=bos,
         )
-        manifest_path(bin_path).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        temporary.replace(bin_path)
+        publish_token_file(temporary, bin_path, manifest)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, default_data_collator
 
 from tiny_llama2_zh.data.pretokenized import PretrainDataset
 from tiny_llama2_zh.loading import load_model
+from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
 
 
@@ -33,16 +34,14 @@ def perplexity(loss: float) -> float:
 def mean_token_loss(model: PreTrainedModel, batches: Iterable[dict], show_progress: bool = False) -> tuple[float, int]:
     """(mean loss per predicted token, number of predicted tokens) over labelled batches, weighting each batch by
     the tokens it predicts (labels other than -100 after the shift); the model is evaluated in eval mode."""
-    was_training = model.training
-    model.eval()
     total_loss, total_tokens = 0.0, 0
-    for batch in tqdm(batches, desc="evaluate", disable=not show_progress):
-        batch = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in batch.items()}
-        predicted = int((batch["labels"][:, 1:] != -100).sum())
-        if predicted:
-            total_loss += float(model(**batch).loss) * predicted
-            total_tokens += predicted
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in tqdm(batches, desc="evaluate", disable=not show_progress):
+            batch = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in batch.items()}
+            predicted = int((batch["labels"][:, 1:] != -100).sum())
+            if predicted:
+                total_loss += float(model(**batch).loss) * predicted
+                total_tokens += predicted
     if not total_tokens:
         raise ValueError("nothing to evaluate: the data holds no tokens to predict")
     return total_loss / total_tokens, total_tokens

@@ -1,22 +1,15 @@
 """`tinyllm eval tasks`: score saved models on the held-out demo tasks (`tinyllm data tasks`), beside trivial
 baselines on the same rows.
 
-For every task folder under --data (sentiment, segmentation, pinyin: whichever are present) the rows of
-`sft-test.jsonl` are read (prompts never trained on: `build_tasks` splits by a hash of the prompt); the
+For every task folder under --data (any task of the registry, `tiny_llama2_zh.data.tasks.TASKS`, that is present)
+the rows of `sft-test.jsonl` are read (prompts never trained on: `build_tasks` splits by a hash of the prompt); the
 conversation up to the final assistant message is the prompt and that message is the reference. Each model answers
-with greedy decoding through the chat template (`greedy_replies`), and the replies are scored:
+with greedy decoding through the chat template (`greedy_replies`), and the replies are scored by the task's own
+metrics (each task module's docstring says what they mean; the table shows each task's `columns`).
 
-- sentiment: `accuracy` -- the reply's first label word is the reference label (see `sentiment_label`); `exact` --
-  the whole reply, stripped of surrounding whitespace and punctuation, is exactly the label.
-- segmentation: word-level `precision` / `recall` / `f1` over word spans by character offset, micro-averaged over
-  all rows as the SIGHAN bakeoff scorer does (Sproat & Emerson 2003, "The First International Chinese Word
-  Segmentation Bakeoff"; Emerson 2005, the Second Bakeoff), and `exact` -- the same word sequence.
-- pinyin: `exact` -- the same syllable sequence; `syllable_accuracy` -- position-wise matches over
-  max(len(reference), len(reply)) syllables, summed over all rows.
-
-Baselines on the same rows (one "trivial baseline" row): sentiment predicts the majority label of `sft-train.jsonl`;
-segmentation puts every character in a word of its own; pinyin answers the train split's most frequent syllable
-once per character. `--baseline-model` adds model rows marked as baselines (say, the pretrained-only model).
+One "trivial baseline" row is scored on the same rows: each task's `baseline` (the majority label, one character
+per word, the most frequent syllable), some of which need the task's `sft-train.jsonl`. `--baseline-model` adds
+model rows marked as baselines (say, the pretrained-only model).
 
 `--limit N` keeps N rows per task, chosen by a hash of the prompt (the N smallest SHA-256 digests), not the first N
 lines: `build_tasks` writes every positive review before every negative one, so the first lines would be a
@@ -32,182 +25,22 @@ import contextlib
 import hashlib
 import json
 import sys
-import unicodedata
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from tabulate import tabulate
 from tqdm import tqdm
 
-TASK_NAMES = ("sentiment", "segmentation", "pinyin")
-SENTIMENT_LABELS = ("正面", "负面")  # as written by tiny_llama2_zh.data.tasks
+from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
+from tiny_llama2_zh.data.tasks import TASKS
+
 TEST_FILE, TRAIN_FILE = "sft-test.jsonl", "sft-train.jsonl"
 EXAMPLES_PER_TASK = 3
 PROBLEMS_KEPT = 5
 
-# The table's columns: (task, metric key, header).
-TABLE_COLUMNS = (
-    ("sentiment", "accuracy", "sentiment acc"),
-    ("sentiment", "exact", "sentiment exact"),
-    ("segmentation", "f1", "seg F1"),
-    ("segmentation", "exact", "seg exact"),
-    ("pinyin", "exact", "pinyin exact"),
-    ("pinyin", "syllable_accuracy", "pinyin syllable acc"),
-)
-
-METRIC_NOTES = {
-    "sentiment": "accuracy: the first of 正面/负面 found in the reply (whitespace removed) is the reference label; "
-    "exact: the reply stripped of surrounding whitespace and punctuation is exactly the label",
-    "segmentation": "precision/recall/f1: a predicted word is correct when its [start, end) character span and its "
-    "text match a reference word, micro-averaged over all rows (SIGHAN bakeoff scoring); exact: the same words",
-    "pinyin": "exact: the same syllables; syllable_accuracy: position-wise matches over max(len(reference), "
-    "len(reply)) syllables, summed over all rows",
-}
-
-
-# ------------------------------------------------------------------------------------------------ scorers
-def _is_punctuation_or_symbol(char: str) -> bool:
-    return unicodedata.category(char)[0] in "PS"  # P*: ，。“” etc.; S*: symbols such as ～ or emoji
-
-
-def sentiment_label(reply: str) -> str | None:
-    """The label a reply gives: the label word that starts earliest in it, after NFKC and with all whitespace
-    removed (so "正 面" and "情感：正面。" both read as 正面); None when it names neither. A reply naming both
-    ("正面或负面") counts as its first, which is why `sentiment_exact` is reported beside it."""
-    text = "".join(unicodedata.normalize("NFKC", reply).split())
-    found = [(text.find(label), label) for label in SENTIMENT_LABELS if label in text]
-    return min(found)[1] if found else None
-
-
-def sentiment_exact(reference: str, reply: str) -> bool:
-    """The reply is the label and nothing else, apart from whitespace and punctuation around it ("“正面”。")."""
-    text = unicodedata.normalize("NFKC", reply).strip()
-    start, end = 0, len(text)
-    while start < end and (text[start].isspace() or _is_punctuation_or_symbol(text[start])):
-        start += 1
-    while end > start and (text[end - 1].isspace() or _is_punctuation_or_symbol(text[end - 1])):
-        end -= 1
-    return text[start:end] == reference
-
-
-def _word_spans(words: Sequence[str]) -> dict[tuple[int, int], str]:
-    spans, start = {}, 0
-    for word in words:
-        spans[start, start + len(word)] = word
-        start += len(word)
-    return spans
-
-
-@dataclass(frozen=True)
-class SpanCounts:
-    """One segmentation row: words right, words predicted, words in the reference."""
-
-    correct: int
-    predicted: int
-    gold: int
-    exact: bool
-    same_characters: bool
-
-
-def segmentation_counts(reference: str, reply: str) -> SpanCounts:
-    """Word spans of a reply against the reference (both: words separated by any whitespace).
-
-    SIGHAN bakeoff scoring: each word is the [start, end) span of its characters in the concatenated sentence, and a
-    predicted word is right when a reference word has the same span. The bakeoff's `score` script aligns the two
-    word sequences with `diff` when the characters differ; here a predicted word must also have the reference
-    word's text, so a reply that adds, drops or changes characters gets no credit for the words whose text or
-    offsets the change touches (stricter, and counted by `same_characters`)."""
-    gold_words, predicted_words = reference.split(), reply.split()
-    gold = _word_spans(gold_words)
-    predicted = _word_spans(predicted_words)
-    correct = sum(1 for span, word in predicted.items() if gold.get(span) == word)
-    return SpanCounts(
-        correct=correct,
-        predicted=len(predicted_words),
-        gold=len(gold_words),
-        exact=predicted_words == gold_words,
-        same_characters="".join(predicted_words) == "".join(gold_words),
-    )
-
-
-def precision_recall_f1(correct: int, predicted: int, gold: int) -> tuple[float, float, float]:
-    """0 where a denominator is 0 (an empty reply has no precision to speak of, and earns nothing)."""
-    precision = correct / predicted if predicted else 0.0
-    recall = correct / gold if gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
-
-
-def segmentation_f1(reference: str, reply: str) -> float:
-    """F1 of one row (the task's score micro-averages counts over rows instead)."""
-    counts = segmentation_counts(reference, reply)
-    return precision_recall_f1(counts.correct, counts.predicted, counts.gold)[2]
-
-
-def _syllables(text: str) -> list[str]:
-    # NFC: a tone mark typed as a combining character (a + U+0304) is the same syllable as the composed ā
-    return unicodedata.normalize("NFC", text).split()
-
-
-@dataclass(frozen=True)
-class SyllableCounts:
-    """One pinyin row: syllables matching by position, out of max(len(reference), len(reply))."""
-
-    matched: int
-    total: int
-    exact: bool
-
-
-def pinyin_counts(reference: str, reply: str) -> SyllableCounts:
-    """Position-wise syllable matches; extra or missing syllables count as wrong, so the denominator is the longer
-    of the two. No case folding or punctuation stripping: "zhōng guó。" misses its last syllable."""
-    gold, predicted = _syllables(reference), _syllables(reply)
-    matched = sum(g == p for g, p in zip(gold, predicted))
-    return SyllableCounts(matched=matched, total=max(len(gold), len(predicted)), exact=gold == predicted)
-
-
-def sentiment_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
-    labels = [sentiment_label(reply) for reply in replies]
-    n = len(references)
-    return {
-        "accuracy": sum(label == ref for label, ref in zip(labels, references)) / n if n else 0.0,
-        "exact": sum(sentiment_exact(ref, reply) for ref, reply in zip(references, replies)) / n if n else 0.0,
-        "no_label": sum(label is None for label in labels),
-    }
-
-
-def segmentation_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
-    counts = [segmentation_counts(ref, reply) for ref, reply in zip(references, replies)]
-    precision, recall, f1 = precision_recall_f1(
-        sum(c.correct for c in counts), sum(c.predicted for c in counts), sum(c.gold for c in counts)
-    )
-    n = len(counts)
-    return {
-        "f1": f1,
-        "precision": precision,
-        "recall": recall,
-        "exact": sum(c.exact for c in counts) / n if n else 0.0,
-        "changed_characters": sum(not c.same_characters for c in counts),
-    }
-
-
-def pinyin_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
-    counts = [pinyin_counts(ref, reply) for ref, reply in zip(references, replies)]
-    total = sum(c.total for c in counts)
-    n = len(counts)
-    return {
-        "exact": sum(c.exact for c in counts) / n if n else 0.0,
-        "syllable_accuracy": sum(c.matched for c in counts) / total if total else 0.0,
-        "wrong_length": sum(len(_syllables(reply)) != len(_syllables(ref)) for ref, reply in zip(references, replies)),
-    }
-
-
-TASK_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], dict[str, float | int]]] = {
-    "sentiment": sentiment_metrics,
-    "segmentation": segmentation_metrics,
-    "pinyin": pinyin_metrics,
-}
+# The table's columns: (task, metric key, header), each task's headline metric first.
+TABLE_COLUMNS = tuple((name, metric, header) for name, task in TASKS.items() for metric, header in task.columns)
 
 
 # -------------------------------------------------------------------------------------------- reading rows
@@ -227,14 +60,16 @@ class TaskFile:
     """The usable rows of one file, and the lines skipped (counted, the first few kept with file and line)."""
 
     path: Path
-    rows: list[TaskRow] = field(default_factory=list)
-    skipped: int = 0
-    problems: list[str] = field(default_factory=list)
+    rows: list[TaskRow]
+    report: ReadReport
 
-    def skip(self, line: int, reason: str) -> None:
-        self.skipped += 1
-        if len(self.problems) < PROBLEMS_KEPT:
-            self.problems.append(f"{self.path}:{line}: {reason}")
+    @property
+    def skipped(self) -> int:
+        return self.report.skipped_total
+
+    @property
+    def problems(self) -> list[str]:
+        return self.report.examples[:PROBLEMS_KEPT]
 
 
 def _row_problem(record: object, task: str) -> str | None:
@@ -255,35 +90,22 @@ def _row_problem(record: object, task: str) -> str | None:
     reference = messages[-1]["content"].strip()
     if not reference:
         return "empty reference answer"
-    if task == "sentiment" and reference not in SENTIMENT_LABELS:
-        return f"sentiment answer {reference!r} is not one of {'/'.join(SENTIMENT_LABELS)}"
-    return None
+    return TASKS[task].answer_problem(reference)
 
 
 def read_task_file(path: str | Path, task: str) -> TaskFile:
     """Every usable row of a task's SFT file, in file order; malformed lines are counted and skipped."""
-    result = TaskFile(Path(path))
-    with result.path.open("rb") as lines:  # bytes: a line that is not UTF-8 is one skipped row, not a crash
-        for number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                result.skip(number, "not UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                result.skip(number, f"not JSON ({error.msg})")
-                continue
-            problem = _row_problem(record, task)
-            if problem:
-                result.skip(number, problem)
-                continue
-            messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-            result.rows.append(TaskRow(messages[:-1], messages[-1]["content"].strip(), number))
-    return result
+    report = ReadReport(unit="rows")
+    rows = []
+    for line in read_jsonl([Path(path)], report):
+        problem = _row_problem(line.value, task)
+        if problem:
+            report.skip(line.where, problem)
+            continue
+        messages = [{"role": m["role"], "content": m["content"]} for m in line.value["messages"]]
+        rows.append(TaskRow(messages[:-1], messages[-1]["content"].strip(), line.line))
+        report.kept += 1
+    return TaskFile(Path(path), rows, report)
 
 
 def limit_rows(rows: list[TaskRow], limit: int | None) -> list[TaskRow]:
@@ -293,34 +115,6 @@ def limit_rows(rows: list[TaskRow], limit: int | None) -> list[TaskRow]:
         return rows
     chosen = sorted(rows, key=lambda row: hashlib.sha256(row.prompt.encode("utf-8")).digest())[:limit]
     return sorted(chosen, key=lambda row: row.line)
-
-
-# ------------------------------------------------------------------------------------------------ baselines
-def majority_label(references: Sequence[str]) -> tuple[str, Counter]:
-    """The most frequent label; a tie goes to the one listed first in SENTIMENT_LABELS."""
-    counts = Counter(ref for ref in references if ref in SENTIMENT_LABELS)
-    return max(SENTIMENT_LABELS, key=lambda label: (counts[label], -SENTIMENT_LABELS.index(label))), counts
-
-
-def trivial_replies(task: str, rows: Sequence[TaskRow], train: TaskFile | None) -> tuple[list[str], str] | None:
-    """The trivial baseline's replies for a task's rows and a description of it; None if it needs a missing
-    train split."""
-    references = [row.reference for row in rows]
-    if task == "segmentation":
-        return [" ".join("".join(ref.split())) for ref in references], "every character a word of its own"
-    if train is None or not train.rows:
-        return None
-    train_references = [row.reference for row in train.rows]
-    if task == "sentiment":
-        label, counts = majority_label(train_references)
-        total = sum(counts.values())
-        return [label] * len(rows), f"majority class {label} ({counts[label]:,} of {total:,} train rows)"
-    # pinyin: the most frequent syllable, once per character of the word (= the reference's syllable count)
-    syllable, count = Counter(s for ref in train_references for s in _syllables(ref)).most_common(1)[0]
-    return (
-        [" ".join([syllable] * len(_syllables(ref))) for ref in references],
-        f"the train split's most frequent syllable {syllable} ({count:,} times), once per character",
-    )
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -338,7 +132,7 @@ def load_task_data(data_dir: str | Path, limit: int | None, warn: Callable[[str]
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder; `tinyllm data tasks --output DIR` writes one")
     tasks, skipped = {}, {}
-    for name in TASK_NAMES:
+    for name in TASKS:
         folder = data_dir / name
         if not folder.is_dir():
             continue
@@ -361,7 +155,7 @@ def load_task_data(data_dir: str | Path, limit: int | None, warn: Callable[[str]
     if not tasks:
         found = ", ".join(f"{name} ({reason})" for name, reason in skipped.items()) or "none"
         raise ValueError(
-            f"--data {data_dir} holds no usable task: expected {'/, '.join(TASK_NAMES)}/ folders with {TEST_FILE} "
+            f"--data {data_dir} holds no usable task: expected {'/, '.join(TASKS)}/ folders with {TEST_FILE} "
             f"(from `tinyllm data tasks`); skipped: {found}"
         )
     return tasks, skipped
@@ -377,7 +171,7 @@ def _examples(rows: Sequence[TaskRow], replies: Sequence[str]) -> list[dict[str,
 def _score(task: str, rows: Sequence[TaskRow], replies: Sequence[str]) -> dict:
     return {
         "rows": len(rows),
-        "metrics": TASK_METRICS[task]([row.reference for row in rows], replies),
+        "metrics": TASKS[task].metrics([row.reference for row in rows], replies),
         "examples": _examples(rows, replies),
     }
 
@@ -449,7 +243,8 @@ def evaluate_tasks(
 
     baseline: dict = {"name": "trivial baseline", "kind": "baseline", "path": None, "tasks": {}}
     for name, task in tasks.items():
-        trivial = trivial_replies(name, task.rows, task.train)
+        train_references = [row.reference for row in task.train.rows] if task.train else []
+        trivial = TASKS[name].baseline([row.reference for row in task.rows], train_references)
         if trivial is None:
             warn(f"no trivial baseline for {name}: it needs {task.test.path.parent / TRAIN_FILE}")
             continue
@@ -486,7 +281,7 @@ def evaluate_tasks(
                 "skipped_lines": task.test.skipped,
                 "problems": task.test.problems,
                 "train_skipped_lines": task.train.skipped if task.train else None,
-                "metrics": METRIC_NOTES[name],
+                "metrics": TASKS[name].metric_notes,
             }
             for name, task in tasks.items()
         },
@@ -504,20 +299,18 @@ def markdown_table(result: dict) -> str:
     """One line per baseline and model; columns: each task's headline metrics, then the rows scored per task."""
     columns = [column for column in TABLE_COLUMNS if column[0] in result["tasks"]]
     tasks = list(result["tasks"])
-    counts_header = f"rows ({'/'.join(tasks)})"
-    lines = [
-        "| " + " | ".join(["model", *(header for _, _, header in columns), counts_header]) + " |",
-        "|" + "---|" + "---:|" * (len(columns) + 1),
-    ]
+    headers = ["model", *(header for _, _, header in columns), f"rows ({'/'.join(tasks)})"]
+    lines = []
     for row in result["rows"]:
         name = row["name"] if row["kind"] != "baseline-model" else f"{row['name']} (baseline)"
-        cells = [name.replace("|", "\\|")]
+        cells = [name.replace("|", "\\|")]  # a pipe inside a cell would end it
         for task, metric, _ in columns:
             scored = row["tasks"].get(task)
             cells.append(_percent(scored["metrics"][metric]) if scored else "—")
         cells.append("/".join(str(row["tasks"][t]["rows"]) if t in row["tasks"] else "—" for t in tasks))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    align = ("left", *["right"] * (len(headers) - 1))
+    return tabulate(lines, headers, tablefmt="pipe", colalign=align, disable_numparse=True)
 
 
 def _code(text: str) -> str:

@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tiny_llama2_zh.eval.perplexity import perplexity
 from tiny_llama2_zh.runfiles import append_metrics, truncate_metrics
+from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.train.checkpoints import latest_complete_checkpoint
 
 
@@ -88,11 +89,15 @@ class ThroughputCallback(TrainerCallback):
 
 class MetricsFileCallback(TrainerCallback):
     """Appends every log record to metrics.jsonl (what `tinyllm plot` and a person read). On resume, records after
-    the checkpoint's step are dropped first: the resumed run recomputes them."""
+    the checkpoint's step are dropped first: the resumed run recomputes them.
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    Only the main process touches the file: under torchrun every rank builds this callback, and ranks truncating
+    and appending at once would race over one file (and one temporary name)."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, main_process: bool = True):
         self.path = Path(path)
-        if resume_step is not None:
+        self.main_process = main_process
+        if resume_step is not None and main_process:
             truncate_metrics(self.path, resume_step)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
@@ -100,7 +105,8 @@ class MetricsFileCallback(TrainerCallback):
             self.write({"step": state.global_step, **logs})
 
     def write(self, record: dict) -> None:
-        append_metrics(self.path, [record])
+        if self.main_process:
+            append_metrics(self.path, [record])
 
 
 class CopyConfigToCheckpoints(TrainerCallback):
@@ -132,10 +138,8 @@ class SamplesCallback(TrainerCallback):
             self.write(model, state.global_step, state.is_world_process_zero)
 
     def write(self, model: PreTrainedModel, step: int, main_process: bool = True) -> dict[str, str]:
-        was_training = model.training
-        model.eval()
-        samples = {prompt: self.sample(model, prompt) for prompt in self.prompts}
-        model.train(was_training)
+        with eval_mode(model):
+            samples = {prompt: self.sample(model, prompt) for prompt in self.prompts}
         if main_process:
             records = [{"step": step, "prompt": prompt, "reply": text} for prompt, text in samples.items()]
             with self.path.open("a", encoding="utf-8") as out:

@@ -1,39 +1,24 @@
 """Verifiable rewards for GRPO: plain Python that checks a reply against a task's known answer.
 
-Each checker takes (reference answer, reply) and returns a number in [0, 1]; `correctness_reward` and
-`format_reward` are reward functions in TRL's signature (`prompts, completions, task, answer, **columns` -> one float
-per completion), dispatching on each row's task. The scorers are the ones `tinyllm eval tasks` reports
-(`eval/tasks.py`), so what GRPO optimises is what the evaluation measures.
-
-- sentiment: 1 when the reply's label is the review's label (`sentiment_label`);
-- segmentation: the row's word F1 (SIGHAN spans), so a nearly right split earns nearly full reward;
-- pinyin: the fraction of syllables right by position (an exact answer earns 1);
-- format (any task): the answer is where the template says, in the shape the task asks for: exactly one label;
-  the sentence's own characters, split by spaces; one tone-marked syllable per character.
+The checkers are the tasks' own (`tiny_llama2_zh.data.tasks.TASKS`: each task's `correct` and `well_formed`, the
+same scorers `tinyllm eval tasks` reports), so what GRPO optimises is what the evaluation measures; each task
+module's docstring says what its reward and format checks pay. `correctness_reward` and `format_reward` are reward
+functions in TRL's signature (`prompts, completions, task, answer, **columns` -> one float per completion),
+dispatching on each row's task.
 
 `guarded` wraps a reward function so that an exception on one completion is counted and reported with the prompt
 it came from, and that completion gets no reward (None: TRL leaves it out of the sum) instead of the run dying
 somewhere inside the trainer without saying where.
 """
 
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tiny_llama2_zh.eval.tasks import (
-    SENTIMENT_LABELS,
-    pinyin_counts,
-    segmentation_counts,
-    segmentation_f1,
-    sentiment_exact,
-    sentiment_label,
-)
+from tiny_llama2_zh.data.tasks import TASKS
 
-# A tone-marked pinyin syllable as pypinyin writes it (Style.TONE): letters, tone marks, ü.
-PINYIN_SYLLABLE = re.compile(r"^[a-zāáǎàēéěèīíǐìōóǒòūúǔùüǖǘǚǜńňǹḿ]+$")
-TASKS_WITH_CHECKERS = ("sentiment", "segmentation", "pinyin")
+# each task's correctness checker by name, (reference answer, reply) -> a number in [0, 1]: a view of the registry
+CORRECTNESS = {name: task.correct for name, task in TASKS.items()}
 
 
 def reply_text(completion: object) -> str:
@@ -43,57 +28,23 @@ def reply_text(completion: object) -> str:
     return str(completion)
 
 
-def sentiment_correct(reference: str, reply: str) -> float:
-    return float(sentiment_label(reply) == reference)
-
-
-def segmentation_correct(reference: str, reply: str) -> float:
-    return segmentation_f1(reference, reply)
-
-
-def pinyin_correct(reference: str, reply: str) -> float:
-    counts = pinyin_counts(reference, reply)
-    return counts.matched / counts.total if counts.total else 0.0
-
-
-def sentiment_format(reference: str, reply: str) -> float:
-    return float(any(sentiment_exact(label, reply) for label in SENTIMENT_LABELS))
-
-
-def segmentation_format(reference: str, reply: str) -> float:
-    return float(segmentation_counts(reference, reply).same_characters and len(reply.split()) > 1)
-
-
-def pinyin_format(reference: str, reply: str) -> float:
-    syllables = unicodedata.normalize("NFC", reply).split()
-    return float(len(syllables) == len(reference.split()) and all(PINYIN_SYLLABLE.match(s) for s in syllables))
-
-
-CORRECTNESS = {"sentiment": sentiment_correct, "segmentation": segmentation_correct, "pinyin": pinyin_correct}
-FORMAT = {"sentiment": sentiment_format, "segmentation": segmentation_format, "pinyin": pinyin_format}
-
-
 def answer_problem(task: str, answer: object) -> str | None:
     """Why a row's reference answer cannot be checked (so the row cannot be a GRPO prompt), or None."""
-    if task not in CORRECTNESS:
-        return f"no checker for task {task!r} (known: {', '.join(TASKS_WITH_CHECKERS)})"
+    if task not in TASKS:
+        return f"no checker for task {task!r} (known: {', '.join(TASKS)})"
     if not isinstance(answer, str) or not answer.strip():
         return "no reference answer"
-    if task == "sentiment" and answer not in SENTIMENT_LABELS:
-        return f"sentiment answer {answer!r} is not one of {SENTIMENT_LABELS}"
-    if task == "pinyin" and not pinyin_format(answer, answer):
-        return f"pinyin answer {answer!r} is not tone-marked syllables"
-    return None
+    return TASKS[task].answer_problem(answer)
 
 
 def correctness_reward(prompts, completions, task, answer, **columns) -> list[float]:
     """TRL reward function: the task's checker on every completion."""
-    return [CORRECTNESS[t](a, reply_text(c)) for c, t, a in zip(completions, task, answer, strict=True)]
+    return [TASKS[t].correct(a, reply_text(c)) for c, t, a in zip(completions, task, answer, strict=True)]
 
 
 def format_reward(prompts, completions, task, answer, **columns) -> list[float]:
-    """TRL reward function: the reply has the task's answer shape (see the module docstring)."""
-    return [FORMAT[t](a, reply_text(c)) for c, t, a in zip(completions, task, answer, strict=True)]
+    """TRL reward function: the reply has the task's answer shape (see each task module's docstring)."""
+    return [TASKS[t].well_formed(a, reply_text(c)) for c, t, a in zip(completions, task, answer, strict=True)]
 
 
 @dataclass

@@ -14,6 +14,7 @@ Around it, every stage needs the same things, and gets them here:
 A recipe builds its data, model and trainer, and hands the trainer to `StageRun`.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -115,7 +116,9 @@ def training_arguments(
     values = dict(values)
     if "output_dir" not in values:
         raise ConfigError(f"{where}.output_dir is required: the folder the run writes to")
-    merged = {**project_defaults(), **stage_defaults, **values}
+    # a deep copy: nested defaults (RL_DEFAULTS' `lr_scheduler_kwargs: {}`) and the config's own mappings would
+    # otherwise be one object shared by every run's arguments, so one run's change would reach the next
+    merged = copy.deepcopy({**project_defaults(), **stage_defaults, **values})
     if values.get("eval_steps") == 0:
         merged.pop("eval_steps")
         merged["eval_strategy"] = "no"
@@ -201,7 +204,9 @@ class StageRun:
         self.config_file = self.output_dir / "config.yaml"
         if self.main_process:
             save_config(config, self.config_file)
-        self.metrics = MetricsFileCallback(self.output_dir / METRICS_FILE, resume_step=self.resume_step)
+        self.metrics = MetricsFileCallback(
+            self.output_dir / METRICS_FILE, resume_step=self.resume_step, main_process=self.main_process
+        )
         self.samples: SamplesCallback | None = None
         self.stage_seconds = 0.0
 

