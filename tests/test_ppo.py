@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from conftest import REPO_ROOT, save_tiny_model
 from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
+from tiny_llama2_zh.errors import TrainingDivergedError
 from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
-from tiny_llama2_zh.train.callbacks import TrainingDivergedError
 from tiny_llama2_zh.train.ppo import (
     PolicyAndValue,
     PPOModelOptions,

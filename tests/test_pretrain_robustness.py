@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from conftest import REPO_ROOT, smoke_config, smoke_overrides
-from tiny_llama2_zh.train.callbacks import TrainingDivergedError
+from tiny_llama2_zh.errors import TrainingDivergedError
 from tiny_llama2_zh.train.checkpoints import latest_complete_checkpoint
 from tiny_llama2_zh.train.pretrain import pretrain
 
@@ -71,6 +71,9 @@ def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(sm
     assert killed.returncode == -signal.SIGKILL
     assert latest_complete_checkpoint(crashed) == crashed / "checkpoint-3"
     assert (crashed / "checkpoint-3" / "config.yaml").is_file()  # the resolved config beside the checkpoint
+    # the checkpoint's arguments as JSON, not transformers' pickle: the resume below needs none
+    assert not (crashed / "checkpoint-3" / "training_args.bin").exists()
+    assert json.loads((crashed / "checkpoint-3" / "training_args.json").read_text())["save_steps"] == 3
     # a checkpoint whose writing was cut short (no trainer_state.json yet) must be ignored, not resumed from
     shutil.copytree(crashed / "checkpoint-3", crashed / "checkpoint-6")
     (crashed / "checkpoint-6" / "trainer_state.json").unlink()

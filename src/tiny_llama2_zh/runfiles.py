@@ -5,6 +5,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from tiny_llama2_zh.errors import UsageError
+
 METRICS_FILE = "metrics.jsonl"
 
 # Curves drawn when present, one panel each: (title, [(metric key, legend label, style)]).
@@ -41,7 +43,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as error:
             if number == len(lines):
                 continue  # the process died mid-write; everything before it is intact
-            raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from error
+            raise UsageError(f"{path}:{number}: not a JSON record ({error.msg})") from error
     return records
 
 
@@ -83,7 +85,7 @@ def plot_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
         if series:
             panels.append((title, series))
     if not panels or panels[0][0] != PANELS[0][0]:
-        raise ValueError(f"{run_dir / METRICS_FILE} holds no loss values to plot")
+        raise UsageError(f"{run_dir / METRICS_FILE} holds no loss values to plot")
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), dpi=100, squeeze=False)

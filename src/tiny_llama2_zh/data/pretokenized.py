@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
 
 # v2: every document starts with bos (v1 files have eos only, and a model trained on them never sees the bos
@@ -52,10 +53,10 @@ class Manifest:
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a manifest (malformed JSON: {error})") from None
+            raise UsageError(f"{path} is not a manifest (malformed JSON: {error})") from None
         if not isinstance(values, dict) or values.get("format") != MANIFEST_FORMAT:
             found = values.get("format") if isinstance(values, dict) else None
-            raise ValueError(
+            raise UsageError(
                 f"{path}: format {found!r} is not {MANIFEST_FORMAT!r}: files written before v2 have no bos token "
                 "before each document; re-run `tinyllm data prepare` (shards) or `tinyllm data tokenize` (a .bin)"
             )
@@ -147,12 +148,12 @@ def write_token_file(
 def framing_tokens(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:
     """(bos, eos) ids that frame every document; a tokenizer without either cannot write pretraining data."""
     if tokenizer.bos_token_id is None:
-        raise ValueError(
+        raise UsageError(
             "the tokenizer has no bos token; every pretraining document starts with one (the llama2.c convention): "
             "give it one (e.g. <s>) or use a folder from `tinyllm tokenizer train` / `convert-chatglm3`"
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; documents could not be separated")
+        raise UsageError("the tokenizer has no eos token; documents could not be separated")
     return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
@@ -172,7 +173,7 @@ def read_tokens(bin_path: str | Path) -> np.memmap:
     manifest = Manifest.read(bin_path)
     tokens = np.memmap(bin_path, dtype=np.dtype(manifest.dtype), mode="r")
     if len(tokens) != manifest.num_tokens:
-        raise ValueError(f"{bin_path} holds {len(tokens)} tokens but its manifest says {manifest.num_tokens}")
+        raise UsageError(f"{bin_path} holds {len(tokens)} tokens but its manifest says {manifest.num_tokens}")
     return tokens
 
 
@@ -198,14 +199,14 @@ class PretrainDataset(Dataset):
 
     def __init__(self, path: str | Path, seq_len: int, expected_fingerprint: str | None = None):
         if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+            raise UsageError(f"seq_len must be at least 2, got {seq_len}")
         self.seq_len = seq_len
         self.stride = seq_len - 1
         self.files = expand_token_files(path)
         self.manifests = [Manifest.read(file) for file in self.files]
         for file, manifest in zip(self.files, self.manifests):
             if expected_fingerprint is not None and expected_fingerprint != manifest.tokenizer_fingerprint:
-                raise ValueError(
+                raise UsageError(
                     f"{file} was tokenized with tokenizer {manifest.tokenizer_fingerprint}, "
                     f"not with the one given ({expected_fingerprint}); re-run `tinyllm data tokenize`"
                 )
@@ -214,7 +215,7 @@ class PretrainDataset(Dataset):
         self.offsets = np.cumsum([0, *blocks])  # first block index of each file
         self.num_blocks = int(self.offsets[-1])
         if self.num_blocks == 0:
-            raise ValueError(f"{path} has too few tokens for one block of {seq_len}")
+            raise UsageError(f"{path} has too few tokens for one block of {seq_len}")
         self._tokens: list[np.memmap | None] = [None] * len(self.files)
 
     def __len__(self) -> int:
@@ -243,9 +244,9 @@ class MixedPretrainDataset(Dataset):
         self, datasets: list[PretrainDataset], weights: list[float], seed: int = 1337, length: int | None = None
     ):
         if len(datasets) != len(weights) or not datasets:
-            raise ValueError(f"{len(datasets)} sources but {len(weights)} weights")
+            raise UsageError(f"{len(datasets)} sources but {len(weights)} weights")
         if any(weight < 0 for weight in weights) or sum(weights) <= 0:
-            raise ValueError(f"mixing weights must be non-negative and not all zero, got {weights}")
+            raise UsageError(f"mixing weights must be non-negative and not all zero, got {weights}")
         self.datasets = datasets
         self.length = length or sum(len(d) for d in datasets)
         rng = np.random.default_rng(seed)

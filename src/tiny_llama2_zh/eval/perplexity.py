@@ -12,6 +12,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, default_data_collator
 
 from tiny_llama2_zh.data.pretokenized import PretrainDataset
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.loading import load_model
 from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.tokenizer import tokenizer_fingerprint
@@ -43,7 +44,7 @@ def mean_token_loss(model: PreTrainedModel, batches: Iterable[dict], show_progre
                 total_loss += float(model(**batch).loss) * predicted
                 total_tokens += predicted
     if not total_tokens:
-        raise ValueError("nothing to evaluate: the data holds no tokens to predict")
+        raise UsageError("nothing to evaluate: the data holds no tokens to predict")
     return total_loss / total_tokens, total_tokens
 
 
@@ -52,7 +53,7 @@ def evaluate_loss(
 ) -> PerplexityResult:
     """Token-weighted mean loss over every block of `dataset` (each block predicts seq_len - 1 tokens)."""
     if len(dataset) == 0:
-        raise ValueError("nothing to evaluate: the dataset holds no blocks")
+        raise UsageError("nothing to evaluate: the dataset holds no blocks")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
     loss, tokens = mean_token_loss(model, loader, show_progress)
     return PerplexityResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, blocks=len(dataset))
@@ -66,13 +67,13 @@ def evaluate_perplexity(
     max_blocks: int | None = None,
 ) -> PerplexityResult:
     if max_blocks is not None and max_blocks < 1:
-        raise ValueError(f"--max-blocks must be at least 1, got {max_blocks}")
+        raise UsageError(f"--max-blocks must be at least 1, got {max_blocks}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     model, tokenizer = load_model(model_dir)
     seq_len = seq_len or model.config.max_position_embeddings
     if seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings}")
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings}")
     dataset: Dataset = PretrainDataset(data, seq_len, expected_fingerprint=tokenizer_fingerprint(tokenizer))
     if max_blocks is not None:
         dataset = Subset(dataset, range(min(max_blocks, len(dataset))))

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tiny_llama2_zh.errors import UsageError
+from tiny_llama2_zh.eval.markdown import percent, table
 from tiny_llama2_zh.tensors import eval_mode, token_log_probs
 from tiny_llama2_zh.tokenizer import chat_ids
 
@@ -169,17 +170,17 @@ def markdown_table(reports: dict[str, dict]) -> str:
     """Rows: scorers (baselines, reward models); columns: accuracy per source and overall, mean margin."""
     sources = sorted({source for report in reports.values() for source in report["per_source"]})
     header = ["scorer", *(f"{s} acc" for s in sources), "all acc", "pairs"]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for name, report in reports.items():
-        cells = [f"{report['per_source'][s]['accuracy']:.1%}" if s in report["per_source"] else "-" for s in sources]
-        lines.append(f"| {name} | " + " | ".join([*cells, f"{report['accuracy']:.1%}", str(report["pairs"])]) + " |")
-    return "\n".join(lines)
+    rows = [
+        (name, *(percent(report["per_source"].get(s, {}).get("accuracy")) for s in sources),
+         percent(report["accuracy"]), report["pairs"])
+        for name, report in reports.items()
+    ]  # fmt: skip
+    return table(header, rows)
 
 
 def calibration_table(report: dict) -> str:
-    lines = ["| confidence sigmoid(|margin|) | pairs | predicted | observed accuracy |", "|---|---:|---:|---:|"]
-    for bucket in report["calibration"]:
-        lines.append(
-            f"| {bucket['confidence']} | {bucket['pairs']} | {bucket['predicted']:.1%} | {bucket['accuracy']:.1%} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        (bucket["confidence"], bucket["pairs"], percent(bucket["predicted"]), percent(bucket["accuracy"]))
+        for bucket in report["calibration"]
+    ]
+    return table(("confidence sigmoid(\\|margin\\|)", "pairs", "predicted", "observed accuracy"), rows)

@@ -10,8 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from tabulate import tabulate
-
+from tiny_llama2_zh.eval.markdown import table
 from tiny_llama2_zh.recipes import RECIPES
 from tiny_llama2_zh.runfiles import METRICS_FILE, plot_curves
 
@@ -152,9 +151,9 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             total = sum(seconds.values())
             rows = [*((stage, f"{value:.1f}") for stage, value in seconds.items())]
             rows.append(("**total**", f"**{total:.1f}** ({total / 60:.1f} min)"))
-            table = tabulate(rows, ("stage", "seconds"), tablefmt="pipe", colalign=("left", "right")).splitlines()
+            wall = table(("stage", "seconds"), rows).splitlines()
             lines += _section(
-                f"Wall time ({run_dir})", f"tinyllm demo --output {run_dir}", [*table, "", f"![]({relative(chart)})"]
+                f"Wall time ({run_dir})", f"tinyllm demo --output {run_dir}", [*wall, "", f"![]({relative(chart)})"]
             )
         corpus = _read_json(run_dir / "corpus" / "stats.json")
         if corpus:
@@ -163,8 +162,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
                 for split in ("train", "validation")
             ]
             body = [
-                tabulate(splits, ("split", "documents", "characters"), tablefmt="pipe",
-                         colalign=("left", "right", "right")),
+                table(("split", "documents", "characters"), splits),
                 "",
                 "Documents kept per source: "
                 + ", ".join(f"{name} {count:,}" for name, count in corpus.get("per_source_documents", {}).items())
@@ -200,7 +198,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     for run_dir in run_dirs:
         tasks = _read_json(run_dir / "eval" / "tasks.json") or _read_json(run_dir / "tasks.json")
         if tasks:
-            from tiny_llama2_zh.eval.tasks import markdown_table
+            from tiny_llama2_zh.eval.tasks import markdown_table as tasks_table
 
             models = {Path(row["path"]).parent.name if row.get("path") else row["name"]: row for row in tasks["rows"]}
             accuracy = {
@@ -210,7 +208,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             }
             chart = _bar_chart(accuracy, "held-out sentiment accuracy", "%", files / f"{run_dir.name}-sentiment.png")
             command = f"tinyllm eval tasks --data {tasks['data']} --limit {tasks['limit']} --model ..."
-            lines += _section("Evaluation: demo tasks", command, [markdown_table(tasks), "", f"![]({relative(chart)})"])
+            lines += _section("Evaluation: demo tasks", command, [tasks_table(tasks), "", f"![]({relative(chart)})"])
         for name, title, command in (
             (
                 "eval/policies.md",
@@ -286,10 +284,10 @@ def summary_markdown(summary: dict) -> str:
         facts.insert(
             0, ("model", f"{parameters['total']:,} parameters ({parameters['non_embedding']:,} without embedding)")
         )
-    lines += [tabulate(facts, ("stage", "figure"), tablefmt="pipe"), ""]
+    lines += [table(("stage", "figure"), facts, left=2), ""]
     if summary.get("eval"):
-        lines += ["## Held-out tasks (greedy replies)", "", tabulate(_task_rows(summary["eval"]), ("model", "accuracy"),
-                  tablefmt="pipe"), ""]  # fmt: skip
+        tasks = table(("model", "accuracy"), _task_rows(summary["eval"]), left=2)
+        lines += ["## Held-out tasks (greedy replies)", "", tasks, ""]
     policies = Path(summary["output_dir"]) / "eval" / "policies.md"
     if policies.is_file():
         lines += ["## Policies on PPO's held-out prompts (sampled replies)", "", policies.read_text().strip(), ""]

@@ -23,17 +23,16 @@ is no folder the result obviously belongs to, and an evaluation should not write
 import argparse
 import contextlib
 import hashlib
-import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabulate import tabulate
 from tqdm import tqdm
 
 from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
 from tiny_llama2_zh.data.tasks import TASKS
+from tiny_llama2_zh.errors import UsageError
+from tiny_llama2_zh.eval.markdown import note, percent, table, write_result
 
 TEST_FILE, TRAIN_FILE = "sft-test.jsonl", "sft-train.jsonl"
 EXAMPLES_PER_TASK = 3
@@ -154,7 +153,7 @@ def load_task_data(data_dir: str | Path, limit: int | None, warn: Callable[[str]
         tasks[name] = TaskData(name, test, train, limit_rows(test.rows, limit))
     if not tasks:
         found = ", ".join(f"{name} ({reason})" for name, reason in skipped.items()) or "none"
-        raise ValueError(
+        raise UsageError(
             f"--data {data_dir} holds no usable task: expected {'/, '.join(TASKS)}/ folders with {TEST_FILE} "
             f"(from `tinyllm data tasks`); skipped: {found}"
         )
@@ -191,7 +190,7 @@ def model_replies(
         max_new_tokens = longest + max(8, longest // 4)
     context = model.config.max_position_embeddings
     if max_new_tokens >= context:
-        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}")
+        raise UsageError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}")
     lengths: dict[int, int] = {}
     for index, row in enumerate(rows):
         with contextlib.suppress(ValueError):  # too long: left out of generation, replied to with ""
@@ -209,7 +208,7 @@ def model_replies(
 
 
 def _stderr(message: str) -> None:
-    print(f"tinyllm eval tasks: {message}", file=sys.stderr)
+    note("eval tasks", message)
 
 
 def evaluate_tasks(
@@ -229,13 +228,13 @@ def evaluate_tasks(
     from tiny_llama2_zh.loading import check_model_folder, load_model
 
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise UsageError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not model_dirs and not baseline_model_dirs:
-        raise ValueError("no model to evaluate: pass --model DIR")
+        raise UsageError("no model to evaluate: pass --model DIR")
     models = [("baseline-model", Path(d)) for d in baseline_model_dirs] + [("model", Path(d)) for d in model_dirs]
     for _, folder in models:  # before any slow step: a typo fails at once
         check_model_folder(folder)
@@ -291,10 +290,6 @@ def evaluate_tasks(
 
 
 # ------------------------------------------------------------------------------------------------- output
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def markdown_table(result: dict) -> str:
     """One line per baseline and model; columns: each task's headline metrics, then the rows scored per task."""
     columns = [column for column in TABLE_COLUMNS if column[0] in result["tasks"]]
@@ -306,11 +301,10 @@ def markdown_table(result: dict) -> str:
         cells = [name.replace("|", "\\|")]  # a pipe inside a cell would end it
         for task, metric, _ in columns:
             scored = row["tasks"].get(task)
-            cells.append(_percent(scored["metrics"][metric]) if scored else "—")
+            cells.append(percent(scored["metrics"][metric]) if scored else "—")
         cells.append("/".join(str(row["tasks"][t]["rows"]) if t in row["tasks"] else "—" for t in tasks))
         lines.append(cells)
-    align = ("left", *["right"] * (len(headers) - 1))
-    return tabulate(lines, headers, tablefmt="pipe", colalign=align, disable_numparse=True)
+    return table(headers, lines)
 
 
 def _code(text: str) -> str:
@@ -343,12 +337,7 @@ def markdown_report(result: dict) -> str:
 
 
 def write_outputs(result: dict, output_dir: str | Path) -> tuple[Path, Path]:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "tasks.json", output_dir / "tasks.md"
-    json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(markdown_report(result), encoding="utf-8")
-    return json_path, md_path
+    return write_result(result, markdown_report(result), output_dir, "tasks")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

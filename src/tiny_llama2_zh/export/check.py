@@ -8,9 +8,8 @@ llama2.c files; each is checked on held-out chat prompts (greedy replies equal o
 import json
 from pathlib import Path
 
-from tabulate import tabulate
-
 from tiny_llama2_zh.errors import UsageError
+from tiny_llama2_zh.eval.markdown import table as markdown_table
 
 
 def pytorch_greedy(model, prompts: list[list[int]], new_tokens: int, stop: list[int]) -> list[list[int]]:
@@ -100,7 +99,7 @@ def check_exports(
         )
     except ValueError as refusal:  # a byte-level BPE vocabulary: run.c's tokenizer cannot hold it
         rows.append(("llama2.c", "—", "—", "refused before writing", str(refusal).split(": ", 1)[-1]))
-    table = tabulate(rows, ("format", "file", "size", "checked by", "result"), tablefmt="pipe", colalign=("left",) * 5)
+    table = markdown_table(("format", "file", "size", "checked by", "result"), rows, left=5)
     out.mkdir(parents=True, exist_ok=True)
     (out / "exports.md").write_text(table + "\n", encoding="utf-8")
     return table

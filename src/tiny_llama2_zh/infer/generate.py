@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TextStreamer
 
 from tiny_llama2_zh.errors import UsageError
-from tiny_llama2_zh.tokenizer import ROLE_TOKENS
+from tiny_llama2_zh.tokenizer import ROLE_TOKENS, chat_ids
 
 
 @dataclass
@@ -80,8 +80,7 @@ def chat_prompt_ids(
     turns = messages[len(system) :]
     dropped = 0
     while True:
-        ids = tokenizer.apply_chat_template([*system, *turns], add_generation_prompt=True, return_dict=True)
-        ids = list(ids["input_ids"])
+        ids = chat_ids(tokenizer, [*system, *turns], generation_prompt=True)
         if len(ids) <= max_prompt_tokens:
             return ids, dropped
         if len(turns) <= 1:

@@ -14,14 +14,11 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from tiny_llama2_zh.errors import TrainingDivergedError
 from tiny_llama2_zh.eval.perplexity import perplexity
 from tiny_llama2_zh.runfiles import append_metrics, truncate_metrics
 from tiny_llama2_zh.tensors import eval_mode
-from tiny_llama2_zh.train.checkpoints import latest_complete_checkpoint
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the gradients stopped being finite."""
+from tiny_llama2_zh.train.checkpoints import arguments_as_json, latest_complete_checkpoint
 
 
 class DivergenceGuard(TrainerCallback):
@@ -110,7 +107,8 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class CopyConfigToCheckpoints(TrainerCallback):
-    """Keeps the resolved recipe config beside every checkpoint, so each one says how it was made."""
+    """Keeps the resolved recipe config beside every checkpoint, so each one says how it was made, and its
+    training arguments as JSON instead of transformers' pickle."""
 
     def __init__(self, config_file: str | Path):
         self.config_file = Path(config_file)
@@ -120,6 +118,7 @@ class CopyConfigToCheckpoints(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if checkpoint.is_dir():
                 shutil.copyfile(self.config_file, checkpoint / self.config_file.name)
+                arguments_as_json(checkpoint, args)
 
 
 # (model, prompt) -> the model's text for that prompt; a chat stage formats the prompt with the chat template.

@@ -40,3 +40,14 @@ def latest_complete_checkpoint(output_dir: str | Path, announce: bool = True) ->
         if announce:
             print(f"ignoring incomplete checkpoint {checkpoint} (interrupted while it was written)")
     return None
+
+
+def arguments_as_json(folder: str | Path, args) -> None:
+    """Keep a folder's training arguments as `training_args.json`, never as transformers' `training_args.bin`
+    (a `torch.save` pickle: loading it runs code). transformers 5.23 writes the pickle into every checkpoint and
+    into `save_model`'s folder, and never reads it back to resume (`trainer_state.json` and the weights do that)."""
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    folder = Path(folder)
+    (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+    (folder / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")

@@ -180,11 +180,12 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     if replies:
         table += (
             "\n## Replies to held-out prompts, scored by the reward model (sampled, temperature 1)\n\n"
-            "| policy | reward-model score | KL to SFT (nats / reply) | reply length |\n|---|---:|---:|---:|\n"
-            + "".join(
-                f"| {name} | {m['eval_score']:+.3f} | {m['eval_kl']:.3f} | {m['eval_response_length']:.1f} |\n"
-                for name, m in replies.items()
+            + table(
+                ("policy", "reward-model score", "KL to SFT (nats / reply)", "reply length"),
+                [(name, f"{m['eval_score']:+.3f}", f"{m['eval_kl']:.3f}", f"{m['eval_response_length']:.1f}")
+                 for name, m in replies.items()],
             )
+            + "\n"
         )
     if run.main_process:
         (run.output_dir / "dpo_eval.md").write_text(table, encoding="utf-8")

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tabulate import tabulate
+from tiny_llama2_zh.eval.markdown import table
 
 
 def compare_policies(
@@ -71,7 +71,7 @@ def markdown_table(result: dict) -> str:
         for row in result["rows"]
     ]  # fmt: skip
     headers = ("policy", "reward-model score", "KL to reference (nats / reply)", "reply length", "replies ended")
-    return tabulate(rows, headers, tablefmt="pipe", colalign=("left", "right", "right", "right", "right"))
+    return table(headers, rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,9 +47,10 @@ from transformers import (
 )
 
 from tiny_llama2_zh.config import ConfigError
+from tiny_llama2_zh.errors import TrainingDivergedError
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
 from tiny_llama2_zh.tokenizer import load_tokenizer
-from tiny_llama2_zh.train.callbacks import SamplesCallback, TrainingDivergedError
+from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.rl import (
     PromptDataOptions,
     RewardFunction,

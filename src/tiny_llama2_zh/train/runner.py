@@ -36,7 +36,12 @@ from tiny_llama2_zh.train.callbacks import (
     SamplesCallback,
     ThroughputCallback,
 )
-from tiny_llama2_zh.train.checkpoints import checkpoint_step, checkpoints, latest_complete_checkpoint
+from tiny_llama2_zh.train.checkpoints import (
+    arguments_as_json,
+    checkpoint_step,
+    checkpoints,
+    latest_complete_checkpoint,
+)
 
 ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 
@@ -254,8 +259,6 @@ class StageRun:
 
         `final/` holds no pickle: transformers' `Trainer._save` writes the arguments with `torch.save`
         (`training_args.bin`, which runs code when loaded); they are kept as `training_args.json` instead."""
-        from transformers.trainer import TRAINING_ARGS_NAME
-
         final_dir = self.output_dir / "final"
         trainer.save_model(str(final_dir))
         step = trainer.state.global_step
@@ -264,8 +267,7 @@ class StageRun:
         if not self.main_process:
             return None
         tokenizer.save_pretrained(str(final_dir))
-        (final_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)
-        (final_dir / "training_args.json").write_text(trainer.args.to_json_string(), encoding="utf-8")
+        arguments_as_json(final_dir, trainer.args)
         plot_curves(self.output_dir)
         summary = {
             "stage": self.stage,
