@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.conversations import ConversationReport
+from tiny_llama2_zh.data.jsonl import ReadReport
 from tiny_llama2_zh.infer.generate import greedy_replies, turn_end_ids
 from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.tokenizer import load_tokenizer
@@ -81,10 +81,10 @@ def grpo_arguments(config: GRPORecipeConfig) -> GRPOConfig:
     )
 
 
-def task_rows(rows: list[dict], report: ConversationReport | None) -> tuple[list[dict], dict]:
+def task_rows(rows: list[dict], report: ReadReport | None) -> tuple[list[dict], dict]:
     """The prompt rows (`load_prompts`) with their task and checkable answer, and the counts: read, kept, skipped
     by the reader, and those whose answer cannot be checked (counted by reason)."""
-    report = report or ConversationReport(unit="prompts")
+    report = report or ReadReport(unit="prompts")
     kept, unchecked = [], {}
     for row in rows:
         problem = answer_problem(row["source"], row["reference"])

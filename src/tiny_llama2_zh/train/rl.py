@@ -25,7 +25,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from tiny_llama2_zh.config import ConfigError
-from tiny_llama2_zh.data.conversations import ConversationReport, load_prompts
+from tiny_llama2_zh.data.conversations import load_prompts
+from tiny_llama2_zh.data.jsonl import ReadReport
 from tiny_llama2_zh.infer.generate import left_pad, turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, refuse_quantized, same_tokenizer_or_refuse
 from tiny_llama2_zh.tensors import eval_mode, token_log_probs
@@ -60,9 +61,9 @@ class PromptDataOptions:
 @dataclass
 class RolloutPrompts:
     train: list[dict]  # load_prompts rows: {"prompt": [messages], "source", "reference"}
-    train_report: ConversationReport
+    train_report: ReadReport
     held_out: list[dict]
-    held_out_report: ConversationReport | None
+    held_out_report: ReadReport | None
 
 
 def load_rollout_prompts(data: PromptDataOptions, tokenizer: PreTrainedTokenizerBase) -> RolloutPrompts:
