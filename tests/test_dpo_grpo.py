@@ -132,7 +132,8 @@ def test_dpo_learns_held_out_preferences_and_reports_replies(tiny_model_dir, tin
     run = tmp_path / "run"
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evaluations if "eval_accuracy" in r][:3] == [0, 10, 20]
-    assert (run / "loss.png").is_file() and "| DPO implicit reward |" in (run / "dpo_eval.md").read_text()
+    assert (run / "loss.png").is_file()
+    assert any(line.startswith("| DPO implicit reward ") for line in (run / "dpo_eval.md").read_text().splitlines())
     assert_shipped_folder_is_pickle_free(run / "final")
 
 

@@ -78,7 +78,8 @@ def test_reward_recipe_learns_a_visible_preference_and_reports_it(tiny_model_dir
     evaluations = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evaluations][:3] == [0, 15, 30] and "eval_toy_accuracy" in evaluations[-1]
     assert not any("eval_perplexity" in r for r in records)  # a pairwise loss is not a language model's
-    assert (run / "loss.png").is_file() and "| reward model |" in (run / "reward_eval.md").read_text()
+    assert (run / "loss.png").is_file()
+    assert any(line.startswith("| reward model ") for line in (run / "reward_eval.md").read_text().splitlines())
     assert_shipped_folder_is_pickle_free(run / "final")
 
     from tiny_llama2_zh.cli import main

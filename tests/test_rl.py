@@ -85,7 +85,7 @@ def rl_argv(stage: str, policy: Path, reward_model: Path, prompts: Path, output_
 @pytest.fixture(scope="module")
 def quantized_dir(tiny_model_dir, tmp_path_factory) -> Path:
     from tiny_llama2_zh.loading import load_model
-    from tiny_llama2_zh.quantize import apply_method, save_quantized
+    from tiny_llama2_zh.quantize.methods import apply_method, save_quantized
 
     model, tokenizer = load_model(tiny_model_dir, "cpu")
     folder = tmp_path_factory.mktemp("quantized")

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import DPOConfig, DPOTrainer
 
 from tiny_llama2_zh.data.preferences import load_preference_splits
+from tiny_llama2_zh.eval.markdown import table
 from tiny_llama2_zh.eval.preferences import (
     TokenizedPair,
     flat_metrics,
@@ -176,9 +177,9 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
                 for name, model in (("sft", reference), ("dpo", trainer.model))
             }
     reports = {**({"DPO implicit reward, step 0": initial} if initial else {}), "DPO implicit reward": final}
-    table = f"## Held-out pair accuracy ({final['pairs']} pairs; a tie counts half)\n\n{markdown_table(reports)}\n"
+    report = f"## Held-out pair accuracy ({final['pairs']} pairs; a tie counts half)\n\n{markdown_table(reports)}\n"
     if replies:
-        table += (
+        report += (
             "\n## Replies to held-out prompts, scored by the reward model (sampled, temperature 1)\n\n"
             + table(
                 ("policy", "reward-model score", "KL to SFT (nats / reply)", "reply length"),
@@ -188,8 +189,8 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
             + "\n"
         )
     if run.main_process:
-        (run.output_dir / "dpo_eval.md").write_text(table, encoding="utf-8")
-        print(table)
+        (run.output_dir / "dpo_eval.md").write_text(report, encoding="utf-8")
+        print(report)
     return run.finish(
         trainer,
         tokenizer,
