@@ -363,10 +363,17 @@ class DemoRun:
             args.run(args)
 
 
+def checked_overrides(output_dir: Path, overrides: list[str], seed: int = DEFAULT_SEED) -> dict[str, list[str]]:
+    """The overrides by stage, every one checked against the real parsers and recipe classes (`stage_commands`):
+    called before anything is written or removed, so a typo costs nothing."""
+    by_stage = split_overrides(overrides)
+    for stage in STAGES:
+        stage_commands(stage, output_dir, by_stage[stage.name], seed=seed)
+    return by_stage
+
+
 def _load_run(output_dir: Path, overrides: list[str], force: bool, seed: int) -> DemoRun:
-    run = DemoRun(output_dir, split_overrides(overrides), seed)
-    for stage in STAGES:  # every override checked before anything is written or removed
-        stage_commands(stage, output_dir, run.overrides[stage.name], seed=seed)
+    run = DemoRun(output_dir, checked_overrides(output_dir, overrides, seed), seed)
     if force and output_dir.exists():
         print(f"--force: removing the earlier demo run in {output_dir}")
         shutil.rmtree(output_dir)
