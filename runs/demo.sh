@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The storyboard: every stage of the demo as its own command, in order: what `tinyllm demo` runs in one go.
-# Written by `tinyllm demo --storyboard > runs/demo.sh` (tests/test_demo.py keeps the two equal).
+# Written by `tinyllm demo --storyboard > runs/demo.sh` (tests/test_demo.py keeps the two equal); another seed:
+# `tinyllm demo --storyboard --seed N`.
 # Usage: bash runs/demo.sh [OUTPUT_DIR]    (from the repository root, after `pip install -e .`)
 set -euo pipefail
 out=${1:-runs/demo-stages}
@@ -19,8 +20,10 @@ tinyllm data tokenize --tokenizer "$out/tokenizer" --input "$out/corpus/validati
 
 # 4. Pretraining on CPU with the Hugging Face Trainer (a few minutes on 2 cores), then a sampled continuation.
 tinyllm pretrain --config configs/pretrain/demo.yaml "data.tokenizer=$out/tokenizer" \
-  "data.train=$out/data/train.bin" "data.validation=$out/data/validation.bin" "train.output_dir=$out/pretrain"
-tinyllm generate --model "$out/pretrain/final" --prompt '中国经济' --temperature 0.8 --top-p 0.9 --max-new-tokens 60
+  "data.train=$out/data/train.bin" "data.validation=$out/data/validation.bin" "train.output_dir=$out/pretrain" \
+  train.seed=1337
+tinyllm generate --model "$out/pretrain/final" --prompt '中国经济' --temperature 0.8 --top-p 0.9 --max-new-tokens 60 \
+  --seed 1337
 
 # 5. Tasks with checkable answers (sentiment, word segmentation, pinyin), split by prompt.
 tinyllm data tasks --output "$out/tasks"
@@ -29,30 +32,30 @@ tinyllm data tasks --output "$out/tasks"
 tinyllm sft --config configs/sft/demo.yaml "model.init_from=$out/pretrain/final" \
   "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/pinyin/sft-train.jsonl]" \
   "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl,$out/tasks/pinyin/sft-test.jsonl]" \
-  "train.output_dir=$out/sft"
+  "train.output_dir=$out/sft" train.seed=1337
 
 # 7. A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.
 tinyllm reward --config configs/reward/demo.yaml "model.init_from=$out/sft/final" \
   "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/pinyin/preference-train.jsonl]" \
   "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/pinyin/preference-test.jsonl]" \
-  "train.output_dir=$out/reward"
+  "train.output_dir=$out/reward" train.seed=1337
 
 # 8. PPO (written here) against that reward model, KL-penalised to the SFT model.
 tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.reward_model=$out/reward/final" \
   "data.prompts=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl]" \
   "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl]" \
-  "train.output_dir=$out/ppo"
+  "train.output_dir=$out/ppo" train.seed=1337
 
 # 9. DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
   "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/pinyin/preference-train.jsonl]" \
   "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/pinyin/preference-test.jsonl]" \
-  "train.output_dir=$out/dpo"
+  "train.output_dir=$out/dpo" train.seed=1337
 
 # 10. GRPO with checkable rewards (the task's own answer checker) on sentiment prompts.
 tinyllm grpo --config configs/grpo/demo.yaml "model.init_from=$out/sft/final" \
   "data.prompts=$out/tasks/sentiment/sft-train.jsonl" "data.validation=$out/tasks/sentiment/sft-test.jsonl" \
-  "train.output_dir=$out/grpo"
+  "train.output_dir=$out/grpo" train.seed=1337
 
 # 11. Quantisation: int8 (torchao weight-only, torch.ao dynamic) and int4 against float32: size, perplexity, accuracy, speed.
 tinyllm quantize --report --model "$out/pretrain/final" --model "$out/sft/final" --output "$out/quantize" \
@@ -69,7 +72,7 @@ tinyllm eval mc --idioms --limit 300 --model "$out/pretrain/final" --model "$out
   --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
 tinyllm eval policies --model "$out/sft/final" --model "$out/ppo/final" --model "$out/dpo/final" --model \
   "$out/grpo/final" --reference "$out/sft/final" --reward-model "$out/reward/final" --prompts \
-  "$out/tasks/sentiment/sft-test.jsonl" "$out/tasks/segmentation/sft-test.jsonl" --output "$out/eval"
+  "$out/tasks/sentiment/sft-test.jsonl" "$out/tasks/segmentation/sft-test.jsonl" --output "$out/eval" --seed 1337
 
 # 14. The report card: every stage's figures and curves in report.md, the headline figures in summary.md.
 tinyllm report "$out"

@@ -1,11 +1,12 @@
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT
-from tiny_llama2_zh.cli import main
-from tiny_llama2_zh.demo import STAGE_NAMES
+from tiny_llama2_zh.cli import main, parse
+from tiny_llama2_zh.demo import BY_NAME, STAGE_NAMES, STAGES, stage_commands
 
 SMALL_DEMO = [
     *("pretrain.train.max_steps=3", "pretrain.train.eval_steps=0", "pretrain.sample_max_new_tokens=4"),
@@ -121,6 +122,43 @@ def test_the_committed_storyboard_is_the_demo(capsys):
     """runs/demo.sh is `tinyllm demo --storyboard`: one source for the demo and its script."""
     assert main(["demo", "--storyboard"]) == 0
     assert capsys.readouterr().out == (REPO_ROOT / "runs" / "demo.sh").read_text(encoding="utf-8")
+
+
+def _storyboard_commands(text: str) -> list[list[str]]:
+    """The storyboard's `tinyllm` commands as argv lists (continuation lines joined)."""
+    joined = text.replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.startswith("tinyllm ")]
+
+
+def test_demo_seed_reaches_every_training_and_sampling_command(capsys):
+    """`--seed 7`: every recipe command carries train.seed=7, the sampling commands (generate, eval policies)
+    --seed 7, and no command keeps another seed."""
+    assert main(["demo", "--storyboard", "--seed", "7"]) == 0
+    commands = _storyboard_commands(capsys.readouterr().out)
+    recipes = [command for command in commands if command[0] in {s.name for s in STAGES if s.recipe}]
+    assert [command[0] for command in recipes] == ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
+    assert all("train.seed=7" in command for command in recipes)
+    sampling = [command for command in commands if command[0] == "generate" or command[:2] == ["eval", "policies"]]
+    assert len(sampling) == 2
+    assert all(command[command.index("--seed") + 1] == "7" for command in sampling)
+    seeds = [word for command in commands for word in command if "seed" in word]
+    assert set(seeds) == {"train.seed=7", "--seed"}, seeds
+    assert main(["demo", "--storyboard"]) == 0  # the default seed is written out too
+    assert "train.seed=1337" in capsys.readouterr().out
+
+
+def _recipe_seed(argv: list[str]) -> int:
+    """The train.seed a recipe command line trains with (its YAML, then its overrides in order)."""
+    from tiny_llama2_zh.recipes import RECIPES
+
+    args = parse(argv)
+    return RECIPES[argv[0]].load(args.config, args.overrides).train["seed"]
+
+
+def test_a_stage_override_of_the_seed_wins(tmp_path):
+    assert _recipe_seed(stage_commands(BY_NAME["sft"], tmp_path, ["train.seed=5"], seed=7)[0]) == 5
+    pretrain, generate = stage_commands(BY_NAME["pretrain"], tmp_path, [], seed=7)
+    assert _recipe_seed(pretrain) == 7 and generate[generate.index("--seed") + 1] == "7"
 
 
 @pytest.mark.slow

@@ -15,6 +15,11 @@ The run is resumable: `demo_state.json` records each finished stage and its wall
 after an interruption and the demo continues at the stage it stopped in (a training stage with `--resume`, from its
 newest checkpoint). `--from STAGE` re-runs STAGE and everything after it, `--only STAGE` just STAGE; the stages
 before must have finished.
+
+`--seed N` (default 1337) seeds every stage: each training stage gets `train.seed=N` (its data order, initialisation
+and dropout; `data_seed` follows it, see train/runner.py), and every other command that samples (those whose parser
+has a `--seed` option: `generate`, `eval policies`) gets `--seed N`. A stage override such as `sft.train.seed=5`
+still wins for its stage. The storyboard prints the seeded commands too (`tinyllm demo --storyboard --seed 7`).
 """
 
 import argparse
@@ -43,6 +48,7 @@ PPO_TASKS = ("sentiment", "segmentation")
 GRPO_TASK = "sentiment"  # the task whose checker gives the clearest signal to a 1.3M-parameter policy
 ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
 STATE_FILE = "demo_state.json"
+DEFAULT_SEED = 1337  # the seed of every library default here (train/runner.py's project defaults, `generate`)
 
 
 def _files(tasks: tuple[str, ...], name: str) -> str:
@@ -205,12 +211,15 @@ def _wrapped(words: list[str], width: int = 118) -> list[str]:
     return lines
 
 
-def storyboard() -> str:
-    """The demo as a shell script: every stage's commands, in order, with its comment (runs/demo.sh)."""
+def storyboard(seed: int = DEFAULT_SEED) -> str:
+    """The demo as a shell script: every stage's commands, in order, with its comment (runs/demo.sh), seeded
+    with `seed` as `tinyllm demo --seed SEED` runs them."""
     lines = [
         "#!/usr/bin/env bash",
         "# The storyboard: every stage of the demo as its own command, in order: what `tinyllm demo` runs in one go.",
-        "# Written by `tinyllm demo --storyboard > runs/demo.sh` (tests/test_demo.py keeps the two equal).",
+        "# Written by `tinyllm demo --storyboard > runs/demo.sh` (tests/test_demo.py keeps the two equal); "
+        "another seed:",
+        "# `tinyllm demo --storyboard --seed N`.",
         "# Usage: bash runs/demo.sh [OUTPUT_DIR]    (from the repository root, after `pip install -e .`)",
         "set -euo pipefail",
         "out=${1:-runs/demo-stages}",
@@ -218,15 +227,33 @@ def storyboard() -> str:
     ]
     for number, stage in enumerate(STAGES, start=1):
         lines += ["", f"# {number}. {stage.story}"]
-        for line in stage.commands:
-            words = [_shell_word(word) for word in shlex.split(line.replace(CONFIGS, "configs"))]
-            lines += _wrapped(["tinyllm", *words])
+        commands = [shlex.split(line.replace(CONFIGS, "configs")) for line in stage.commands]
+        for command in seeded(stage, commands, seed):
+            lines += _wrapped(["tinyllm", *(_shell_word(word) for word in command)])
     lines += [
         "",
         'echo "chat with it: tinyllm chat --model $out/sft/final"',
         'echo "serve it:     tinyllm serve --model $out/sft/final"',
     ]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- seeds
+def seeded(stage: Stage, commands: list[list[str]], seed: int) -> list[list[str]]:
+    """The stage's argv lists with `seed` set: a training stage's recipe command gets `train.seed=SEED` (before any
+    override, so that a stage override of it still wins), and every command whose parser has `--seed` (the ones
+    that sample) gets `--seed SEED`. One rule for every stage, so a new stage or a new `--seed` option is seeded
+    without editing its command line."""
+    from tiny_llama2_zh import cli
+
+    result = []
+    for index, command in enumerate(commands):
+        if stage.recipe and index == 0:
+            command = [*command, f"train.seed={seed}"]
+        elif _takes_option(cli, command, "seed"):
+            command = _set_option(command, "seed", str(seed))
+        result.append(command)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- overrides
@@ -239,13 +266,16 @@ def _set_option(argv: list[str], option: str, value: str) -> list[str]:
     return [*argv, flag, value]
 
 
-def stage_commands(stage: Stage, out: Path, overrides: list[str], resume: bool = False) -> list[list[str]]:
-    """The stage's argv lists with the demo folder filled in and its overrides applied; every one is parsed by the
-    real parser here (and a recipe's keys checked against its config class), so a typo fails before any work."""
+def stage_commands(
+    stage: Stage, out: Path, overrides: list[str], resume: bool = False, seed: int = DEFAULT_SEED
+) -> list[list[str]]:
+    """The stage's argv lists with the demo folder filled in, seeded (`seeded`) and its overrides applied; every one
+    is parsed by the real parser here (and a recipe's keys checked against its config class), so a typo fails
+    before any work."""
     from tiny_llama2_zh import cli
 
     configs = PACKAGE_DIR / "configs"  # package data: the demo runs from any install
-    commands = stage.argv(out, configs)
+    commands = seeded(stage, stage.argv(out, configs), seed)
     for override in overrides:
         key, equals, value = override.partition("=")
         if not equals or not key:
@@ -307,10 +337,11 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------------------- the run
 @dataclass
 class DemoRun:
-    """One demo folder and its finished stages (`demo_state.json`: stage -> {"seconds": float})."""
+    """One demo folder and its finished stages (`demo_state.json`: stage -> {"seconds": float, "seed": int})."""
 
     output_dir: Path
     overrides: dict[str, list[str]]
+    seed: int = DEFAULT_SEED
     stages: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -326,16 +357,23 @@ class DemoRun:
         from tiny_llama2_zh import cli
 
         resume = stage.folder is not None and (self.output_dir / stage.folder).exists()
-        for argv in stage_commands(stage, self.output_dir, self.overrides[stage.name], resume):
+        for argv in stage_commands(stage, self.output_dir, self.overrides[stage.name], resume, self.seed):
             print(f"[demo] tinyllm {shlex.join(argv)}", flush=True)
             args = cli.parse(argv)
             args.run(args)
 
 
-def _load_run(output_dir: Path, overrides: list[str], force: bool) -> DemoRun:
-    run = DemoRun(output_dir, split_overrides(overrides))
-    for stage in STAGES:  # every override checked before anything is written or removed
-        stage_commands(stage, output_dir, run.overrides[stage.name])
+def checked_overrides(output_dir: Path, overrides: list[str], seed: int = DEFAULT_SEED) -> dict[str, list[str]]:
+    """The overrides by stage, every one checked against the real parsers and recipe classes (`stage_commands`):
+    called before anything is written or removed, so a typo costs nothing."""
+    by_stage = split_overrides(overrides)
+    for stage in STAGES:
+        stage_commands(stage, output_dir, by_stage[stage.name], seed=seed)
+    return by_stage
+
+
+def _load_run(output_dir: Path, overrides: list[str], force: bool, seed: int) -> DemoRun:
+    run = DemoRun(output_dir, checked_overrides(output_dir, overrides, seed), seed)
     if force and output_dir.exists():
         print(f"--force: removing the earlier demo run in {output_dir}")
         shutil.rmtree(output_dir)
@@ -373,9 +411,11 @@ def run_demo(
     force: bool = False,
     from_stage: str | None = None,
     only: str | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> DemoRun:
-    """Run the selected stages (see the module docstring); the report stage writes report.md and summary.md."""
-    run = _load_run(Path(output_dir), overrides or [], force)
+    """Run the selected stages (see the module docstring), seeded with `seed`; the report stage writes report.md
+    and summary.md."""
+    run = _load_run(Path(output_dir), overrides or [], force, seed)
     selected = _selected_stages(run, from_stage, only)
     if run.stages and selected[0] != STAGE_NAMES[0]:
         print(f"[demo] continuing {run.output_dir} at stage {selected[0]}")
@@ -390,7 +430,7 @@ def run_demo(
         run.save()
         started = time.perf_counter()
         run.run_stage(stage)
-        run.stages[name] = {"seconds": round(time.perf_counter() - started, 2)}
+        run.stages[name] = {"seconds": round(time.perf_counter() - started, 2), "seed": run.seed}
         run.save()
         print(f"[demo] {name}: {run.stages[name]['seconds']:.1f}s", flush=True)
     if selected[-1] != "report":  # the card reflects the re-run stages too
@@ -403,6 +443,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="folder for every stage's output (default: runs/demo)")
     parser.add_argument(
         "--force", action="store_true", help="delete an earlier demo run in --output and start over from the corpus"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"seed every stage: train.seed of each training stage, --seed of each sampling command (default: "
+        f"{DEFAULT_SEED}); with --storyboard, the seed its commands carry",
     )
     stages = parser.add_mutually_exclusive_group()
     stages.add_argument(
@@ -432,9 +479,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.storyboard:
-        print(storyboard(), end="")
+        print(storyboard(args.seed), end="")
         return
-    run_demo(args.output, args.overrides, force=args.force, from_stage=args.from_stage, only=args.only)
+    run_demo(
+        args.output, args.overrides, force=args.force, from_stage=args.from_stage, only=args.only, seed=args.seed
+    )
     output = Path(args.output)
     print()
     print((output / "summary.md").read_text(encoding="utf-8"))
