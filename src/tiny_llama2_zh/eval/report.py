@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from tiny_llama2_zh.eval.goals import evaluate_goals, goals_as_dicts, goals_table
 from tiny_llama2_zh.eval.markdown import table
 from tiny_llama2_zh.recipes import RECIPES
 from tiny_llama2_zh.runfiles import METRICS_FILE, plot_curves
@@ -146,6 +147,13 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     for run_dir in run_dirs:
         state = _read_json(run_dir / "demo_state.json")
         if state:
+            goals = evaluate_goals(run_dir)
+            met = sum(goal.met is True for goal in goals)
+            lines += _section(
+                f"Goals ({run_dir}): {met} of {len(goals)} met, this run (one seed)",
+                "the files of the stages below (eval/goals.py says what each goal is)",
+                [goals_table(goals)],
+            )
             seconds = {stage: done["seconds"] for stage, done in state["stages"].items() if stage != "report"}
             chart = _bar_chart(seconds, "wall time per stage", "seconds", files / f"{run_dir.name}-wall-time.png")
             total = sum(seconds.values())
@@ -248,6 +256,7 @@ def demo_summary(run_dir: Path) -> dict:
             summary[stage] = stage_summary
     summary["eval"] = read("eval/tasks.json")
     summary["policies"] = read("eval/policies.json")
+    summary["goals"] = goals_as_dicts(evaluate_goals(run_dir))
     return summary
 
 
@@ -267,6 +276,9 @@ def _task_rows(evaluation: dict) -> list[tuple]:
 def summary_markdown(summary: dict) -> str:
     """summary.md: one line per stage with the figure that says whether it did its job, then the held-out tasks."""
     lines = ["# tiny-llama2-zh demo: summary", "", f"Folder `{summary['output_dir']}`; the full card is report.md.", ""]
+    if goals := summary.get("goals"):
+        met = sum(goal["met"] is True for goal in goals)
+        lines += [f"## Goals: {met} of {len(goals)} met (this run, one seed)", "", _goals_markdown(goals), ""]
     facts = []
     if corpus := summary.get("corpus"):
         facts.append(("corpus", f"{corpus['train']['documents']:,} train / {corpus['validation']['documents']:,} "
@@ -295,6 +307,11 @@ def summary_markdown(summary: dict) -> str:
     lines.append("Wall time: " + ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items())
                  + f"; total {sum(seconds.values()) / 60:.1f} min.")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _goals_markdown(goals: list[dict]) -> str:
+    return table(("stage", "goal", "measured", "verdict"), [
+        (goal["stage"], goal["goal"], goal["figure"], goal["verdict"]) for goal in goals], left=4)  # fmt: skip
 
 
 def write_summary(run_dir: Path) -> Path:
