@@ -35,8 +35,10 @@ def demo_folder(tmp_path, *, sft_sentiment=0.86, ppo_sentiment=0.855, rm_sentime
         model_row("grpo", 0.86, 0.30, grpo_addition),
     ]  # fmt: skip
     write(run / "eval" / "tasks.json", {"rows": rows})
+
     def report(overall, sentiment, addition):
-        return {"accuracy": overall, "per_source": {"sentiment": {"accuracy": sentiment}, "addition": {"accuracy": addition}}}
+        per_source = {"sentiment": {"accuracy": sentiment}, "addition": {"accuracy": addition}}
+        return {"accuracy": overall, "per_source": per_source}
 
     baselines = {"longer reply": report(0.5, 0.5, 0.6), "SFT log-prob (sum)": report(0.7, 0.74, 0.7)}
     final = report(0.86, rm_sentiment, 0.92)
