@@ -65,11 +65,11 @@ tinyllm quantize --report --model "$out/pretrain/final" --model "$out/sft/final"
 tinyllm export check --model "$out/sft/final" --output "$out/export" --prompts "$out/tasks/sentiment/sft-test.jsonl" \
   --texts "$out/corpus/validation.jsonl"
 
-# 13. Held-out accuracy of every model against trivial baselines; the idiom benchmark; the policies side by side (reward-model score and KL to SFT on PPO's held-out prompts).
+# 13. Held-out accuracy of every model against trivial and bag-of-words baselines; multiple choice: the idioms and the demo tasks' held-out pairs; the policies side by side (reward-model score and KL to SFT on PPO's held-out prompts).
 tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" --model \
   "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 --output "$out/eval"
-tinyllm eval mc --idioms --limit 300 --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" \
-  --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
+tinyllm eval mc --idioms --tasks-dir "$out/tasks" --limit 300 --model "$out/pretrain/final" --model "$out/sft/final" \
+  --model "$out/ppo/final" --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
 tinyllm eval policies --model "$out/sft/final" --model "$out/ppo/final" --model "$out/dpo/final" --model \
   "$out/grpo/final" --reference "$out/sft/final" --reward-model "$out/reward/final" --prompts \
   "$out/tasks/sentiment/sft-test.jsonl" "$out/tasks/segmentation/sft-test.jsonl" --output "$out/eval" --seed 1337

@@ -1,15 +1,20 @@
-"""`tinyllm eval tasks`: the scorers on handcrafted replies, reading task files, and the whole command on a tiny
-random model."""
+"""`tinyllm eval tasks`: the scorers on handcrafted replies, reading task files, the whole command on a tiny
+random model, the bag-of-words baseline on the real sentiment split, and pass@k on a model whose replies are known."""
 
 import argparse
 import itertools
 import json
+import math
 import unicodedata
 from pathlib import Path
 
 import pytest
+import torch
+from tqdm import tqdm
 
+from bigram_model import BigramModel
 from conftest import save_tiny_model
+from tiny_llama2_zh.data.hashing import is_validation
 from tiny_llama2_zh.data.tasks import TASKS
 from tiny_llama2_zh.data.tasks.pinyin import PINYIN_PROMPT, SyllableCounts, pinyin_counts, pinyin_metrics
 from tiny_llama2_zh.data.tasks.segmentation import (
@@ -20,7 +25,19 @@ from tiny_llama2_zh.data.tasks.segmentation import (
 )
 from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT, sentiment_exact, sentiment_label, sentiment_metrics
 from tiny_llama2_zh.eval import tasks as eval_tasks
-from tiny_llama2_zh.eval.tasks import add_arguments, evaluate_tasks, limit_rows, markdown_table, read_task_file, run
+from tiny_llama2_zh.eval.tasks import (
+    add_arguments,
+    evaluate_tasks,
+    item_text,
+    label_set,
+    limit_rows,
+    markdown_table,
+    pass_at_k,
+    read_task_file,
+    run,
+    sampled_replies,
+)
+from tiny_llama2_zh.loading import load_model
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -257,22 +274,26 @@ def test_command_writes_table_json_and_markdown(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     table = [_cells(line) for line in printed.splitlines() if line.startswith("|")]
     assert table[0][:6] == ["model", "sentiment acc", "sentiment exact", "seg F1", "seg exact", "pinyin exact"]
-    assert [row[0] for row in table[2:]] == ["trivial baseline", f"{model_dir} (baseline)", str(model_dir)]
+    assert [row[0] for row in table[2:]] == [
+        "trivial baseline", eval_tasks.BAG_OF_WORDS, f"{model_dir} (baseline)", str(model_dir)
+    ]
 
     result = json.loads((output / "tasks.json").read_text(encoding="utf-8"))
     assert set(result["tasks"]) == {"sentiment", "segmentation", "pinyin"}
     assert result["tasks"]["sentiment"]["rows"] == 5 and result["tasks"]["sentiment"]["available_rows"] == 6
     assert result["tasks"]["segmentation"]["rows"] == 4  # fewer rows than the limit: all of them
-    assert [row["kind"] for row in result["rows"]] == ["baseline", "baseline-model", "model"]
-    for row in result["rows"]:
+    assert [row["kind"] for row in result["rows"]] == ["baseline", "baseline", "baseline-model", "model"]
+    assert set(result["rows"][1]["tasks"]) == {"sentiment"}  # the only classification: labels, a train split
+    for row in result["rows"][:1] + result["rows"][2:]:
         assert set(row["tasks"]) == {"sentiment", "segmentation", "pinyin"}
         for task, scored in row["tasks"].items():
             assert scored["rows"] == result["tasks"][task]["rows"]
             assert set(scored["metrics"]) >= {column[1] for column in eval_tasks.TABLE_COLUMNS if column[0] == task}
             assert all(0.0 <= v <= 1.0 for k, v in scored["metrics"].items() if isinstance(v, float))
             assert scored["examples"] and set(scored["examples"][0]) == {"prompt", "reference", "reply"}
-    model_row = result["rows"][2]["tasks"]["sentiment"]
+    model_row = result["rows"][3]["tasks"]["sentiment"]
     assert model_row["max_new_tokens"] == 6 and model_row["prompts_too_long"] == 0
+    assert result["sampling"] is None and "pass_at_k" not in model_row  # no --samples: nothing sampled
 
     # the majority baseline: 负面 (3 of 4 train rows), scored on exactly the evaluated rows
     baseline = result["rows"][0]["tasks"]
@@ -290,6 +311,9 @@ def test_command_writes_table_json_and_markdown(model_dir, tmp_path, capsys):
     # a random model's replies hold newlines and control bytes: each example must still be a single line
     assert all(line.startswith(("- ", "## ")) or not line for line in examples)
     assert sum(line.startswith("- ") for line in examples) == 2 * 3 * eval_tasks.EXAMPLES_PER_TASK
+    assert f"- {eval_tasks.BAG_OF_WORDS}, sentiment: scikit-learn logistic regression on the TF-IDF of the review" in (
+        markdown
+    )
 
 
 def test_a_model_that_answers_right_scores_one(model_dir, tmp_path, monkeypatch):
@@ -307,7 +331,7 @@ def test_a_model_that_answers_right_scores_one(model_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr("tiny_llama2_zh.infer.generate.greedy_replies", oracle)
     result = evaluate_tasks([model_dir], data, batch_size=2, show_progress=False)
-    scored = result["rows"][1]["tasks"]
+    scored = result["rows"][-1]["tasks"]
     assert scored["sentiment"]["metrics"]["accuracy"] == scored["sentiment"]["metrics"]["exact"] == 1.0
     assert scored["segmentation"]["metrics"]["f1"] == scored["segmentation"]["metrics"]["exact"] == 1.0
     assert scored["pinyin"]["metrics"]["exact"] == scored["pinyin"]["metrics"]["syllable_accuracy"] == 1.0
@@ -348,3 +372,137 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(model_dir, tmp_path):
     assert set(result["tasks"]) == {"pinyin"} and "segmentation" in result["skipped_tasks"]
     assert result["tasks"]["pinyin"]["skipped_lines"] == 1
     assert any("pinyin/sft-test.jsonl:1: malformed line (JSONDecodeError)" in warning for warning in warnings)
+
+
+# ------------------------------------------------------------------------------------- bag-of-words baseline
+def test_label_set_and_item_text():
+    assert label_set(["正面", "负面", "负面", "正面", "负面"]) == ("正面", "负面")
+    assert label_set(["正面", "负面"]) is None  # each label seen once: not enough to call them labels
+    assert label_set(["正面"] * 8) is None  # one answer is no classification
+    assert label_set([s for s in SEGMENTATION_TEST] * 2) == tuple(sorted(SEGMENTATION_TEST))  # repeated: labels
+    assert label_set([f"{n}" for n in range(11)] * 3) is None  # more than MAX_LABELS
+    assert item_text(SENTIMENT_PROMPT, SENTIMENT_PROMPT.format(review="物流很快")) == "物流很快"
+    assert item_text(SENTIMENT_PROMPT, "别的问题") == "别的问题"  # not the template's prompt: the whole of it
+    assert item_text("{a} and {b}", "x and y") == "x and y"  # two fields: no single item
+
+
+def test_bag_of_words_beats_the_majority_label_on_the_real_sentiment_split(tmp_path):
+    """The real sentiment task, split as `tinyllm data tasks` splits it (by a hash of the prompt): the baseline
+    must read the reviews, not just the label prior."""
+    folder = tmp_path / "tasks" / "sentiment"
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    for example in TASKS["sentiment"].examples():
+        split = "test" if is_validation(example.prompt, 50) else "train"
+        splits[split].append(_conversation(example.prompt, example.answer))
+    _write(folder / "sft-train.jsonl", splits["train"])
+    _write(folder / "sft-test.jsonl", splits["test"])
+    tasks, _ = eval_tasks.load_task_data(tmp_path / "tasks", None, print)
+    task = tasks["sentiment"]
+    references = [row.reference for row in task.rows]
+    replies, method = eval_tasks.bag_of_words_baseline("sentiment", task)
+    assert len(replies) == len(references) > 500 and "character 1-3-grams" in method
+    accuracy = TASKS["sentiment"].metrics(references, replies)["accuracy"]
+    trivial, _ = TASKS["sentiment"].baseline(references, [row.reference for row in task.train.rows])
+    majority = TASKS["sentiment"].metrics(references, trivial)["accuracy"]
+    assert accuracy > 0.75 and accuracy > majority + 0.2, (accuracy, majority)
+    assert eval_tasks.bag_of_words_baseline("segmentation", task) is not None  # any task whose answers are labels
+    assert eval_tasks.bag_of_words_baseline("pinyin", eval_tasks.TaskData("pinyin", task.test, None, task.rows)) is None
+
+
+# ------------------------------------------------------------------------------------------------ pass@k
+def test_pass_at_k_is_chen_et_al_s_unbiased_estimator():
+    def numerically_stable(n: int, c: int, k: int) -> float:  # the paper's own code (Chen et al. 2021, Fig. 3)
+        return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+    for n, c, k in itertools.product(range(1, 9), range(9), range(1, 9)):
+        if c <= n and k <= n:
+            assert pass_at_k(n, c, k) == pytest.approx(numerically_stable(n, c, k))
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0  # k = n: any right reply
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4) and pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - 3/10
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_sampling_score_counts_by_hand():
+    asked = [{"role": "user", "content": "评论"}]
+    rows = [eval_tasks.TaskRow(asked, ref, line) for line, ref in enumerate(["正面", "负面", "正面", "负面"])]
+    greedy = ["正面", "正面", "负面", "负面"]  # rows 0 and 3 right
+    sampled = [
+        ["负面", "负面", "负面"],  # 0 right
+        ["负面", "正面", "不知道"],  # 1 right
+        ["正面。", "正面", "负面"],  # 2 right
+        ["负面", "负面", "负面"],  # 3 right
+    ]
+    score = eval_tasks.sampling_score("sentiment", rows, greedy, sampled, 3, 1.0, 7)
+    assert score["pass_at_1"] == 0.5
+    assert score["pass_at_k"] == 0.75  # rows 1, 2 and 3 have a right reply
+    assert score["sampled_pass_at_1"] == pytest.approx((0 + 1 / 3 + 2 / 3 + 1) / 4)
+    assert score["rows_by_right_replies"] == [1, 1, 1, 1]
+    assert (score["samples"], score["temperature"], score["seed"]) == (3, 1.0, 7)
+    # partial credit is not a pass: a segmentation with one wrong boundary has F1 < 1
+    row, near = eval_tasks.TaskRow(asked, "要 尊重 群众", 0), "要 尊重群众"
+    score = eval_tasks.sampling_score("segmentation", [row], [near], [[near, row.reference]], 2, 1.0, 0)
+    assert (score["pass_at_1"], score["pass_at_k"], score["rows_by_right_replies"]) == (0.0, 1.0, [0, 1, 0])
+
+
+@pytest.fixture(scope="module")
+def label_model(small_tokenizer, tmp_path_factory) -> BigramModel:
+    """Replies 负面 or 正面 to any prompt, 负面 first (greedy) and with probability sigmoid(1) = 0.73 at T = 1."""
+    model = BigramModel(small_tokenizer, {"负面": 1.0, "正面": 0.0})
+    model.folder = model.save(tmp_path_factory.mktemp("label_model"))
+    return model
+
+
+def test_pass_at_k_of_a_model_whose_replies_are_known(label_model, tmp_path):
+    data = write_task_data(tmp_path / "tasks")
+    references = [row.reference for row in read_task_file(data / "sentiment/sft-test.jsonl", "sentiment").rows]
+    negative = references.count("负面") / len(references)  # the greedy reply is always 负面
+    greedy_only = evaluate_tasks([label_model.folder], data, show_progress=False)
+    result = evaluate_tasks(
+        [label_model.folder], data, samples=8, seed=5, sample_tasks=["sentiment"], batch_size=4, show_progress=False
+    )
+    assert result["sampling"] == {"samples": 8, "temperature": 1.0, "seed": 5, "tasks": ["sentiment"]}
+    scored = result["rows"][-1]["tasks"]
+    assert "pass_at_k" not in scored["segmentation"]  # --sample-task sentiment only
+    sampling = scored["sentiment"]["pass_at_k"]
+    assert sampling["pass_at_1"] == scored["sentiment"]["metrics"]["accuracy"] == pytest.approx(negative)
+    # the greedy replies are those of a run without sampling: sampling draws from its own RNG stream
+    assert greedy_only["rows"][-1]["tasks"]["sentiment"]["examples"] == scored["sentiment"]["examples"]
+
+    # the same replies, drawn again with the same seed, counted by hand
+    model, tokenizer = load_model(label_model.folder, "cpu")
+    state = torch.random.get_rng_state()
+    with tqdm(disable=True) as progress:
+        replies = sampled_replies(model, tokenizer, read_task_file(data / "sentiment/sft-test.jsonl", "sentiment").rows,
+                                  8, 1.0, scored["sentiment"]["max_new_tokens"], 4, 5, progress)  # fmt: skip
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert {reply for row in replies for reply in row} == {"正面", "负面"}  # each reply one label, then eos
+    hand = sum(any(reply == ref for reply in row) for row, ref in zip(replies, references)) / len(references)
+    assert sampling["pass_at_k"] == pytest.approx(hand) and hand >= sampling["pass_at_1"]
+    right = [sum(reply == ref for reply in row) for row, ref in zip(replies, references)]
+    assert sampling["sampled_pass_at_1"] == pytest.approx(sum(right) / (8 * len(references)))
+    assert sampling["examples"][0]["replies"] == replies[0]
+    assert sampling["pass_at_k"] > sampling["pass_at_1"]  # 正面 is sampled too: the two 正面 rows can be solved
+
+    # at a low temperature sampling is greedy decoding: pass@K = pass@1
+    cold = evaluate_tasks([label_model.folder], data, samples=4, temperature=0.02, show_progress=False)
+    for task, scored in cold["rows"][-1]["tasks"].items():
+        assert scored["pass_at_k"]["pass_at_k"] == scored["pass_at_k"]["pass_at_1"], task
+    table = markdown_table(result)
+    assert "sentiment pass@1" in table and "sentiment pass@8" in table and "segmentation pass@8" not in table
+
+
+def test_sampling_options_are_checked(model_dir, tmp_path):
+    data = write_task_data(tmp_path / "tasks")
+    for kwargs, message in (
+        ({"samples": -1}, "--samples must be at least 0"),
+        ({"samples": 4, "temperature": 0.0}, "--temperature must be a number above 0"),
+        ({"sample_tasks": ["sentiment"]}, "--sample-task needs --samples"),
+        ({"samples": 2, "sample_tasks": ["sentimnet"]}, "--sample-task sentimnet: no such task"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluate_tasks([model_dir], data, **kwargs)
+    args = _args("--model", str(model_dir), "--data", str(data), "--samples", "2", "--sample-task", "pinyin")
+    assert (args.samples, args.temperature, args.seed, args.sample_task) == (2, 1.0, 1337, ["pinyin"])
+    quiet = evaluate_tasks([model_dir], data, max_new_tokens=2, bag_of_words=False, show_progress=False)
+    assert [row["name"] for row in quiet["rows"]] == ["trivial baseline", str(model_dir)]  # for quantize's report

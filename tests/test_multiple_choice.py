@@ -1,6 +1,8 @@
 """Multiple-choice evaluation: the C-Eval / CMMLU readers on fixtures in the published formats (and malformed
 copies), prompts and k-shot contexts, the log-likelihood scorer against direct forward passes and on a model
-trained to know the answers, the idiom tasks' determinism and split, the lm-eval export and the CLI."""
+trained to know the answers, the idiom tasks' determinism and split, the demo tasks' questions from held-out
+preference pairs (scored through the chat template on a model whose log-likelihoods are known by hand), the lm-eval
+export and the CLI."""
 
 import csv
 import json
@@ -11,12 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from bigram_model import BigramModel
 from conftest import save_tiny_model
 from tiny_llama2_zh.cli import main
 from tiny_llama2_zh.data import idioms
+from tiny_llama2_zh.data.tasks.segmentation import SEGMENTATION_PROMPT
+from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT
 from tiny_llama2_zh.eval import multiple_choice as mc
+from tiny_llama2_zh.eval.tasks import TaskRow, limit_rows, prompt_order
 from tiny_llama2_zh.loading import load_model, save_model_folder
-from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.tokenizer import chat_ids, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CEVAL, CMMLU = FIXTURES / "ceval", FIXTURES / "cmmlu"
@@ -298,3 +304,120 @@ def test_cli_mc_and_all_write_their_reports(tiny_model_dir, token_files, tmp_pat
     assert 0 <= row["mc.cmmlu.average"] <= 1 and report["baseline"]["row"]["mc.cmmlu.average"] == 0.25
     assert report["models"][0]["tasks"] is None
     assert "baseline / chance" in (tmp_path / "all" / "eval.md").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- demo tasks
+def _pairs(path: Path, pairs: list[tuple[str, str, str]], extra: list[str] = ()) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": p, "chosen": c, "rejected": r}, ensure_ascii=False) for p, c, r in pairs]
+    path.write_text("\n".join([*lines, *extra]) + "\n", encoding="utf-8")
+
+
+SENTIMENT_PAIRS = [
+    (SENTIMENT_PROMPT.format(review=review), label, "负面" if label == "正面" else "正面")
+    for review, label in (("物流很快", "正面"), ("质量太差了", "负面"), ("非常满意", "正面"),
+                          ("用了两天就坏了", "负面"), ("客服态度很差", "负面"), ("孩子很喜欢", "正面"))
+]  # fmt: skip
+SEGMENTATION_PAIRS = [
+    (SEGMENTATION_PROMPT.format(sentence="".join(s.split())), s, wrong)
+    for s, wrong in (("要 尊重 群众 的 意愿", "要 尊重群众 的 意愿"), ("关心 群众 生活", "关心群众 生活"))
+]
+PINYIN_REPLIES = ("dì qū", "fú wù", "rén mín")  # three labels: every question gets all three as choices
+PINYIN_PAIRS = [(f"问题{i}", PINYIN_REPLIES[i % 3], PINYIN_REPLIES[(i + 1) % 3]) for i in range(6)]
+
+
+def write_demo_tasks(folder: Path) -> Path:
+    _pairs(folder / "sentiment" / mc.PAIRS_FILE, SENTIMENT_PAIRS, ["{broken", json.dumps({"prompt": ["x"]})])
+    _pairs(folder / "segmentation" / mc.PAIRS_FILE, SEGMENTATION_PAIRS)
+    _pairs(folder / "pinyin" / mc.PAIRS_FILE, PINYIN_PAIRS)
+    (folder / "unknown_task").mkdir()  # not in the registry: ignored
+    return folder
+
+
+def test_demo_task_questions_come_from_the_held_out_pairs(tmp_path):
+    warnings = []
+    tasks = mc.demo_task_questions(write_demo_tasks(tmp_path / "tasks"), warn=warnings.append)
+    assert [(t.benchmark, t.subject, t.chat) for t in tasks] == [
+        ("tasks", "sentiment", True), ("tasks", "segmentation", True), ("tasks", "pinyin", True)
+    ]  # fmt: skip
+    assert len(warnings) == 1 and "skipped 2 malformed lines" in warnings[0] and "sentiment" in warnings[0]
+    sentiment, segmentation, pinyin = tasks
+    assert [q.prompt for q in sentiment.questions] == sorted((p for p, _, _ in SENTIMENT_PAIRS), key=prompt_order)
+    chosen = {prompt: answer for prompt, answer, _ in SENTIMENT_PAIRS}
+    for task in tasks:
+        for q in task.questions:
+            assert len(set(q.choices)) == len(q.choices)
+    for q in sentiment.questions:
+        assert set(q.choices) == {"正面", "负面"} and q.choices[q.answer] == chosen[q.prompt]
+    assert {q.choices[0] for q in sentiment.questions} == {"正面", "负面"}  # the right one is not always first
+    for q in segmentation.questions:
+        right, wrong = next((c, r) for p, c, r in SEGMENTATION_PAIRS if p == q.prompt)
+        assert set(q.choices) == {right, wrong} and q.choices[q.answer] == right
+    assert all(set(q.choices) == set(PINYIN_REPLIES) for q in pinyin.questions)  # the labels beyond the pair
+    assert "labels dì qū/fú wù/rén mín" in pinyin.name and "labels" not in segmentation.name
+    assert sentiment.questions[0].source.startswith(str(tmp_path / "tasks" / "sentiment" / mc.PAIRS_FILE))
+
+    # --limit keeps the prompts `eval tasks --limit` keeps (the same hash order over the same held-out prompts)
+    limited = mc.load_tasks(tasks_dir=tmp_path / "tasks", limit=2)
+    rows = [TaskRow([{"role": "user", "content": p}], c, i) for i, (p, c, _) in enumerate(SENTIMENT_PAIRS)]
+    assert [q.prompt for q in limited[0].questions] == [row.prompt for row in sorted(
+        limit_rows(rows, 2), key=lambda row: prompt_order(row.prompt))]  # fmt: skip
+
+    with pytest.raises(FileNotFoundError, match="missing is not a folder"):
+        mc.demo_task_questions(tmp_path / "missing")
+    (tmp_path / "empty" / "sentiment").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds no <task>/preference-test\.jsonl"):
+        mc.demo_task_questions(tmp_path / "empty")
+
+
+def test_chat_pair_is_the_chat_template_s_reply_and_eos(small_tokenizer):
+    tokenizer = load_tokenizer(small_tokenizer)
+    context, continuation = mc.chat_pair(tokenizer, "评论：很好", "正面")
+    user = [{"role": "user", "content": "评论：很好"}]
+    assert context == chat_ids(tokenizer, user, generation_prompt=True)
+    whole = chat_ids(tokenizer, [*user, {"role": "assistant", "content": "正面"}])
+    assert continuation[-1] == tokenizer.eos_token_id and context + continuation == whole[: len(context + continuation)]
+    assert tokenizer.decode(continuation, skip_special_tokens=True) == "正面"  # the reply, then eos; no newline after
+
+
+def test_demo_task_choices_are_the_argmax_of_hand_computed_log_likelihoods(small_tokenizer, tmp_path):
+    """A bigram model (tests/bigram_model.py) prefers 负面 to 正面 after any prompt: every sentiment question goes to
+    负面, and every score is the log-likelihood computed by hand from its logit table."""
+    bigram = BigramModel(small_tokenizer, {"负面": 1.0, "正面": 0.0})
+    folder = bigram.save(tmp_path / "model")
+    tasks = mc.load_tasks(tasks_dir=write_demo_tasks(tmp_path / "tasks"))
+    result = mc.evaluate_mc([folder], tasks, show_progress=False)["models"][0]
+    model, tokenizer = load_model(folder, "cpu")
+    for task, subject in zip(tasks, result["subjects"]):
+        correct = 0
+        for question, prediction in zip(task.questions, subject["predictions"]):
+            pairs = [mc.chat_pair(tokenizer, question.prompt, choice) for choice in question.choices]
+            by_hand = [bigram.log_likelihood(context, continuation) for context, continuation in pairs]
+            scored = mc.encoded_loglikelihoods(model, tokenizer, pairs)
+            assert scored == pytest.approx(by_hand, abs=1e-3)
+            assert prediction["pred"] == mc.argmax(by_hand)
+            correct += mc.argmax(by_hand) == question.answer
+        assert subject["correct"] == correct and subject["chance"] == pytest.approx(1 / len(task.questions[0].choices))
+    sentiment = result["subjects"][0]
+    assert all(q.choices[p["pred"]] == "负面" for q, p in zip(tasks[0].questions, sentiment["predictions"]))
+    negative = sum(c == "负面" for _, c, _ in SENTIMENT_PAIRS) / len(SENTIMENT_PAIRS)
+    assert sentiment["acc"] == pytest.approx(negative) and result["averages"]["tasks"]["subjects"] == 3
+
+
+def test_cli_mc_demo_tasks(tiny_model_dir, tmp_path, capsys):
+    tasks_dir = write_demo_tasks(tmp_path / "tasks")
+    argv = ["eval", "mc", "--model", str(tiny_model_dir), "--tasks-dir", str(tasks_dir), "--limit", "3"]
+    assert main([*argv, "--output", str(tmp_path / "mc")]) == 0
+    result = json.loads((tmp_path / "mc" / "mc.json").read_text(encoding="utf-8"))
+    assert result["tasks_dir"] == str(tasks_dir) and [t["subject"] for t in result["tasks"]] == [
+        "sentiment", "segmentation", "pinyin"
+    ]  # fmt: skip
+    assert [s["questions"] for s in result["models"][0]["subjects"]] == [3, 2, 3]
+    assert "| tasks " in (tmp_path / "mc" / "mc.md").read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main([*argv, "--shots", "1"]) == 2
+    assert "asked as a chat, zero-shot" in capsys.readouterr().err
+    assert main(["eval", "mc", "--tasks-dir", str(tasks_dir), "--cmmlu-dir", str(CMMLU), "--export-lm-eval",
+                 str(tmp_path / "lm")]) == 0  # fmt: skip
+    assert "leaves out the demo tasks" in capsys.readouterr().err
+    assert not list((tmp_path / "lm").glob("tinyllm_tasks_*")) and (tmp_path / "lm" / "_tinyllm_cmmlu.yaml").is_file()

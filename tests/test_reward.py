@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.preferences import load_preferences
-from tiny_llama2_zh.eval.preferences import pair_report
+from tiny_llama2_zh.eval.preferences import pair_report, per_label_table
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.reward import RewardRecipeConfig, load_reward_model, reward, reward_arguments
 
@@ -80,6 +80,13 @@ def test_reward_recipe_learns_a_visible_preference_and_reports_it(tiny_model_dir
     assert not any("eval_perplexity" in r for r in records)  # a pairwise loss is not a language model's
     assert (run / "loss.png").is_file()
     assert any(line.startswith("| reward model ") for line in (run / "reward_eval.md").read_text().splitlines())
+    # the toy replies are two labels: the trained model's mean score of each, before and after training
+    labels = result["final"]["per_source"]["toy"]["per_label"]
+    assert labels["好的"]["replies"] == labels["不好"]["replies"] == 16
+    assert labels["好的"]["mean_score"] > labels["不好"]["mean_score"] and labels["好的"]["mean_as_rejected"] is None
+    assert "per_label" in result["initial"]["per_source"]["toy"]
+    assert "per_label" not in result["baselines"]["longer reply"]["per_source"]["toy"]  # the same figures as before
+    assert "## Mean reward-model score per reply label" in (run / "reward_eval.md").read_text()
     assert_shipped_folder_is_pickle_free(run / "final")
 
     from tiny_llama2_zh.cli import main
@@ -122,6 +129,26 @@ def test_pair_report_counts_ties_as_half_and_splits_by_source():
     assert report["accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert report["per_source"]["a"]["accuracy"] == pytest.approx(0.75) and report["per_source"]["b"]["pairs"] == 2
     assert sum(b["pairs"] for b in report["calibration"]) == 4
+
+
+def test_per_label_means_are_computed_over_every_pair_a_label_is_in():
+    chosen, rejected = torch.tensor([2.0, 0.5, 1.0, 4.0, 3.0]), torch.tensor([1.0, 1.5, -1.0, 2.0, 1.0])
+    replies = [("正面", "负面"), ("负面", "正面"), ("正面", "负面"), ("a b", "a  b"), ("c d", "c  d")]
+    sources = ["sentiment", "sentiment", "sentiment", "segmentation", "segmentation"]
+    report = pair_report(chosen, rejected, sources, replies=replies)
+    labels = report["per_source"]["sentiment"]["per_label"]
+    # 正面: chosen 2.0 and 1.0, rejected 1.5; 负面: chosen 0.5, rejected 1.0 and -1.0
+    assert labels["正面"] == {
+        "replies": 3, "mean_score": pytest.approx(4.5 / 3), "mean_as_chosen": 1.5, "mean_as_rejected": 1.5
+    }  # fmt: skip
+    assert labels["负面"] == {
+        "replies": 3, "mean_score": pytest.approx(0.5 / 3), "mean_as_chosen": 0.5, "mean_as_rejected": 0.0
+    }  # fmt: skip
+    assert "per_label" not in report["per_source"]["segmentation"]  # every reply new: no labels
+    assert "per_label" not in pair_report(chosen, rejected, sources)["per_source"]["sentiment"]  # no texts given
+    table = per_label_table({"reward model": report})
+    assert "| reward model | sentiment | 正面 " in table and "+1.500" in table and "segmentation" not in table
+    assert per_label_table({"longer reply": pair_report(chosen, rejected, sources)}) is None
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "reward").glob("*.yaml")), ids=lambda p: p.name)

