@@ -43,7 +43,7 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path, capsys):
         assert (output / path).is_file(), path
     assert summary["sft"]["steps"] == 2
     evaluation = json.loads((output / "eval" / "tasks.json").read_text(encoding="utf-8"))
-    assert evaluation["rows"][0]["name"] == "trivial baseline" and len(evaluation["rows"]) == 6
+    assert evaluation["rows"][0]["name"] == "trivial baseline" and len(evaluation["rows"]) == 7  # + bag-of-words
     assert [Path(row["model"]).parent.name for row in summary["policies"]["rows"]] == ["sft", "ppo", "dpo", "grpo"]
     assert summary["policies"]["rows"][0]["eval_kl"] == 0.0  # the SFT model against itself
     assert summary["ppo"]["rollouts"] == 1 and summary["ppo"]["initial"]["eval_kl"] == 0.0

@@ -44,10 +44,17 @@ def _read(path: Path) -> dict:
 
 
 def _task_metrics(evaluation: dict, stage: str) -> dict[str, dict]:
-    """{task: metrics} of the model whose folder is STAGE/final in `tinyllm eval tasks`' result."""
+    """{task: metrics} of the model whose folder is STAGE/final in `tinyllm eval tasks`' result; with sampling
+    (`--samples K`) also "pass@1" (greedy) and "pass@K"."""
     for row in evaluation.get("rows", []):
         if row.get("path") and Path(row["path"]).parent.name == stage:
-            return {task: scored["metrics"] for task, scored in row["tasks"].items()}
+            metrics = {}
+            for task, scored in row["tasks"].items():
+                metrics[task] = dict(scored["metrics"])
+                if sampled := scored.get("pass_at_k"):
+                    metrics[task]["pass@1"] = sampled["pass_at_1"]
+                    metrics[task][f"pass@{sampled['samples']}"] = sampled["pass_at_k"]
+            return metrics
     return {}
 
 
@@ -176,7 +183,7 @@ def evaluate_goals(run_dir: str | Path, grpo_task: str | None = None) -> list[Go
     sft_task, grpo_metrics = _task_metrics(evaluation, "sft").get(task, {}), _task_metrics(evaluation, "grpo")
     headline = TASKS[task].headline if task in TASKS else "accuracy"
     pass_k = sft_task.get(f"pass@{PASS_K}")
-    pass_1 = sft_task.get(headline)
+    pass_1 = sft_task.get("pass@1", sft_task.get(headline))
     goals.append(
         Goal(
             "grpo",

@@ -114,7 +114,8 @@ def _mc_command(path: Path) -> str:
     result = _read_json(path) or {}
     models = " ".join(f"--model {model['name']}" for model in result.get("models", []))
     limit = f" --limit {result['limit']}" if result.get("limit") else ""
-    return f"tinyllm eval mc --idioms --shots {result.get('shots', 0)}{limit} {models} --output {path.parent}"
+    tasks = f" --tasks-dir {result['tasks_dir']}" if result.get("tasks_dir") else ""
+    return f"tinyllm eval mc --idioms{tasks} --shots {result.get('shots', 0)}{limit} {models} --output {path.parent}"
 
 
 def _embedded(path: Path) -> str:

@@ -96,7 +96,9 @@ def _task_headlines(folders: list[Path], tasks_dir: Path, limit: int) -> dict[st
     headline = {}  # the first TABLE_COLUMNS metric of each task
     for task, metric, header in TABLE_COLUMNS:
         headline.setdefault(task, (metric, header))
-    result = evaluate_tasks(folders, tasks_dir, limit, show_progress=False, warn=lambda message: None)
+    result = evaluate_tasks(
+        folders, tasks_dir, limit, show_progress=False, warn=lambda message: None, bag_of_words=False
+    )
     scores = {}
     for row in result["rows"]:
         if row["kind"] == "model":
