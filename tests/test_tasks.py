@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tiny_llama2_zh import demo
 from tiny_llama2_zh.cli import main
-from tiny_llama2_zh.data.tasks import TASKS
+from tiny_llama2_zh.data.tasks import DEFAULT_TASKS, TASKS, build_tasks
 from tiny_llama2_zh.data.tasks.addition import (
     ADDITION_PROMPT,
     addition_examples,
@@ -129,3 +130,10 @@ def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_
     assert main(["data", "tasks", "--output", str(tmp_path / "x"), "--tasks", "addition,poetry"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'poetry'" in err and "pinyin" in err and not (tmp_path / "x").exists()
+
+
+def test_default_tasks_are_the_demos_and_pinyin_is_built_when_named(tmp_path):
+    assert set(DEFAULT_TASKS) == set(demo.TASKS) and "pinyin" not in DEFAULT_TASKS and "pinyin" in TASKS
+    assert demo.GRPO_TASK == "addition" and set(demo.SFT_MIX) <= set(DEFAULT_TASKS)
+    counts = build_tasks(tmp_path, names=["pinyin"])
+    assert set(counts) == {"pinyin"} and counts["pinyin"]["train"] > 1000
