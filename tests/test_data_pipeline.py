@@ -15,7 +15,7 @@ from tiny_llama2_zh.data.cleaning import Cleaner, CleaningOptions
 from tiny_llama2_zh.data.prepare import PrepareOptions, prepare
 from tiny_llama2_zh.data.pretokenized import MixedPretrainDataset, PretrainDataset, read_tokens
 from tiny_llama2_zh.data.sources import SOURCES, BadInputError, BadRecords, get_source, read_records
-from tiny_llama2_zh.data.tasks import build_tasks
+from tiny_llama2_zh.data.tasks import TASKS, build_tasks
 
 WIKI = "数学是研究数量、结构以及空间等概念的一门学科。"
 NOVEL = "夜色渐深，少年推开了那扇尘封已久的木门。"
@@ -275,8 +275,8 @@ def test_sft_and_preference_sources_are_normalised_and_deduplicated(tmp_path):
 def test_demo_tasks_have_checkable_answers_and_disjoint_splits(tmp_path):
     from pypinyin import Style, pinyin
 
-    counts = build_tasks(tmp_path)
-    assert all(c["train"] > 1000 and c["test"] > 100 for c in counts.values())
+    counts = build_tasks(tmp_path, names=list(TASKS))
+    assert set(counts) == set(TASKS) and all(c["train"] > 1000 and c["test"] > 100 for c in counts.values())
     for task in ("sentiment", "segmentation", "pinyin"):
         train = [json.loads(line) for line in (tmp_path / task / "preference-train.jsonl").open(encoding="utf-8")]
         test = [json.loads(line) for line in (tmp_path / task / "preference-test.jsonl").open(encoding="utf-8")]
@@ -292,6 +292,8 @@ def test_demo_tasks_have_checkable_answers_and_disjoint_splits(tmp_path):
                 word = r["prompt"].split("词语：")[1]
                 assert r["chosen"] == " ".join(s[0] for s in pinyin(word, style=Style.TONE))
         sft = [json.loads(line) for line in (tmp_path / task / "sft-test.jsonl").open(encoding="utf-8")]
+        if task == "sentiment":  # label-balanced pairs: a subset of the SFT rows (tests/test_tasks.py)
+            sft = [m for m in sft if m["messages"][0]["content"] in {r["prompt"] for r in test}]
         assert [m["messages"][1]["content"] for m in sft] == [r["chosen"] for r in test]
     assert os.path.getsize(tmp_path / "stats.json") > 0
 

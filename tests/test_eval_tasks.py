@@ -161,7 +161,7 @@ def test_every_registered_task_is_complete_and_consistent(name):
     assert worse[task.headline] < 1.0
     assert all(task.correct(a, a) == 1.0 and task.well_formed(a, a) == 1.0 for a in answers)
     assert all(task.correct(a, w) < 1.0 for a, w in zip(answers, wrong))
-    replies, method = task.baseline(answers, answers)
+    replies, method = task.baseline(answers, answers, [example.prompt for example in examples])
     assert len(replies) == len(answers) and method
     assert 0.0 <= task.metrics(answers, replies)[task.headline] <= 1.0
 

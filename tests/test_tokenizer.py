@@ -4,7 +4,14 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from tiny_llama2_zh.tokenizer import CHATGLM3_SPECIAL_TOKENS, ROLE_TOKENS, chat_ids, convert_chatglm3, load_tokenizer
+from tiny_llama2_zh.tokenizer import (
+    CHATGLM3_SPECIAL_TOKENS,
+    ROLE_TOKENS,
+    chat_ids,
+    convert_chatglm3,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
 
 EDGE_CASES = [
     "Hello  world\n\t x 😀",
@@ -26,6 +33,24 @@ def test_trained_tokenizer_round_trips_the_corpus_without_unk(small_tokenizer, c
     assert [i for i, (a, b) in enumerate(zip(decoded, texts)) if a != b] == []
     utf8_bytes = sum(len(text.encode()) for text in texts)
     assert sum(map(len, encoded)) < utf8_bytes / 2  # merges learned: far fewer tokens than bytes
+
+
+def test_trained_tokenizer_spells_numbers_digit_by_digit(small_tokenizer, tmp_path):
+    """Qwen2's pre-tokenizer: every digit is a token of its own, even when the training text is full of the same
+    numbers (a GPT-2 split learns "1998" as one token from it), and the ids decode back to the text."""
+    numbers = tmp_path / "numbers.txt"
+    lines = [f"{year}年{month}月共计1998元\n" for year in (1998, 2026) for month in range(1, 13)]
+    numbers.write_text("".join(lines) * 20, encoding="utf-8")
+    trained_on_numbers = train_bpe_tokenizer([numbers], vocab_size=300, output_dir=tmp_path / "tokenizer")
+    for tokenizer in (load_tokenizer(small_tokenizer), trained_on_numbers):
+        text = "2026年12月6日，共计1998元"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        digits = [piece for piece in (tokenizer.decode([token]) for token in ids) if any(c.isdigit() for c in piece)]
+        assert digits == [*"2026", *"12", "6", *"1998"]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+        joined = [piece for piece in tokenizer.get_vocab() if sum(char in "0123456789" for char in piece) > 1]
+        assert joined == []  # no merge joins two digits
 
 
 def test_trained_tokenizer_special_tokens(small_tokenizer):

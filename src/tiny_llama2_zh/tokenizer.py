@@ -16,7 +16,17 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.tokenization_utils_base import generate_merges
@@ -29,6 +39,15 @@ ROLE_TOKENS = tuple(f"<|{role}|>" for role in CHAT_ROLES)
 
 # ChatGLM3 appends these after its 64,789 SentencePiece pieces, in this order (ids 64789..64797).
 CHATGLM3_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", *ROLE_TOKENS)
+
+# Qwen2's pre-tokenizer split (its tokenizer.json; transformers' Qwen2Tokenizer PRETOKENIZE_REGEX), which llama.cpp
+# implements as pre-tokenizer "qwen2" (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2, where this string is quoted
+# as the original). Unlike GPT-2's `\p{N}+`, `\p{N}` makes every digit a pre-token of its own, so no merge can
+# glue digits ("1998" is always 1 9 9 8): numbers are spelled digit by digit, as by Llama's SentencePiece
+# (split_digits) and Qwen2's tokenizer, so that a small model can learn addition column by column (issue 19).
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # One template for every stage, in ChatGLM3's role-token style:
 #   <s><|system|>\n...\n<|user|>\n...\n<|assistant|>\n...</s>\n
@@ -99,20 +118,33 @@ def _wrap(tokenizer: Tokenizer, pad_token: str) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Qwen2's pre-tokenizer, exactly as in its tokenizer.json: the QWEN2_PATTERN split (each match its own
+    pre-token), then bytes mapped to GPT-2's printable byte alphabet without a second regex or a prefix space.
+    The GGUF export recognises this pipeline and names it "qwen2" for llama.cpp (export/common.py)."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+
+
 def train_bpe_tokenizer(
     inputs: Iterable[str | Path], vocab_size: int, output_dir: str | Path, min_frequency: int = 2
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (GPT-2 style, Radford et al. 2019) with the `tokenizers` library.
 
     Byte-level means every UTF-8 byte is in the base alphabet, so no Chinese character (or emoji) is ever
-    `<unk>`; frequent characters and words become single tokens through merges.
+    `<unk>`; frequent characters and words become single tokens through merges. Text is first split as Qwen2's
+    tokenizer.json splits it (`qwen2_pre_tokenizer`): every digit on its own, so numbers are spelled digit by digit.
     """
     special_tokens = [UNK, BOS, EOS, PAD, *ROLE_TOKENS]  # ids 0..7
     if vocab_size < len(special_tokens) + 256:
         raise UsageError(f"vocab_size {vocab_size} is too small: need 256 bytes + {len(special_tokens)} special tokens")
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = qwen2_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -136,12 +136,27 @@ def run_data_prepare(args: argparse.Namespace) -> None:
 
 
 def add_data_tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    from tiny_llama2_zh.data.tasks import DEFAULT_TASKS, TASKS  # light: the tasks read their data when built
+
     parser.add_argument("--output", required=True, help="folder for <task>/{sft,preference}-{train,test}.jsonl")
     parser.add_argument("--test-per-mille", type=int, default=50, help="held out per thousand (default: 50)")
+    parser.add_argument(
+        "--tasks",
+        type=lambda value: [name.strip() for name in value.split(",") if name.strip()],
+        default=list(DEFAULT_TASKS),
+        metavar="NAME[,NAME...]",
+        help=f"tasks to build, of {', '.join(TASKS)} (default: the demo's, {','.join(DEFAULT_TASKS)})",
+    )
 
 
 def run_data_tasks(args: argparse.Namespace) -> None:
     from tiny_llama2_zh.data.tasks import build_tasks
 
-    for task, counts in build_tasks(args.output, args.test_per_mille).items():
-        print(f"{task}: {counts['train']:,} train / {counts['test']:,} test examples")
+    for task, counts in build_tasks(args.output, args.test_per_mille, args.tasks).items():
+        pairs = counts["preference"]
+        dropped = sum(n for labels in counts.get("dropped_for_balance", {}).values() for n in labels.values())
+        balance = f", {dropped:,} dropped to balance the labels" if dropped else ""
+        print(
+            f"{task}: {counts['train']:,} train / {counts['test']:,} test examples; preference pairs "
+            f"{pairs['train']:,} / {pairs['test']:,}{balance}"
+        )

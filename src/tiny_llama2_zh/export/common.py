@@ -15,8 +15,30 @@ import torch
 
 from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.loading import check_model_folder, load_model, refuse_quantized
+from tiny_llama2_zh.tokenizer import QWEN2_PATTERN
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+
+
+def _pre_tokenizer_step(step: dict) -> tuple:
+    """What of one tokenizer.json pre-tokenizer step decides the splits (so the ids): `trim_offsets` changes only
+    the offsets transformers reports, never the ids, and is left out."""
+    if step.get("type") == "ByteLevel":
+        return ("ByteLevel", bool(step.get("add_prefix_space")), bool(step.get("use_regex", True)))
+    if step.get("type") == "Split":
+        return ("Split", json.dumps(step.get("pattern")), step.get("behavior"), bool(step.get("invert")))
+    return (step.get("type"), json.dumps(step, sort_keys=True))
+
+
+# The byte-level pre-tokenizers export knows, by the steps that decide their splits, with the name llama.cpp gives
+# the same split (GGUF's `tokenizer.ggml.pre`; llama.cpp's src/llama-vocab.cpp implements each name's regex):
+# - "gpt-2": ByteLevel with GPT-2's own regex, no prefix space (our tokenizers before digits were split);
+# - "qwen2": Qwen2's tokenizer.json, a Split on QWEN2_PATTERN then ByteLevel without a regex
+#   (tiny_llama2_zh.tokenizer.qwen2_pre_tokenizer, what `tinyllm tokenizer train` writes: one digit per token).
+LLAMACPP_BYTE_LEVEL_PRE = {
+    (("ByteLevel", False, True),): "gpt-2",
+    (("Split", json.dumps({"Regex": QWEN2_PATTERN}), "Isolated", False), ("ByteLevel", False, False)): "qwen2",
+}
 
 
 def load_source(model_dir: str | Path):
@@ -57,6 +79,7 @@ class VocabInfo:
     scores: list[float] | None  # SentencePiece-style piece scores (sentencepiece; derived from the merges)
     piece_types: list[int] | None  # SentencePiece piece types: 1 normal, 2 unknown, 3 control, 6 byte
     add_dummy_prefix: bool
+    llamacpp_pre: str  # llama.cpp's name for the pre-tokenizer (GGUF tokenizer.ggml.pre): gpt-2, qwen2 or default
 
 
 def vocab_info(tokenizer, model_dir: Path) -> VocabInfo:
@@ -80,21 +103,26 @@ def vocab_info(tokenizer, model_dir: Path) -> VocabInfo:
         raise UsageError(f"{model_dir}: token ids {missing[:5]} have no piece in tokenizer.json")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     pre = spec.get("pre_tokenizer") or {}
-    pre_types = [p["type"] for p in pre.get("pretokenizers", [pre])] if pre else []
+    steps = pre.get("pretokenizers", [pre]) if pre else []
+    pre_types = [p["type"] for p in steps]
     if "ByteLevel" in pre_types:
         if model.get("byte_fallback"):
             raise UsageError(f"{model_dir}: a byte-level BPE with byte fallback is not a pipeline export knows")
-        level = next(p for p in pre.get("pretokenizers", [pre]) if p["type"] == "ByteLevel")
-        if level.get("add_prefix_space") or not level.get("use_regex", True) or pre_types != ["ByteLevel"]:
+        llamacpp_pre = LLAMACPP_BYTE_LEVEL_PRE.get(tuple(_pre_tokenizer_step(step) for step in steps))
+        if llamacpp_pre is None:
             raise UsageError(
-                f"{model_dir}: export handles the ByteLevel pre-tokenizer with the GPT-2 regex and no prefix space "
-                f"(tiny_llama2_zh.tokenizer.train_bpe_tokenizer); this one is {pre}"
+                f"{model_dir}: unknown byte-level pre-tokenizer {json.dumps(pre, ensure_ascii=False)}; export knows "
+                "Qwen2's (a Split on its regex, then ByteLevel without a regex: what `tinyllm tokenizer train` "
+                "writes) and GPT-2's (ByteLevel with its regex, no prefix space), which llama.cpp runs as "
+                "'qwen2' and 'gpt-2'; another split would give other ids in llama.cpp"
             )
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
             # llama.cpp applies no normalizer; NFC changes only text that is not NFC already (rare in practice)
             raise UsageError(f"{model_dir}: the tokenizer normalizes with {normalizer}, which llama.cpp would not do")
-        return VocabInfo("byte_level", pieces, special_ids, merges, None, None, add_dummy_prefix=False)
+        return VocabInfo(
+            "byte_level", pieces, special_ids, merges, None, None, add_dummy_prefix=False, llamacpp_pre=llamacpp_pre
+        )
     if model.get("byte_fallback") and not pre_types:
         return _sentencepiece_vocab(spec, pieces, special_ids, merges, tokenizer, model_dir)
     raise UsageError(
@@ -144,7 +172,7 @@ def _sentencepiece_vocab(spec, pieces, special_ids, merges, tokenizer, model_dir
             types.append(1)
         rank = first_rank.get(piece)
         scores.append(-float(rank) if rank is not None and types[-1] == 1 else -float(len(merges) + index))
-    return VocabInfo("sentencepiece", pieces, special_ids, merges, scores, types, dummy_prefix)
+    return VocabInfo("sentencepiece", pieces, special_ids, merges, scores, types, dummy_prefix, "default")
 
 
 def strip_generation_tags(template: str) -> str:

@@ -10,9 +10,10 @@ The tokenizer travels inside:
 - ChatGLM3's SentencePiece (converted by `convert_chatglm3`) as `tokenizer.ggml.model = "llama"`: pieces, the
   .model's scores and piece types (byte pieces BYTE, <unk> UNKNOWN, <s> </s> and the 9 ChatGLM3 specials
   CONTROL), with the .model's dummy prefix as `add_space_prefix`;
-- our byte-level BPE as `"gpt2"` with its merges and `tokenizer.ggml.pre = "gpt-2"`, the GPT-2 regex split that
-  our ByteLevel pre-tokenizer uses (llama.cpp does not NFC-normalize; our NFC step changes only text that is not
-  already NFC).
+- our byte-level BPE as `"gpt2"` with its merges and `tokenizer.ggml.pre` naming the split llama.cpp must apply
+  before the merges: "qwen2" for Qwen2's pre-tokenizer (one digit per token; what `tinyllm tokenizer train`
+  writes), "gpt-2" for the GPT-2 regex of our older tokenizers (export/common.py tells them apart; llama.cpp does
+  not NFC-normalize; our NFC step changes only text that is not already NFC).
 The chat template goes in as `tokenizer.chat_template`, without transformers' `{% generation %}` markers.
 """
 
@@ -137,7 +138,7 @@ def _add_tokenizer(writer, vocab: VocabInfo, tokenizer, vocab_size: int) -> None
                 types.append(token_type.NORMAL)
         scores = list(vocab.scores)
         writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(vocab.llamacpp_pre)
         writer.add_token_list([*pieces, *(f"[PAD{i}]" for i in range(padding))])
         writer.add_token_scores([*scores, *([-1000.0] * padding)])
         writer.add_token_types([*types, *([token_type.UNUSED] * padding)])
@@ -145,7 +146,7 @@ def _add_tokenizer(writer, vocab: VocabInfo, tokenizer, vocab_size: int) -> None
     else:
         types = [token_type.CONTROL if i in vocab.special_ids else token_type.NORMAL for i in range(len(pieces))]
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(vocab.llamacpp_pre)
         writer.add_token_list([*pieces, *(f"[PAD{i}]" for i in range(padding))])
         writer.add_token_types([*types, *([token_type.UNUSED] * padding)])
         writer.add_token_merges(vocab.merges)

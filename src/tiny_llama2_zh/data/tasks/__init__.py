@@ -1,5 +1,5 @@
-"""Demo tasks with real, checkable answers, built from installed packages: the data of SFT, reward modelling, DPO and
-GRPO, and the held-out rows `tinyllm eval tasks` scores.
+"""Demo tasks with real, checkable answers, built from installed packages or generated with exact answers: the data of
+SFT, reward modelling, DPO and GRPO, and the held-out rows `tinyllm eval tasks` scores.
 
 Each task is one module of this package and one `Task` (see base.py: prompt, examples, metrics, checkers, trivial
 baseline), registered in `TASKS` below; the data writer, the evaluation (eval/tasks.py) and GRPO's rewards
@@ -8,51 +8,89 @@ one entry in `TASKS`.
 
 - sentiment (sentiment.py): a product review -> 正面 / 负面.
 - segmentation (segmentation.py): a People's Daily 1998 sentence -> its words separated by spaces.
-- pinyin (pinyin.py): a word -> its pinyin with tone marks.
+- pinyin (pinyin.py): a word -> its pinyin with tone marks (too hard for the demo model: built when named).
+- addition (addition.py): a+b of 2- to 3-digit numbers -> the sum, generated with exact answers, held out by value.
 
 `build_tasks` writes each task as SFT conversations (`sft-train.jsonl`, `sft-test.jsonl`: chat `messages`) and as
 preference pairs (`preference-train.jsonl`, `preference-test.jsonl`: `prompt`, `chosen` = the right answer,
-`rejected` = a wrong one), split by a hash of the prompt so that no test prompt is ever trained on.
+`rejected` = a wrong one), split by a hash of the prompt (of `Example.split_key` for a task held out by value) so
+that no test prompt is ever trained on. A classification task's pairs (`Task.balanced_pairs`) are label-balanced:
+the surplus of the more frequent label is dropped, by hash, from its preference files (the SFT files keep every
+example) and counted in stats.json.
 """
 
+import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from tiny_llama2_zh.data.hashing import is_validation
-from tiny_llama2_zh.data.tasks import pinyin, segmentation, sentiment
+from tiny_llama2_zh.data.tasks import addition, pinyin, segmentation, sentiment
 from tiny_llama2_zh.data.tasks.base import Task
+from tiny_llama2_zh.errors import UsageError
 
-TASKS: dict[str, Task] = {task.name: task for task in (sentiment.TASK, segmentation.TASK, pinyin.TASK)}
+TASKS: dict[str, Task] = {task.name: task for task in (sentiment.TASK, segmentation.TASK, pinyin.TASK, addition.TASK)}
+# What `tinyllm data tasks` builds unless told (--tasks): the demo's tasks, the ones its 1.3M-parameter model can learn
+DEFAULT_TASKS = ("sentiment", "segmentation", "addition")
 
 
-def build_tasks(output_dir: str | Path, test_per_mille: int = 50) -> dict[str, dict[str, int]]:
-    """Write every task's SFT and preference splits under output_dir/<task>/; returns counts per task."""
-    counts: dict[str, dict[str, int]] = {}
-    for name, task in TASKS.items():
+def check_task_names(names: Sequence[str]) -> list[str]:
+    """The names, each once, in the order given; an unknown or missing name is a usage error naming the known ones."""
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        problem = f"unknown task {', '.join(map(repr, unknown))}" if unknown else "no task named"
+        raise UsageError(f"{problem}; the tasks are {', '.join(TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+def balance_labels(pairs: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """As many pairs for each chosen label as the rarest label has: of a more frequent label, the pairs whose prompts
+    have the smallest SHA-256 digests are kept (a choice that does not depend on file order; the split used SHA-1),
+    in their original order. Returns the kept pairs and the number dropped per label."""
+    by_label: dict[str, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        by_label.setdefault(pair["chosen"], []).append(index)
+    fewest = min((len(indices) for indices in by_label.values()), default=0)
+    kept: set[int] = set()
+    dropped: dict[str, int] = {}
+    for label, indices in by_label.items():
+        indices.sort(key=lambda i: hashlib.sha256(pairs[i]["prompt"].encode("utf-8")).digest())
+        kept.update(indices[:fewest])
+        if len(indices) > fewest:
+            dropped[label] = len(indices) - fewest
+    return [pair for index, pair in enumerate(pairs) if index in kept], dropped
+
+
+def build_tasks(
+    output_dir: str | Path, test_per_mille: int = 50, names: Sequence[str] = DEFAULT_TASKS
+) -> dict[str, dict]:
+    """Write the named tasks' SFT and preference splits under output_dir/<task>/; returns counts per task (also
+    written to output_dir/stats.json): SFT examples per split (`train`, `test`), preference pairs per split
+    (`preference`) and, for a label-balanced task, the pairs dropped per split and label (`dropped_for_balance`)."""
+    counts: dict[str, dict] = {}
+    for name in check_task_names(names):
+        task = TASKS[name]
         folder = Path(output_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
-        files = {
-            (kind, split): (folder / f"{kind}-{split}.jsonl").open("w", encoding="utf-8")
-            for kind in ("sft", "preference")
-            for split in ("train", "test")
-        }
-        task_counts = {"train": 0, "test": 0}
-        try:
-            for example in task.examples():
-                split = "test" if is_validation(example.prompt, test_per_mille) else "train"
-                conversation = {
-                    "messages": [
-                        {"role": "user", "content": example.prompt},
-                        {"role": "assistant", "content": example.answer},
-                    ]
-                }
-                pair = {"prompt": example.prompt, "chosen": example.answer, "rejected": example.wrong_answer}
-                files["sft", split].write(json.dumps(conversation, ensure_ascii=False) + "\n")
-                files["preference", split].write(json.dumps(pair, ensure_ascii=False) + "\n")
-                task_counts[split] += 1
-        finally:
-            for handle in files.values():
-                handle.close()
+        sft: dict[str, list[dict]] = {"train": [], "test": []}
+        pairs: dict[str, list[dict]] = {"train": [], "test": []}
+        for example in task.examples():
+            key = example.prompt if example.split_key is None else example.split_key
+            split = "test" if is_validation(key, test_per_mille) else "train"
+            messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
+            sft[split].append({"messages": messages})
+            pairs[split].append({"prompt": example.prompt, "chosen": example.answer, "rejected": example.wrong_answer})
+        task_counts: dict = {split: len(rows) for split, rows in sft.items()}
+        if task.balanced_pairs:
+            dropped = {}
+            for split in pairs:
+                pairs[split], dropped[split] = balance_labels(pairs[split])
+            task_counts["dropped_for_balance"] = dropped
+        task_counts["preference"] = {split: len(rows) for split, rows in pairs.items()}
+        for kind, rows_by_split in (("sft", sft), ("preference", pairs)):
+            for split, rows in rows_by_split.items():
+                lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                (folder / f"{kind}-{split}.jsonl").write_text(lines, encoding="utf-8")
         counts[name] = task_counts
-    (Path(output_dir) / "stats.json").write_text(json.dumps(counts, indent=2) + "\n")
+    (Path(output_dir) / "stats.json").write_text(json.dumps(counts, indent=2, ensure_ascii=False) + "\n", "utf-8")
     return counts

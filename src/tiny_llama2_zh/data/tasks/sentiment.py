@@ -5,6 +5,8 @@
   naming neither label.
 - reward: 1 when the reply's label is the review's label; format: the reply is exactly one label.
 - trivial baseline: the majority label of the train split.
+- preference pairs: label-balanced (`balanced_pairs`): the reviews hold more 负面 than 正面, and a reward model
+  judging unbalanced pairs could gain by preferring 负面 whatever the review says.
 """
 
 import unicodedata
@@ -90,7 +92,9 @@ def majority_label(references: Sequence[str]) -> tuple[str, Counter]:
     return max(SENTIMENT_LABELS, key=lambda label: (counts[label], -SENTIMENT_LABELS.index(label))), counts
 
 
-def sentiment_baseline(references: Sequence[str], train_references: Sequence[str]) -> tuple[list[str], str] | None:
+def sentiment_baseline(
+    references: Sequence[str], train_references: Sequence[str], prompts: Sequence[str] = ()
+) -> tuple[list[str], str] | None:
     if not train_references:
         return None
     label, counts = majority_label(train_references)
@@ -110,4 +114,5 @@ TASK = Task(
     well_formed=sentiment_format,
     baseline=sentiment_baseline,
     answer_problem=sentiment_answer_problem,
+    balanced_pairs=True,
 )

@@ -1,0 +1,139 @@
+"""The demo tasks as `tinyllm data tasks` builds them: the generated addition task (exact answers, held out by value,
+near-miss wrong answers, the no-carry baseline), label-balanced sentiment preference pairs, and the --tasks option."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tiny_llama2_zh import demo
+from tiny_llama2_zh.cli import main
+from tiny_llama2_zh.data.tasks import DEFAULT_TASKS, TASKS, build_tasks
+from tiny_llama2_zh.data.tasks.addition import (
+    ADDITION_PROMPT,
+    addition_examples,
+    addition_metrics,
+    near_misses,
+    operands,
+    sum_without_carries,
+)
+from tiny_llama2_zh.data.tasks.sentiment import sentiment_examples
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict]:
+    """Addition and sentiment, built once through the CLI (segmentation's People's Daily parse is the slow one)."""
+    folder = tmp_path_factory.mktemp("tasks")
+    assert main(["data", "tasks", "--output", str(folder), "--tasks", "addition,sentiment"]) == 0
+    return folder, json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- addition
+def test_addition_answers_are_the_sums_of_distinct_pairs_of_two_to_three_digits():
+    examples = list(addition_examples())
+    assert len(examples) == 6300 and examples == list(addition_examples())  # deterministic
+    pairs = [operands(example.prompt) for example in examples]
+    assert len(set(pairs)) == len(pairs)
+    assert all(
+        example.prompt == ADDITION_PROMPT.format(expression=f"{a}+{b}") for example, (a, b) in zip(examples, pairs)
+    )
+    assert all(example.answer == str(a + b) for example, (a, b) in zip(examples, pairs))
+    assert {len(str(n)) for pair in pairs for n in pair} == {2, 3}
+    assert {len(example.answer) for example in examples} == {2, 3, 4}
+    three_digit = list(addition_examples(count=50, min_digits=3, max_digits=3))
+    assert all(len(str(n)) == 3 for example in three_digit for n in operands(example.prompt))
+
+
+def test_addition_wrong_answers_are_near_misses_never_the_sum():
+    assert near_misses(58, 67) == [25, 115, 124, 126, 135, 225]  # carries dropped: 115 (units), 25 (tens)
+    assert near_misses(11, 22) == [23, 32, 34, 43]  # no carry: one digit one off
+    for example in addition_examples(count=2000):
+        a, b = operands(example.prompt)
+        assert example.wrong_answer != example.answer
+        assert int(example.wrong_answer) in near_misses(a, b)
+    # a dropped carry inside the number is also one digit one off; a dropped final carry shortens the sum
+    shorter = Counter(len(e.wrong_answer) < len(e.answer) for e in addition_examples(count=2000))
+    assert shorter[True] > 100 and shorter[False] > 1000
+
+
+def test_addition_is_held_out_by_unordered_pair(built):
+    folder, stats = built
+    train = read_jsonl(folder / "addition" / "sft-train.jsonl")
+    test = read_jsonl(folder / "addition" / "sft-test.jsonl")
+    assert (stats["addition"]["train"], stats["addition"]["test"]) == (len(train), len(test))
+    assert 5800 <= len(train) <= 6100 and 200 <= len(test) <= 400
+    train_pairs = {frozenset(operands(row["messages"][0]["content"])) for row in train}
+    test_pairs = {frozenset(operands(row["messages"][0]["content"])) for row in test}
+    assert not train_pairs & test_pairs  # neither a+b nor its twin b+a
+    ordered_train = [operands(row["messages"][0]["content"]) for row in train]
+    assert set(pair[::-1] for pair in ordered_train) & set(ordered_train)  # twins exist, and they stay on one side
+    pairs = read_jsonl(folder / "addition" / "preference-test.jsonl")
+    assert [p["chosen"] for p in pairs] == [row["messages"][1]["content"] for row in test]
+
+
+def test_addition_metrics_checkers_and_no_carry_baseline():
+    task = TASKS["addition"]
+    references = ["125", "102", "99", "1000"]
+    replies = ["125", " １０２\n", "98", "1OOO"]  # full-width digits count (NFKC); a letter O is no number
+    metrics = addition_metrics(references, replies)
+    assert metrics["exact"] == 0.5 and metrics["not_a_number"] == 1
+    assert metrics["digit_accuracy"] == (3 + 3 + 1 + 0) / (3 + 3 + 2 + 4)
+    assert addition_metrics(["125"], ["0125"])["exact"] == 0.0  # a leading zero is not the answer
+    assert task.correct("125", "125") == 1.0 and task.correct("125", "124") == 0.0
+    assert task.correct("125", "答：125") == 0.0 and task.well_formed("125", "答：125") == 0.0
+    assert task.well_formed("125", "7") == 1.0 and task.well_formed("125", "07") == 0.0
+    assert task.answer_problem("125") is None and "whole number" in task.answer_problem("12.5")
+    assert (
+        sum_without_carries(58, 67) == 15 and sum_without_carries(701, 34) == 735 and sum_without_carries(55, 45) == 90
+    )
+    prompts = [ADDITION_PROMPT.format(expression=e) for e in ("58+67", "701+34", "55+45")]
+    replies, method = task.baseline(["125", "735", "100"], [], prompts)
+    assert replies == ["15", "735", "90"] and "without carries" in method
+    assert task.baseline(["125"], []) is None  # it needs the prompts
+    examples = list(addition_examples())
+    replies, _ = task.baseline([e.answer for e in examples], [], [e.prompt for e in examples])
+    exact = task.metrics([e.answer for e in examples], replies)["exact"]
+    assert 0.1 < exact < 0.4  # right exactly when no column carries: neither zero nor the task solved
+
+
+# --------------------------------------------------------------------------------------------- sentiment
+def test_sentiment_preference_pairs_are_label_balanced_and_sft_keeps_every_example(built):
+    folder, stats = built
+    examples = list(sentiment_examples())
+    sft = {split: read_jsonl(folder / "sentiment" / f"sft-{split}.jsonl") for split in ("train", "test")}
+    assert len(sft["train"]) + len(sft["test"]) == len(examples)  # SFT files unchanged: every example
+    for split in ("train", "test"):
+        pairs = read_jsonl(folder / "sentiment" / f"preference-{split}.jsonl")
+        labels = Counter(pair["chosen"] for pair in pairs)
+        assert labels["正面"] == labels["负面"] > 100
+        assert stats["sentiment"]["preference"][split] == len(pairs)
+        sft_labels = Counter(row["messages"][1]["content"] for row in sft[split])
+        dropped = stats["sentiment"]["dropped_for_balance"][split]
+        assert dropped == {"负面": sft_labels["负面"] - sft_labels["正面"]} and dropped["负面"] > 0
+        sft_prompts = [row["messages"][0]["content"] for row in sft[split]]
+        kept = [pair["prompt"] for pair in pairs]
+        kept_set = set(kept)
+        assert kept_set <= set(sft_prompts) and kept == [p for p in sft_prompts if p in kept_set]  # in file order
+    assert "dropped_for_balance" not in stats["addition"]  # only classification tasks are balanced
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_path, capsys):
+    folder, stats = built
+    assert set(stats) == {"addition", "sentiment"}
+    assert sorted(path.name for path in folder.iterdir()) == ["addition", "sentiment", "stats.json"]
+    assert main(["data", "tasks", "--output", str(tmp_path / "x"), "--tasks", "addition,poetry"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'poetry'" in err and "pinyin" in err and not (tmp_path / "x").exists()
+
+
+def test_default_tasks_are_the_demos_and_pinyin_is_built_when_named(tmp_path):
+    assert set(DEFAULT_TASKS) == set(demo.TASKS) and "pinyin" not in DEFAULT_TASKS and "pinyin" in TASKS
+    assert demo.GRPO_TASK == "addition" and set(demo.SFT_MIX) <= set(DEFAULT_TASKS)
+    counts = build_tasks(tmp_path, names=["pinyin"])
+    assert set(counts) == {"pinyin"} and counts["pinyin"]["train"] > 1000
