@@ -67,7 +67,8 @@ tinyllm export check --model "$out/sft/final" --output "$out/export" --prompts "
 
 # 13. Held-out accuracy of every model against trivial and bag-of-words baselines; multiple choice: the idioms and the demo tasks' held-out pairs; the policies side by side (reward-model score and KL to SFT on PPO's held-out prompts).
 tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" --model \
-  "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 --output "$out/eval" --seed 1337
+  "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 --output "$out/eval" --samples 8 \
+  --sample-task addition --seed 1337
 tinyllm eval mc --idioms --tasks-dir "$out/tasks" --limit 300 --model "$out/pretrain/final" --model "$out/sft/final" \
   --model "$out/ppo/final" --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
 tinyllm eval policies --model "$out/sft/final" --model "$out/ppo/final" --model "$out/dpo/final" --model \

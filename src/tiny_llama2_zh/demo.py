@@ -176,7 +176,8 @@ STAGES: tuple[Stage, ...] = (
         "and the demo tasks' held-out pairs; the policies side by side (reward-model score and KL to SFT on PPO's "
         "held-out prompts).",
         (
-            f"eval tasks {_models('pretrain', *ALIGNED)} --data {OUT}/tasks --limit 200 --output {OUT}/eval",
+            f"eval tasks {_models('pretrain', *ALIGNED)} --data {OUT}/tasks --limit 200 --output {OUT}/eval "
+            f"--samples 8 --sample-task {GRPO_TASK}",
             f"eval mc --idioms --tasks-dir {OUT}/tasks --limit 300 {_models('pretrain', *ALIGNED)} --output {OUT}/eval",
             f"eval policies {_models(*ALIGNED)} --reference {OUT}/sft/final --reward-model {OUT}/reward/final "
             f"--prompts {' '.join(f'{OUT}/tasks/{task}/sft-test.jsonl' for task in PPO_TASKS)} --output {OUT}/eval",

@@ -438,7 +438,8 @@ def evaluate_tasks(
     classifier_row: dict = {"name": BAG_OF_WORDS, "kind": "baseline", "path": None, "tasks": {}}
     for name, task in tasks.items():
         train_references = [row.reference for row in task.train.rows] if task.train else []
-        trivial = TASKS[name].baseline([row.reference for row in task.rows], train_references)
+        references, prompts = [row.reference for row in task.rows], [row.prompt for row in task.rows]
+        trivial = TASKS[name].baseline(references, train_references, prompts)
         if trivial is None:
             warn(f"no trivial baseline for {name}: it needs {task.test.path.parent / TRAIN_FILE}")
         else:
