@@ -39,6 +39,7 @@ from pathlib import Path, PurePath
 
 from tiny_llama2_zh.demo import BY_NAME, DEFAULT_SEED, STAGE_NAMES, STATE_FILE, DemoRun, checked_overrides, run_demo
 from tiny_llama2_zh.errors import TrainingDivergedError, UsageError
+from tiny_llama2_zh.eval.goals import goals_over_seeds, seeds_goals_table
 from tiny_llama2_zh.eval.markdown import table, write_result
 
 POST_TRAINING = ("sft", "reward", "ppo", "dpo", "grpo", "eval")  # rerun for every seed
@@ -242,8 +243,17 @@ def run(args: argparse.Namespace, command: str) -> Path:
         "its mean, min and max over the seeds and each seed's value. Whole numbers equal in every seed (rows "
         "evaluated, pair counts) are left out."
     )
+    goals = goals_over_seeds({seed: output / f"seed-{seed}" for seed in seeds})
+    met = sum(goal["every_seed"] is True for goal in goals)
     text = markdown(rows, seeds, command, intro)
+    heading = f"# Post-training over {len(seeds)} seeds"
+    text = text.replace(
+        heading,
+        f"{heading}\n\n## Goals: {met} of {len(goals)} met on every seed\n\n{seeds_goals_table(goals, seeds)}",
+        1,
+    )
     result = {
+        "goals": goals,
         "command": command,
         "demo": str(demo),
         "pretrain_seed": pretrain_seed,

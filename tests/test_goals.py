@@ -19,7 +19,7 @@ def model_row(stage, sentiment, segmentation, addition, pass8=None):
         "tasks": {
             "sentiment": {"metrics": {"accuracy": sentiment}},
             "segmentation": {"metrics": {"f1": segmentation}},
-            "addition": {"metrics": {"accuracy": addition}, **sampled},
+            "addition": {"metrics": {"exact": addition}, **sampled},
         },
     }
 
@@ -72,7 +72,7 @@ def test_each_goal_fails_where_its_figure_falls_short(tmp_path):
     assert got[("reward", "sentiment pair accuracy >= best baseline + 5 points")] is False
     assert got[("reward", "addition pair accuracy >= best baseline + 5 points")] is True
     assert got[("ppo", "sentiment accuracy >= SFT - 1 point")] is False  # 82 % < 84 % - 1
-    assert got[("grpo", "addition: greedy held-out accuracy rises >= 10 points")] is False  # 30 -> 39
+    assert got[("grpo", "addition: greedy held-out exact rises >= 10 points")] is False  # 30 -> 39
     assert got[("dpo", "implicit-reward pair accuracy >= SFT log-prob baseline + 5 points")] is True  # 80 >= 70 + 5
 
 
@@ -80,3 +80,18 @@ def test_a_run_without_the_files_says_not_measured(tmp_path):
     (tmp_path / "empty").mkdir()
     goals = evaluate_goals(tmp_path / "empty")
     assert goals and all(goal.met is None for goal in goals)
+
+
+def test_goals_over_seeds_need_every_seed_and_compare_grpo_across_seeds(tmp_path):
+    from tiny_llama2_zh.eval.goals import goals_over_seeds, seeds_goals_table
+
+    good = demo_folder(tmp_path / "a")  # addition: SFT 30 %, GRPO 45 %
+    weak = demo_folder(tmp_path / "b", sft_sentiment=0.84, grpo_addition=0.33)
+    rows = goals_over_seeds({1: good, 2: weak})
+    sft = next(row for row in rows if row["stage"] == "sft")
+    assert sft["met"] == {1: True, 2: False} and sft["every_seed"] is False
+    across = rows[-1]
+    assert across["goal"].startswith("greedy held-out accuracy: the worst seed after")
+    assert across["every_seed"] is True  # worst after 33 % > best before 30 %
+    assert "worst after 33.0%, best before 30.0%" in seeds_goals_table(rows, [1, 2])
+    assert goals_over_seeds({1: good})[-1]["every_seed"] is None  # one seed cannot show it

@@ -37,12 +37,12 @@ OUT, CONFIGS = "{out}", "{configs}"  # placeholders in the command lines: the de
 DEMO_VOCAB_SIZE = 4096
 # The SFT mix: every task's training file, sentiment twice (its replies are one label, so it gets the least signal
 # per example; alone, 300 steps reached 83 % held-out accuracy where the even mix stayed near 70 %).
-SFT_MIX = ("sentiment", "sentiment", "segmentation", "addition")
+SFT_MIX = ("sentiment", "sentiment", "segmentation", "addition", "addition")
 TASKS = ("sentiment", "segmentation", "addition")  # `tinyllm data tasks` builds these by default (its DEFAULT_TASKS)
 # Reward-model and DPO pairs: the same mix (with the even mix and 150 steps the reward model stayed at 53.5 %
 # held-out sentiment accuracy; with this one it reached 80.5 %). Each file is capped by the recipe's
 # data.max_train_examples.
-PAIR_MIX = SFT_MIX
+PAIR_MIX = ("sentiment", "sentiment", "segmentation")
 # RLHF prompts: sentiment and segmentation (addition is GRPO's: its exact checker is a better reward than a model)
 PPO_TASKS = ("sentiment", "segmentation")
 GRPO_TASK = "addition"  # exactly checkable answers where SFT leaves headroom (issue 19): digit-by-digit sums

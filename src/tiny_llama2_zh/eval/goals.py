@@ -262,3 +262,57 @@ def goals_table(goals: list[Goal]) -> str:
 
 def goals_as_dicts(goals: list[Goal]) -> list[dict]:
     return [{**asdict(goal), "verdict": goal.verdict} for goal in goals]
+
+
+def goals_over_seeds(runs: dict[int, Path], grpo_task: str | None = None) -> list[dict]:
+    """Every goal on every seed's demo folder (`benchmarks/post_training_seeds.py`): each seed's figure and verdict,
+    and whether it is met on every seed; plus the one goal only several seeds can show, GRPO's worst seed after
+    beating its best seed before."""
+    per_seed = {seed: evaluate_goals(folder, grpo_task) for seed, folder in runs.items()}
+    rows: list[dict] = []
+    for position, goal in enumerate(next(iter(per_seed.values()), [])):
+        seeds = {seed: goals[position] for seed, goals in per_seed.items() if len(goals) > position}
+        verdicts = [g.met for g in seeds.values()]
+        rows.append(
+            {
+                "stage": goal.stage,
+                "goal": goal.goal,
+                "figures": {seed: g.figure for seed, g in seeds.items()},
+                "met": {seed: g.met for seed, g in seeds.items()},
+                "every_seed": None if None in verdicts else all(verdicts),
+            }
+        )
+    befores, afters = [], []
+    for folder in runs.values():
+        task = grpo_task or _grpo_task(Path(folder))
+        evaluation = _read(Path(folder) / "eval" / "tasks.json")
+        headline = TASKS[task].headline if task in TASKS else "accuracy"
+        before = _task_metrics(evaluation, "sft").get(task, {}).get(headline)
+        after = _task_metrics(evaluation, "grpo").get(task, {}).get(headline)
+        if before is not None and after is not None:
+            befores.append(before)
+            afters.append(after)
+    measured = len(befores) == len(runs) and len(runs) > 1
+    rows.append(
+        {
+            "stage": "grpo",
+            "goal": "greedy held-out accuracy: the worst seed after GRPO beats the best seed before",
+            "figures": {"all": f"worst after {percent(min(afters))}, best before {percent(max(befores))}"}
+            if measured
+            else {"all": "needs every seed's evaluation, and two seeds or more"},
+            "met": {},
+            "every_seed": (min(afters) > max(befores)) if measured else None,
+        }
+    )
+    return rows
+
+
+def seeds_goals_table(rows: list[dict], seeds: list[int]) -> str:
+    verdict = {True: "met", False: "NOT met", None: "not measured"}
+    cells = []
+    for row in rows:
+        per_seed = " / ".join(verdict[row["met"][seed]] for seed in seeds if seed in row["met"]) or "—"
+        figures = " / ".join(str(figure) for figure in row["figures"].values())
+        cells.append((row["stage"], row["goal"], figures, per_seed, verdict[row["every_seed"]]))
+    headers = ("stage", "goal", f"measured ({' / '.join(map(str, seeds))})", "per seed", "every seed")
+    return table(headers, cells, left=5)
