@@ -25,32 +25,29 @@ tinyllm pretrain --config configs/pretrain/demo.yaml "data.tokenizer=$out/tokeni
 tinyllm generate --model "$out/pretrain/final" --prompt '中国经济' --temperature 0.8 --top-p 0.9 --max-new-tokens 60 \
   --seed 1337
 
-# 5. Tasks with checkable answers (sentiment, word segmentation, addition), split by prompt (addition by value).
-tinyllm data tasks --output "$out/tasks"
+# 5. Tasks with checkable answers (sentiment labels from real reviews, generated additions), split by prompt (addition by value, so no sum is asked on both sides).
+tinyllm data tasks --output "$out/tasks" --tasks sentiment,addition
 
 # 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
 tinyllm sft --config configs/sft/demo.yaml "model.init_from=$out/pretrain/final" \
-  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl]" \
+  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl]" \
   "train.output_dir=$out/sft" train.seed=1337
 
 # 7. A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.
 tinyllm reward --config configs/reward/demo.yaml "model.init_from=$out/sft/final" \
-  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/addition/preference-test.jsonl]" \
-  "train.output_dir=$out/reward" train.seed=1337
+  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/preference-test.jsonl]" "train.output_dir=$out/reward" train.seed=1337
 
 # 8. PPO (written here) against that reward model, KL-penalised to the SFT model.
 tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.prompts=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/segmentation/sft-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/segmentation/sft-test.jsonl]" \
+  "data.prompts=[$out/tasks/sentiment/sft-train.jsonl]" "data.validation=[$out/tasks/sentiment/sft-test.jsonl]" \
   "train.output_dir=$out/ppo" train.seed=1337
 
 # 9. DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/segmentation/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/preference-test.jsonl,$out/tasks/segmentation/preference-test.jsonl,$out/tasks/addition/preference-test.jsonl]" \
-  "train.output_dir=$out/dpo" train.seed=1337
+  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/preference-test.jsonl]" "train.output_dir=$out/dpo" train.seed=1337
 
 # 10. GRPO with checkable rewards (the task's own answer checker) on addition prompts.
 tinyllm grpo --config configs/grpo/demo.yaml "model.init_from=$out/sft/final" \
@@ -73,7 +70,7 @@ tinyllm eval mc --idioms --tasks-dir "$out/tasks" --limit 300 --model "$out/pret
   --model "$out/ppo/final" --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
 tinyllm eval policies --model "$out/sft/final" --model "$out/ppo/final" --model "$out/dpo/final" --model \
   "$out/grpo/final" --reference "$out/sft/final" --reward-model "$out/reward/final" --prompts \
-  "$out/tasks/sentiment/sft-test.jsonl" "$out/tasks/segmentation/sft-test.jsonl" --output "$out/eval" --seed 1337
+  "$out/tasks/sentiment/sft-test.jsonl" --output "$out/eval" --seed 1337
 
 # 14. The report card: every stage's figures and curves in report.md, the headline figures in summary.md.
 tinyllm report "$out"
