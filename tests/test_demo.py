@@ -161,20 +161,31 @@ def test_a_stage_override_of_the_seed_wins(tmp_path):
     assert _recipe_seed(pretrain) == 7 and generate[generate.index("--seed") + 1] == "7"
 
 
+# The goals the README claims as met (met on every seed of `benchmarks/post_training_seeds.py --seeds 3`): the slow
+# tier runs the demo as shipped and fails if one of them is not met on this machine.
+CLAIMED_MET = (
+    ("reward", "sentiment pair accuracy >= best baseline + 5 points"),
+    ("ppo", "KL to the SFT model within its target"),
+    ("dpo", "implicit-reward pair accuracy >= SFT log-prob baseline + 5 points"),
+    ("grpo", "addition: SFT pass@8 - pass@1 >= 20 points"),
+    ("eval", "a multiple-choice benchmark where the SFT model is above chance (2 standard errors)"),
+)
+
+
 @pytest.mark.slow
-def test_full_demo_learns(tmp_path):
-    """The README's demo as shipped (about 18 minutes on 2 cores): pretraining loss falls far below ln(vocab), and
-    the SFT model beats the trivial baselines on held-out prompts where the base model scores nothing."""
+def test_full_demo_learns_and_meets_the_goals_the_readme_claims(tmp_path):
+    """The README's demo as shipped (about 12 minutes on 2 cores): pretraining loss falls far below ln(vocab), SFT
+    beats the trivial baselines, and every goal the README claims as met is met."""
+    from tiny_llama2_zh.eval.goals import evaluate_goals
+
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
     assert summary["pretrain"]["initial_validation_loss"] > 8.0  # ln(4096) = 8.32
     assert summary["pretrain"]["final_validation_loss"] < 6.5
     rows = json.loads((tmp_path / "demo" / "eval" / "tasks.json").read_text(encoding="utf-8"))["rows"]
-    baseline, base, sft, *_ = ({task: r["tasks"][task]["metrics"] for task in r["tasks"]} for r in rows)
-    assert sft["sentiment"]["accuracy"] > baseline["sentiment"]["accuracy"] + 0.05
-    assert sft["sentiment"]["accuracy"] > base["sentiment"]["accuracy"] + 0.3
-    # PPO raises the reward model's score on held-out prompts with the KL under its target (that it also loses
-    # sentiment accuracy by exploiting the reward model is measured and explained in the README, not asserted away)
-    assert summary["ppo"]["final"]["eval_score"] > summary["ppo"]["initial"]["eval_score"] + 0.2
-    assert summary["ppo"]["final"]["eval_kl"] < 4.0
-    assert summary["dpo"]["final"]["accuracy"] > 0.6 and summary["grpo"]["final"]["eval_accuracy"] > 0.6
+    baseline = next(row for row in rows if row["name"] == "trivial baseline")["tasks"]["sentiment"]["metrics"]
+    sft = next(row for row in rows if (row.get("path") or "").endswith("sft/final"))["tasks"]["sentiment"]["metrics"]
+    assert sft["accuracy"] > baseline["accuracy"] + 0.15
+    verdicts = {(goal.stage, goal.goal): goal for goal in evaluate_goals(tmp_path / "demo")}
+    for key in CLAIMED_MET:
+        assert verdicts[key].met is True, f"{key}: {verdicts[key].figure}"
