@@ -74,8 +74,12 @@ def write_biased_pairs(source: Path, target: Path, share: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the commands
-def commands(demo: Path, output: Path, steps: int | None, limit: int, seed: int) -> dict[str, list[str]]:
-    """The `tinyllm` argv of each step: the demo recipes with the biased pairs, PPO on sentiment only, the evals."""
+def commands(
+    demo: Path, output: Path, steps: int | None, limit: int, seed: int, overrides: list[str] = ()
+) -> dict[str, list[str]]:
+    """The `tinyllm` argv of each step: the demo recipes with the biased pairs, PPO on sentiment only, the evals.
+    `overrides` (STAGE.section.key=value, STAGE reward or ppo) go last on that stage's recipe line."""
+    extra = {stage: [o.split(".", 1)[1] for o in overrides if o.startswith(f"{stage}.")] for stage in ("reward", "ppo")}
     configs, sentiment = PACKAGE_DIR / "configs", demo / "tasks" / "sentiment"
     sft, reward, ppo = demo / "sft" / "final", output / "reward", output / "ppo"
     short = [f"train.max_steps={steps}"] if steps else []
@@ -85,13 +89,13 @@ def commands(demo: Path, output: Path, steps: int | None, limit: int, seed: int)
             "reward", "--config", str(configs / "reward" / "demo.yaml"), f"model.init_from={sft}",
             f"data.train=[{output / 'pairs' / 'preference-train.jsonl'}]",
             f"data.validation=[{sentiment / 'preference-test.jsonl'}]", f"train.output_dir={reward}",
-            f"train.seed={seed}", *short,
+            f"train.seed={seed}", *short, *extra["reward"],
         ],
         "ppo": [
             "ppo", "--config", str(configs / "ppo" / "demo.yaml"), f"model.policy={sft}",
             f"model.reward_model={reward / 'final'}", f"data.prompts=[{sentiment / 'sft-train.jsonl'}]",
             f"data.validation=[{sentiment / 'sft-test.jsonl'}]", f"train.output_dir={ppo}", f"train.seed={seed}",
-            *short,
+            *short, *extra["ppo"],
         ],
         "eval tasks": [
             "eval", "tasks", *policies, "--data", str(output / "tasks"), "--limit", str(limit),
@@ -239,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int, default=200, help="held-out prompts measured (default: 200)")
     parser.add_argument("--seed", type=int, default=1337, help="train.seed of both trainings, sampling seed of eval")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="STAGE.KEY=VALUE",
+        help="recipe overrides for the reward model or PPO, e.g. ppo.ppo.kl_coef=0.05 ppo.train.learning_rate=5e-5 "
+        "(the settings under which the demo's own PPO hacked its honest reward model)",
+    )
     return parser
 
 
@@ -258,6 +269,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--share must be between 0 and 1, got {args.share}")
     if args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    for override in args.overrides:
+        if override.partition(".")[0] not in ("reward", "ppo") or "=" not in override:
+            parser.error(f"{override!r}: write reward.section.key=value or ppo.section.key=value")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.steps is not None:
@@ -281,7 +295,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     (output / "tasks").mkdir(parents=True, exist_ok=True)  # eval tasks on the sentiment task only
     if not (output / "tasks" / "sentiment").exists():
         (output / "tasks" / "sentiment").symlink_to(sentiment.resolve(), target_is_directory=True)
-    steps = commands(demo, output, args.steps, args.limit, args.seed)
+    steps = commands(demo, output, args.steps, args.limit, args.seed, args.overrides)
     train(steps["reward"], output / "reward")
     train(steps["ppo"], output / "ppo")
     run_command(steps["eval tasks"])

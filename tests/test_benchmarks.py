@@ -212,6 +212,11 @@ def test_the_reward_hacking_options(capsys):
     assert "train.max_steps=8" in steps["reward"] and "train.max_steps=8" in steps["ppo"]
     assert "train.seed=7" in steps["ppo"] and steps["eval policies"][-3:] == ["7", "--output", "out/eval"]
     assert not any("max_steps" in word for word in hacking.commands(Path("d"), Path("o"), None, 50, 7)["ppo"])
+    tuned = hacking.commands(Path("d"), Path("o"), None, 50, 7, ["ppo.ppo.kl_coef=0.05", "reward.train.max_steps=9"])
+    assert tuned["ppo"][-1] == "ppo.kl_coef=0.05" and tuned["reward"][-1] == "train.max_steps=9"
+    with pytest.raises(SystemExit):
+        hacking.parse_args(["--demo", "d", "sft.train.max_steps=3"])
+    assert "write reward.section.key=value" in capsys.readouterr().err
 
 
 def test_the_reward_hacking_verdict_follows_the_figures():
