@@ -11,6 +11,7 @@ from conftest import REPO_ROOT, save_tiny_model
 from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.errors import TrainingDivergedError
+from tiny_llama2_zh.infer.generate import sample_replies
 from tiny_llama2_zh.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tiny_llama2_zh.train.ppo import (
     PolicyAndValue,
@@ -25,7 +26,7 @@ from tiny_llama2_zh.train.ppo import (
     whiten,
 )
 from tiny_llama2_zh.train.reward import load_reward_model
-from tiny_llama2_zh.train.rl import PromptDataOptions, prompt_ids, sample_replies
+from tiny_llama2_zh.train.rl import PromptDataOptions, prompt_ids
 
 PPO_YAML = REPO_ROOT / "configs" / "ppo" / "demo.yaml"
 PROMPTS = ["这本书很好看", "质量太差了", "物流很快", "包装破损", "非常满意", "不推荐购买", "孩子很喜欢", "用了两天就坏"]

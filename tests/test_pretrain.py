@@ -15,10 +15,13 @@ SHIPPED_CONFIGS = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
 
 
 def test_two_step_pretraining_run_writes_a_loadable_model(small_tokenizer, token_files, tmp_path):
-    config = smoke_config(small_tokenizer, token_files, tmp_path / "run")
+    # lr 1e-2 without warm-up: two steps must visibly help (at 3e-3 with the digit-splitting tokenizer the validation
+    # loss moved by +0.002, i.e. not at all: a smoke test of "training trains" needs a step that does something)
+    faster = ("train.learning_rate=1e-2", "train.warmup_steps=0")
+    config = smoke_config(small_tokenizer, token_files, tmp_path / "run", *faster)
     result = pretrain(config)
     assert result["steps"] == 2 and result["tokens_seen"] == 2 * 2 * 32  # the batches' real tokens
-    assert result["final_validation_loss"] < result["initial_validation_loss"]  # two steps at lr 3e-3 already help
+    assert result["final_validation_loss"] < result["initial_validation_loss"] - 0.01
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]

@@ -16,7 +16,7 @@ character sequences reaches, so a reader sees what the language model's size buy
 model rows marked as baselines (say, the pretrained-only model).
 
 `--samples K` (K >= 1) also samples K replies per prompt at `--temperature` (pure sampling, as the RL stages
-sample: `train.rl.sample_replies`, seeded by `--seed` in a forked RNG state, so the greedy replies and everything
+sample: `infer.generate.sample_replies`, seeded by `--seed` in a forked RNG state, so the greedy replies and everything
 else stay as they are) and reports, per task, pass@1 -- the share of greedy replies the task's checker
 (`Task.correct`) scores 1 -- and pass@K -- the share of prompts with at least one of the K replies scored 1: the
 unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1) with n = k = K
@@ -309,14 +309,13 @@ def sampled_replies(
     seed: int,
     progress: tqdm,
 ) -> list[list[str]]:
-    """`samples` replies to each row, sampled at `temperature` as the RL stages sample (`train.rl.sample_replies`:
+    """`samples` replies to each row, sampled at `temperature` as the RL stages sample (`infer.generate.sample_replies`:
     no top-k or top-p cut, the KV cache, each reply ended at its first end-of-turn token); [] for a prompt too long
     for the context. One generate call takes `batch_size` prompts, each repeated `samples` times. Seeded with
     `seed` in a forked RNG state: the caller's random stream is left as it was."""
     import torch
 
-    from tiny_llama2_zh.infer.generate import left_pad, turn_end_ids
-    from tiny_llama2_zh.train.rl import sample_replies
+    from tiny_llama2_zh.infer.generate import left_pad, sample_replies, turn_end_ids
 
     prompts = fitting_prompts(tokenizer, rows, max_new_tokens, model.config.max_position_embeddings)
     replies: list[list[str]] = [[] for _ in rows]

@@ -149,3 +149,44 @@ def greedy_replies(
         )
         replies += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
     return replies
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded prompt is computed as if unpadded."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample_replies(
+    policy: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    end_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled replies (KV cache): sequences (B, P + R), their attention mask, and the reply mask (B, R) that
+    keeps each reply up to and including its first end-of-turn token (what `generate` appends after it is
+    padding). Also returns whether each reply ended."""
+    output = policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        eos_token_id=end_ids,
+        pad_token_id=pad_id,
+    )
+    replies = output[:, prompt_ids.shape[1] :]
+    is_end = torch.isin(replies, torch.tensor(end_ids, device=replies.device))
+    ended = is_end.any(-1)
+    first_end = torch.where(ended, is_end.int().argmax(-1), replies.shape[1] - 1)
+    reply_mask = (torch.arange(replies.shape[1], device=replies.device)[None, :] <= first_end[:, None]).long()
+    replies = torch.where(reply_mask.bool(), replies, pad_id)
+    sequences = torch.cat([prompt_ids, replies], dim=1)
+    return sequences, torch.cat([prompt_mask, reply_mask], dim=1), reply_mask, ended

@@ -48,7 +48,7 @@ from transformers import (
 
 from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.errors import TrainingDivergedError
-from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, turn_end_ids
+from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, position_ids_of, turn_end_ids
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.rl import (
@@ -57,7 +57,6 @@ from tiny_llama2_zh.train.rl import (
     check_enough_prompts,
     held_out_metrics,
     load_rollout_prompts,
-    position_ids_of,
     prompt_ids,
     reward_model_function,
     sample_and_score,

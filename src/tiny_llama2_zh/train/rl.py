@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.data.conversations import load_prompts
 from tiny_llama2_zh.data.jsonl import ReadReport
-from tiny_llama2_zh.infer.generate import left_pad, turn_end_ids
+from tiny_llama2_zh.infer.generate import left_pad, position_ids_of, sample_replies, turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, refuse_quantized, same_tokenizer_or_refuse
 from tiny_llama2_zh.tensors import eval_mode, token_log_probs
 from tiny_llama2_zh.tokenizer import chat_ids
@@ -107,46 +107,6 @@ def prompt_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[lis
 
 
 # ---------------------------------------------------------------------------------------------- replies
-def position_ids_of(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so a left-padded prompt is computed as if unpadded."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def sample_replies(
-    policy: PreTrainedModel,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    end_ids: list[int],
-    pad_id: int,
-    max_new_tokens: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sampled replies (KV cache): sequences (B, P + R), their attention mask, and the reply mask (B, R) that
-    keeps each reply up to and including its first end-of-turn token (what `generate` appends after it is
-    padding). Also returns whether each reply ended."""
-    output = policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        eos_token_id=end_ids,
-        pad_token_id=pad_id,
-    )
-    replies = output[:, prompt_ids.shape[1] :]
-    is_end = torch.isin(replies, torch.tensor(end_ids, device=replies.device))
-    ended = is_end.any(-1)
-    first_end = torch.where(ended, is_end.int().argmax(-1), replies.shape[1] - 1)
-    reply_mask = (torch.arange(replies.shape[1], device=replies.device)[None, :] <= first_end[:, None]).long()
-    replies = torch.where(reply_mask.bool(), replies, pad_id)
-    sequences = torch.cat([prompt_ids, replies], dim=1)
-    return sequences, torch.cat([prompt_mask, reply_mask], dim=1), reply_mask, ended
-
-
 @dataclass
 class SampledReplies:
     """A batch of sampled replies with their log-probabilities (replies are R tokens, prompts P wide)."""
