@@ -2,7 +2,7 @@
 
 import json
 
-from tiny_llama2_zh.eval.goals import evaluate_goals, goals_table
+from tiny_llama2_zh.eval.goals import evaluate_goals, goals_as_dicts, goals_table
 
 
 def write(path, value):
@@ -60,7 +60,7 @@ def verdicts(run):
 def test_every_goal_met_by_hand_made_figures(tmp_path):
     goals = evaluate_goals(demo_folder(tmp_path))
     assert [goal.goal for goal in goals if goal.met is not True] == []
-    table = goals_table(goals)
+    table = goals_table(goals_as_dicts(goals))
     assert "bag-of-words baseline 88.0%" in table and "pass@1 30.0%, pass@8 62.0%" in table
 
 

@@ -252,10 +252,11 @@ def _grpo_task(run_dir: Path) -> str:
     return Path(prompts[0] if isinstance(prompts, list) else prompts).parent.name
 
 
-def goals_table(goals: list[Goal]) -> str:
+def goals_table(goals: list[dict]) -> str:
+    """The goals (as `goals_as_dicts` gives them, the form summary.json keeps) as a markdown table."""
     return table(
         ("stage", "goal", "measured", "verdict"),
-        [(goal.stage, goal.goal, goal.figure, goal.verdict) for goal in goals],
+        [(goal["stage"], goal["goal"], goal["figure"], goal["verdict"]) for goal in goals],
         left=4,
     )
 

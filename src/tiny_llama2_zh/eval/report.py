@@ -148,8 +148,8 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     for run_dir in run_dirs:
         state = _read_json(run_dir / "demo_state.json")
         if state:
-            goals = evaluate_goals(run_dir)
-            met = sum(goal.met is True for goal in goals)
+            goals = goals_as_dicts(evaluate_goals(run_dir))
+            met = sum(goal["met"] is True for goal in goals)
             lines += _section(
                 f"Goals ({run_dir}): {met} of {len(goals)} met, this run (one seed)",
                 "the files of the stages below (eval/goals.py says what each goal is)",
@@ -279,7 +279,7 @@ def summary_markdown(summary: dict) -> str:
     lines = ["# tiny-llama2-zh demo: summary", "", f"Folder `{summary['output_dir']}`; the full card is report.md.", ""]
     if goals := summary.get("goals"):
         met = sum(goal["met"] is True for goal in goals)
-        lines += [f"## Goals: {met} of {len(goals)} met (this run, one seed)", "", _goals_markdown(goals), ""]
+        lines += [f"## Goals: {met} of {len(goals)} met (this run, one seed)", "", goals_table(goals), ""]
     facts = []
     if corpus := summary.get("corpus"):
         facts.append(("corpus", f"{corpus['train']['documents']:,} train / {corpus['validation']['documents']:,} "
@@ -290,8 +290,9 @@ def summary_markdown(summary: dict) -> str:
         )
     for stage in TRAINING_STAGES:
         if stage in summary:
+            stage_facts = _stage_facts(stage, summary[stage])  # the first (steps, time) only if alone
             facts += [
-                (stage, fact) for fact in _stage_facts(stage, summary[stage])[1:] or _stage_facts(stage, summary[stage])
+                (stage, fact) for fact in stage_facts[1:] or stage_facts
             ]
     if parameters := summary.get("pretrain", {}).get("parameters"):
         facts.insert(
@@ -308,11 +309,6 @@ def summary_markdown(summary: dict) -> str:
     lines.append("Wall time: " + ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items())
                  + f"; total {sum(seconds.values()) / 60:.1f} min.")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _goals_markdown(goals: list[dict]) -> str:
-    return table(("stage", "goal", "measured", "verdict"), [
-        (goal["stage"], goal["goal"], goal["figure"], goal["verdict"]) for goal in goals], left=4)  # fmt: skip
 
 
 def write_summary(run_dir: Path) -> Path:
