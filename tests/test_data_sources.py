@@ -183,3 +183,89 @@ def test_empty_sft_and_preference_records_are_dropped_and_counted(tmp_path):
     bad = BadRecords()
     assert read("cvalues", cvalues, bad) == [{"prompt": "问", "chosen": "好答", "rejected": "坏答"}]
     assert bad.counts == {"empty chosen": 1, "empty rejected": 1, "empty prompt": 1, "chosen equals rejected": 1}
+
+
+# ------------------------------------------------------------------------------------ real shapes (issue 21)
+def test_belle_3_5m_conversations_become_chat_messages(tmp_path):
+    path = tmp_path / "train_3.5M_CN.json"
+    rows = [
+        {
+            "id": "1",
+            "conversations": [
+                {"from": "human", "value": "你好"},
+                {"from": "assistant", "value": "你好！有什么可以帮你？"},
+                {"from": "human", "value": "讲个笑话"},
+                {"from": "assistant", "value": "从前有座山。"},
+            ],
+        },
+        {"id": "2", "conversations": [{"from": "gpt", "value": "未知角色"}]},
+        {"id": "3", "conversations": "不是列表"},
+        {"id": "4"},
+    ]
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    bad = BadRecords()
+    records = read("belle_conversations", path, bad)
+    assert records == [
+        {
+            "messages": [
+                {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "你好！有什么可以帮你？"},
+                {"role": "user", "content": "讲个笑话"},
+                {"role": "assistant", "content": "从前有座山。"},
+            ]
+        }
+    ]
+    assert bad.counts == {"unexpected value": 2, "missing field conversations": 1}
+    assert "speaker 'gpt' is neither human nor assistant" in bad.examples[0]
+
+
+def test_question_response_preference_pairs(tmp_path):
+    path = tmp_path / "reward.jsonl"
+    rows = [
+        {"question": "如何学习？", "response_chosen": "多读书，多练习。", "response_rejected": "不用学。"},
+        {"question": "如何学习？", "response_chosen": "一样", "response_rejected": "一样"},
+        {"question": "缺字段", "response_chosen": "好"},
+    ]
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    bad = BadRecords()
+    expected = {"prompt": "如何学习？", "chosen": "多读书，多练习。", "rejected": "不用学。"}
+    assert read("preference_qa", path, bad) == [expected]
+    assert bad.counts == {"chosen equals rejected": 1, "missing field response_rejected": 1}
+
+
+def test_wikipedia_cn_as_json_lines_reads_like_the_json_array(tmp_path):
+    rows = [{"completion": f"条目{i}：中文维基百科的一篇文章。", "source": "wikipedia.zh2307"} for i in range(3)]
+    lines = tmp_path / "wikipedia-cn.jsonl"
+    lines.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    array = tmp_path / "wikipedia-cn-20230720-filtered.json"
+    array.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    assert read("wikipedia_cn", lines) == read("wikipedia_cn", array) == [{"text": row["completion"]} for row in rows]
+
+
+def test_replies_opening_with_whitespace_are_stripped_counted_and_reported(tmp_path, capsys):
+    """Belle's school_math answers open with newlines: prepared, the reply starts with its first word, and the
+    summary says how many were stripped."""
+    from tiny_llama2_zh.cli import main
+
+    school_math = tmp_path / "school_math_0.25M.json"
+    rows = [
+        {"instruction": f"小明有{i}个苹果，又买了3个，现在有几个？", "input": "", "output": f"\n\n 解：{i}+3={i + 3}。"}
+        for i in range(6)
+    ] + [{"instruction": "1+1等于几？", "input": "", "output": "2"}]
+    school_math.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert main(["data", "prepare", "--output", str(tmp_path / "sft"), "--source", "belle", str(school_math)]) == 0
+    assert "reply stripped of leading whitespace: 6 records (kept)" in capsys.readouterr().out
+    replies = [
+        json.loads(line)["messages"][-1]["content"]
+        for split in ("train", "test")
+        for line in (tmp_path / "sft" / f"sft-{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    assert sorted(replies) == sorted([f"解：{i}+3={i + 3}。" for i in range(6)] + ["2"])
+    report = json.loads((tmp_path / "sft" / "prepare_report.json").read_text(encoding="utf-8"))
+    assert report["repaired"] == {"reply stripped of leading whitespace": 6}
+    pairs = tmp_path / "pairs.jsonl"
+    pair = {"prompt": "问", "chosen": "\n好的回答", "rejected": " 坏的回答"}
+    pairs.write_text(json.dumps(pair, ensure_ascii=False) + "\n", encoding="utf-8")
+    bad = BadRecords()
+    assert read("rlhf_reward_zh", pairs, bad) == [{"prompt": "问", "chosen": "好的回答", "rejected": "坏的回答"}]
+    assert bad.repaired == {"reply stripped of leading whitespace": 1} and bad.total == 0

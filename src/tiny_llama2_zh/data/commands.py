@@ -128,6 +128,8 @@ def run_data_prepare(args: argparse.Namespace) -> None:
     for source, count in result.records_per_source.items():
         print(f"  {source}: {count:,} records read")
     print(f"{result.kind}: documents {result.documents}, tokens {result.tokens or '-'}, {result.seconds:.1f}s")
+    for repair, count in result.repaired.items():
+        print(f"  {repair}: {count:,} records (kept)")
     if result.bad_records:
         print(f"skipped bad records {result.bad_records}; first ones:")
         for example in result.bad_examples:

@@ -73,6 +73,7 @@ class PrepareResult:
     records_per_source: dict[str, int] = field(default_factory=dict)  # read, before cleaning
     bad_records: dict[str, int] = field(default_factory=dict)
     bad_examples: list[str] = field(default_factory=list)
+    repaired: dict[str, int] = field(default_factory=dict)  # kept records changed on the way in, by what was done
     cleaning: dict | None = None
     seconds: float = 0.0
 
@@ -94,6 +95,7 @@ def prepare(options: PrepareOptions) -> PrepareResult:
         result = _prepare_records(options, output_dir, kind, bad)
     result.bad_records = dict(bad.counts)
     result.bad_examples = bad.examples
+    result.repaired = dict(bad.repaired)
     result.seconds = round(time.perf_counter() - started, 2)
     (output_dir / "prepare_report.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
     return result

@@ -13,6 +13,14 @@ and reported with file, line (or record, or row) and reason (`BadRecords`), or, 
 run at the first one with that message. SFT and preference records with an empty prompt or reply, or with
 chosen equal to rejected, are dropped and counted the same way (strict mode does not stop for them: they are
 well-formed). A non-empty file from which nothing could be read is an error naming the file, never `0 records`.
+
+A reply that starts with newlines or spaces (most of Belle's school_math answers do) is stripped of them and
+counted (`BadRecords.repaired`): left in, the model would learn to open every reply of that kind with a newline
+token, and its first generated token would carry no content.
+
+`CORPORA`, beside `SOURCES`, says where each published corpus lives on the Hugging Face hub (repository, the
+files its adapter reads, licence, size) for `tinyllm data download`; every corpus names the adapter (or the
+`tinyllm eval mc` benchmark) that reads it.
 """
 
 import csv
@@ -49,6 +57,9 @@ class BadRecords:
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     first_per_file: dict[str, str] = field(default_factory=dict)  # file -> its first problem, without the path
+    # well-formed rows changed on the way in (kept, not skipped), by what was done: "reply stripped of leading
+    # whitespace"
+    repaired: Counter = field(default_factory=Counter)
 
     def report(self, path: Path, where: Location, reason: str, fatal: bool = True) -> None:
         """Count a bad row. `fatal=False`: a well-formed but unusable record, which strict mode also skips."""
@@ -94,6 +105,18 @@ def _text(field: str) -> Callable[[dict], dict]:
 
 def _preference(chosen: str = "chosen", rejected: str = "rejected") -> Callable[[dict], dict]:
     return lambda row: {"prompt": row["prompt"], "chosen": row[chosen], "rejected": row[rejected]}
+
+
+def _belle_conversation(row: dict) -> dict:
+    """BelleGroup/train_3.5M_CN: `{id, conversations: [{from: human|assistant, value}]}`, multi-turn."""
+    roles = {"human": "user", "assistant": "assistant"}
+    messages = []
+    for turn in row["conversations"]:
+        speaker = turn["from"]
+        if speaker not in roles:
+            raise KeyError(f"speaker {speaker!r} is neither human nor assistant")
+        messages.append({"role": roles[speaker], "content": turn["value"]})
+    return {"messages": messages}
 
 
 def _baike(row: dict) -> dict:
@@ -158,6 +181,13 @@ SOURCES: dict[str, Source] = {
             "BelleGroup/train_2M_CN: JSON Lines of {instruction, input, output}",
         ),
         Source(
+            "belle_conversations",
+            "sft",
+            ("conversations",),
+            _belle_conversation,
+            "BelleGroup/train_3.5M_CN: JSON Lines of {id, conversations: [{from: human|assistant, value}]}",
+        ),
+        Source(
             "firefly",
             "sft",
             ("input", "target"),
@@ -184,6 +214,14 @@ SOURCES: dict[str, Source] = {
             ("prompt", "chosen", "rejected"),
             _preference(),
             "liyucheng/zhihu_rlhf_3k: TSV with header {prompt, chosen, rejected, question_id, upvotes_*}",
+        ),
+        Source(
+            "preference_qa",
+            "preference",
+            ("question", "response_chosen", "response_rejected"),
+            lambda r: {"prompt": r["question"], "chosen": r["response_chosen"], "rejected": r["response_rejected"]},
+            "Chinese preference sets (HH-RLHF translations, MedicalGPT's reward files): JSON Lines or parquet of "
+            "{question, response_chosen, response_rejected}",
         ),
         Source(
             "cvalues",
@@ -405,6 +443,23 @@ def malformed(record: dict, kind: Kind) -> str | None:
     return None
 
 
+def strip_reply_openings(record: dict, kind: Kind) -> bool:
+    """Remove newlines and spaces that open a reply (SFT assistant turns; chosen and rejected), in place; True if
+    any reply had them. Only the opening: whitespace inside a reply is its formatting."""
+    if kind == "sft":
+        slots = [(message, "content") for message in record["messages"] if message.get("role") == "assistant"]
+    elif kind == "preference":
+        slots = [(record, "chosen"), (record, "rejected")]
+    else:
+        return False
+    changed = False
+    for holder, name in slots:
+        stripped = holder[name].lstrip()
+        if stripped != holder[name]:
+            holder[name], changed = stripped, True
+    return changed
+
+
 def unusable(record: dict, kind: Kind) -> str | None:
     """Why a well-formed SFT or preference record teaches nothing (empty text, chosen == rejected), or None."""
     if kind == "sft":
@@ -456,6 +511,8 @@ def read_records(source: Source, paths: list[str | Path], bad: BadRecords, text_
                 bad.report(path, where, f"unexpected value: {problem}; {schema}")
                 continue
             well_formed += 1
+            if strip_reply_openings(record, source.kind):
+                bad.repaired["reply stripped of leading whitespace"] += 1
             problem = unusable(record, source.kind)
             if problem is not None:
                 bad.report(path, where, problem, fatal=False)
