@@ -22,7 +22,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tiny_llama2_zh.cli import main
-from tiny_llama2_zh.data.download import DownloadError, _human, _paths_argument, download, git_blob_sha1, on_disk
+from tiny_llama2_zh.data.download import (
+    Downloaded,
+    DownloadError,
+    _human,
+    _paths_argument,
+    download,
+    git_blob_sha1,
+    on_disk,
+    reading_lines,
+)
 from tiny_llama2_zh.data.sources import BENCHMARKS, CORPORA, SOURCES
 from tiny_llama2_zh.eval import multiple_choice as mc
 
@@ -186,8 +195,7 @@ def test_a_full_download_prints_a_prepare_line_that_reads_the_files(online, mirr
     assert [entry[:2] for entry in mirror.log] == [("GET", "train_3.5M_CN.json")]
     line = next(line for line in out.splitlines() if line.startswith("tinyllm data prepare"))
     assert line == (
-        "tinyllm data prepare --output data/sft/belle_conversations --source belle_conversations "
-        "raw/belle_conversations/train_3.5M_CN.json"
+        "tinyllm data prepare --output data/sft --source belle_conversations raw/belle_conversations/train_3.5M_CN.json"
     )
     assert main(shlex.split(line)[1:]) == 0
     out = capsys.readouterr().out
@@ -195,13 +203,13 @@ def test_a_full_download_prints_a_prepare_line_that_reads_the_files(online, mirr
     written = [
         json.loads(row)
         for split in ("train", "test")
-        for row in (tmp_path / "data/sft/belle_conversations" / f"sft-{split}.jsonl").read_text().splitlines()
+        for row in (tmp_path / "data/sft" / f"sft-{split}.jsonl").read_text().splitlines()
     ]
     assert len(written) == 40
     assert all(not r["messages"][1]["content"][0].isspace() for r in written)
     # a second call finds the file verified and fetches nothing
     assert main(["data", "download", "belle_conversations", "--output", "raw"]) == 0
-    assert "all files already verified" in capsys.readouterr().out
+    assert "belle_conversations: raw/belle_conversations (gpl-3.0; already verified)" in capsys.readouterr().out
     assert len([entry for entry in mirror.log if entry[0] == "GET"]) == 1
     assert main(["data", "download", "--list", "--output", "raw"]) == 0
     row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("belle_conversations"))
@@ -366,3 +374,30 @@ def test_errors_are_one_line_never_a_traceback(mirrors, tmp_path, capsys, monkey
     monkeypatch.setenv("HF_ENDPOINT", mirror.endpoint)
     assert main(["data", "download", "cvalues", "--output", str(tmp_path)]) == 2
     assert "mxz/CValues is not a dataset repository at http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_one_prepare_call_per_kind_into_the_folders_the_recipes_read(tmp_path):
+    def downloaded(name: str, *files: str) -> Downloaded:
+        return Downloaded(CORPORA[name], tmp_path / name, COMMIT, [tmp_path / name / f for f in files])
+
+    lines = reading_lines(
+        [
+            downloaded("wikipedia_cn", "wikipedia-cn-20230720-filtered.json"),
+            downloaded("belle_conversations", "train_3.5M_CN.json"),
+            downloaded("zhihu_kol", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"),
+            downloaded("zhihu_rlhf_3k", "zhihu_3k_rlfh.tsv"),
+            downloaded("cvalues", "data/train-00000-of-00001.parquet"),
+        ]
+    )
+    raw = str(tmp_path)
+    assert lines == [
+        f"tinyllm data prepare --tokenizer data/tokenizer/chatglm3 --output data/pretrain --source wikipedia_cn "
+        f"{raw}/wikipedia_cn/wikipedia-cn-20230720-filtered.json --source zhihu_kol "
+        f"{raw}/zhihu_kol/data/train-00000-of-00002.parquet {raw}/zhihu_kol/data/train-00001-of-00002.parquet",
+        f"tinyllm data prepare --output data/sft --source belle_conversations "
+        f"{raw}/belle_conversations/train_3.5M_CN.json",
+        f"tinyllm data prepare --output data/preference/zhihu_rlhf_3k --source zhihu_rlhf_3k "
+        f"{raw}/zhihu_rlhf_3k/zhihu_3k_rlfh.tsv",
+        f"tinyllm data prepare --output data/preference/cvalues --source cvalues "
+        f"{raw}/cvalues/data/train-00000-of-00001.parquet",
+    ]

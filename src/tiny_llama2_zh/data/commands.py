@@ -63,7 +63,7 @@ def add_data_download_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_data_download(args: argparse.Namespace) -> None:
-    from tiny_llama2_zh.data.download import download_all, hub_endpoint, list_corpora
+    from tiny_llama2_zh.data.download import download_all, hub_endpoint, list_corpora, reading_lines
     from tiny_llama2_zh.data.sources import get_corpus
 
     if args.list:
@@ -76,11 +76,12 @@ def run_data_download(args: argparse.Namespace) -> None:
         get_corpus(name)  # every name checked before anything is fetched
     print(f"hub: {hub_endpoint()} (HF_ENDPOINT names another)")
     results = download_all(args.names, args.output)
-    print("\nread them with:")
     for result in results:
         fetched = f"{result.fetched} file(s), {result.bytes_fetched / 1e6:,.1f} MB fetched" if result.fetched else ""
-        print(f"# {result.corpus.name} ({result.corpus.licence}): {fetched or 'all files already verified'}")
-        print(result.reading_line())
+        print(f"{result.corpus.name}: {result.folder} ({result.corpus.licence}; {fetched or 'already verified'})")
+    print("read them with:")
+    for line in reading_lines(results):
+        print(line)
 
 
 def add_data_tokenize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -343,19 +343,37 @@ def _folder_with(files: list[Path], subfolder: str) -> Path | None:
 
 
 def reading_line(corpus: Corpus, folder: Path, files: list[Path]) -> str:
-    """The command that reads the downloaded files: `data prepare` for an adapter's corpus, `eval mc` for a
-    benchmark."""
-    if corpus.name == "ceval":
-        return f"tinyllm eval mc --model MODEL --ceval-dir {shlex.quote(str(folder))}"
-    if corpus.name == "cmmlu":
-        root = _folder_with(files, "test") or folder
-        return f"tinyllm eval mc --model MODEL --cmmlu-dir {shlex.quote(str(root))}"
-    kind = corpus.kind
-    tokenizer = " --tokenizer data/tokenizer/chatglm3" if kind == "pretrain" else ""
-    return (
-        f"tinyllm data prepare{tokenizer} --output data/{kind}/{corpus.name} "
-        f"--source {corpus.name} {_paths_argument(files)}"
-    )
+    """The command that reads one corpus's downloaded files: `eval mc` for a benchmark, else `data prepare` into
+    the folder its size recipes read (configs/*/24m.yaml): data/pretrain, data/sft, data/preference/NAME."""
+    return reading_lines([Downloaded(corpus=corpus, folder=folder, commit="", files=files)])[0]
+
+
+def _source_words(result: Downloaded) -> str:
+    return f"--source {result.corpus.name} {_paths_argument(result.files)}"
+
+
+def reading_lines(results: list[Downloaded]) -> list[str]:
+    """The commands that read what was downloaded. Pretraining corpora share one `data prepare` call (one
+    cleaner, so duplicates are found across them, into data/pretrain: what the pretraining recipes read), and so
+    do SFT sets (data/sft); each preference set gets its own folder (the reward model reports accuracy per
+    folder); a benchmark gets its `eval mc` flag."""
+    lines = []
+    for kind, output in (("pretrain", "data/pretrain"), ("sft", "data/sft")):
+        group = [result for result in results if result.corpus.kind == kind]
+        if group:
+            tokenizer = " --tokenizer data/tokenizer/chatglm3" if kind == "pretrain" else ""
+            sources = " ".join(_source_words(result) for result in group)
+            lines.append(f"tinyllm data prepare{tokenizer} --output {output} {sources}")
+    for result in results:
+        name, folder = result.corpus.name, result.folder
+        if result.corpus.kind == "preference":
+            lines.append(f"tinyllm data prepare --output data/preference/{name} {_source_words(result)}")
+        elif name == "ceval":
+            lines.append(f"tinyllm eval mc --model MODEL --ceval-dir {shlex.quote(str(folder))}")
+        elif name == "cmmlu":
+            root = _folder_with(result.files, "test") or folder
+            lines.append(f"tinyllm eval mc --model MODEL --cmmlu-dir {shlex.quote(str(root))}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ --list
