@@ -25,29 +25,29 @@ tinyllm pretrain --config configs/pretrain/demo.yaml "data.tokenizer=$out/tokeni
 tinyllm generate --model "$out/pretrain/final" --prompt '中国经济' --temperature 0.8 --top-p 0.9 --max-new-tokens 60 \
   --seed 1337
 
-# 5. Tasks with checkable answers (sentiment labels from real reviews, generated additions), split by prompt (addition by value, so no sum is asked on both sides).
-tinyllm data tasks --output "$out/tasks" --tasks sentiment,addition
+# 5. Tasks: sentiment labels of real reviews and generated additions (checkable answers), and writing a review (pairs: a positive review over a negative one), split by prompt (addition by value, reviews as sentiment's).
+tinyllm data tasks --output "$out/tasks" --tasks sentiment,addition,review
 
 # 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
 tinyllm sft --config configs/sft/demo.yaml "model.init_from=$out/pretrain/final" \
-  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl]" \
+  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/review/sft-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl,$out/tasks/review/sft-test.jsonl]" \
   "train.output_dir=$out/sft" train.seed=1337
 
-# 7. A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.
+# 7. A reward model (TRL's RewardTrainer) on the review pairs: which of two reviews the shop would rather show.
 tinyllm reward --config configs/reward/demo.yaml "model.init_from=$out/sft/final" \
-  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/preference-test.jsonl]" "train.output_dir=$out/reward" train.seed=1337
+  "data.train=[$out/tasks/review/preference-train.jsonl]" \
+  "data.validation=[$out/tasks/review/preference-test.jsonl]" "train.output_dir=$out/reward" train.seed=1337
 
 # 8. PPO (written here) against that reward model, KL-penalised to the SFT model.
 tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.prompts=[$out/tasks/sentiment/sft-train.jsonl]" "data.validation=[$out/tasks/sentiment/sft-test.jsonl]" \
+  "data.prompts=[$out/tasks/review/sft-train.jsonl]" "data.validation=[$out/tasks/review/sft-test.jsonl]" \
   "train.output_dir=$out/ppo" train.seed=1337
 
 # 9. DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.train=[$out/tasks/sentiment/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/preference-test.jsonl]" "train.output_dir=$out/dpo" train.seed=1337
+  "data.train=[$out/tasks/review/preference-train.jsonl]" \
+  "data.validation=[$out/tasks/review/preference-test.jsonl]" "train.output_dir=$out/dpo" train.seed=1337
 
 # 10. GRPO with checkable rewards (the task's own answer checker) on addition prompts.
 tinyllm grpo --config configs/grpo/demo.yaml "model.init_from=$out/sft/final" \
@@ -62,7 +62,7 @@ tinyllm quantize --report --model "$out/pretrain/final" --model "$out/sft/final"
 tinyllm export check --model "$out/sft/final" --output "$out/export" --prompts "$out/tasks/sentiment/sft-test.jsonl" \
   --texts "$out/corpus/validation.jsonl"
 
-# 13. Held-out accuracy of every model against trivial and bag-of-words baselines; multiple choice: the idioms and the demo tasks' held-out pairs; the policies side by side (reward-model score and KL to SFT on PPO's held-out prompts).
+# 13. Held-out accuracy of every model against trivial and bag-of-words baselines; multiple choice: the idioms and the demo tasks' held-out pairs; the policies side by side on PPO's held-out prompts (reward-model score, KL to SFT, reviews an independent classifier reads as positive).
 tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" --model \
   "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 --output "$out/eval" --samples 8 \
   --sample-task addition --seed 1337
@@ -70,7 +70,7 @@ tinyllm eval mc --idioms --tasks-dir "$out/tasks" --limit 300 --model "$out/pret
   --model "$out/ppo/final" --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
 tinyllm eval policies --model "$out/sft/final" --model "$out/ppo/final" --model "$out/dpo/final" --model \
   "$out/grpo/final" --reference "$out/sft/final" --reward-model "$out/reward/final" --prompts \
-  "$out/tasks/sentiment/sft-test.jsonl" --output "$out/eval" --seed 1337
+  "$out/tasks/review/sft-test.jsonl" --max-new-tokens 48 --output "$out/eval" --seed 1337
 
 # 14. The report card: every stage's figures and curves in report.md, the headline figures in summary.md.
 tinyllm report "$out"

@@ -12,7 +12,15 @@ from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.tasks.pinyin import pinyin_correct
 from tiny_llama2_zh.data.tasks.segmentation import segmentation_correct
 from tiny_llama2_zh.data.tasks.sentiment import sentiment_correct
-from tiny_llama2_zh.train.rewards import RewardErrors, answer_problem, correctness_reward, format_reward, guarded
+from tiny_llama2_zh.train.rewards import (
+    REWARD_FUNCTIONS,
+    RewardErrors,
+    answer_problem,
+    correctness_reward,
+    format_reward,
+    guarded,
+    partial_credit_reward,
+)
 
 REVIEWS = ["这本书很好看", "质量太差了", "物流很快", "包装破损", "非常满意", "不推荐购买", "孩子很喜欢", "用了两天就坏"]
 
@@ -48,6 +56,28 @@ def test_format_and_correctness_reward_functions_dispatch_on_the_task():
     answers = ["正面", "负面", "我 爱 北京", "zhōng guó"]
     assert format_reward(None, completions, task=tasks, answer=answers) == [1.0, 0.0, 1.0, 0.0]
     assert correctness_reward(None, completions, task=tasks, answer=answers) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_partial_credit_pays_addition_by_digits_right_and_other_tasks_by_their_checker():
+    completions = ["125", "115", "52", "x", "正面"]
+    tasks = ["addition", "addition", "addition", "addition", "sentiment"]
+    answers = ["125", "125", "125", "125", "正面"]
+    rewards = partial_credit_reward(None, completions, task=tasks, answer=answers)
+    assert rewards == [1.0, 2 / 3, 0.0, 0.0, 1.0]  # 52 vs 125 by place: 2-5, 5-2 and nothing for the hundreds
+
+
+def test_grpo_rewards_are_named_from_the_registry_and_a_typo_is_refused():
+    from tiny_llama2_zh.config import ConfigError
+    from tiny_llama2_zh.train.grpo import GRPORecipeConfig
+
+    path = REPO_ROOT / "configs" / "grpo" / "demo.yaml"
+    assert load_config(GRPORecipeConfig, path, ["rewards=[correctness,partial_credit]"]).rewards == [
+        "correctness",
+        "partial_credit",
+    ]
+    assert set(REWARD_FUNCTIONS) == {"correctness", "format", "partial_credit"}
+    with pytest.raises(ConfigError, match="partial_credit"):
+        load_config(GRPORecipeConfig, path, ["rewards=[correctnes]"])
 
 
 def test_answers_that_cannot_be_checked_are_named():
@@ -181,7 +211,8 @@ def test_dpo_trains_on_and_scores_replies_to_the_whole_conversation(tiny_model_d
     held_out = write_conversation_pairs(tmp_path / "conversations" / "test" / "toy" / "preference-test.jsonl", 8)
     rows, _ = load_preferences(str(held_out), tokenizer, max_length=64)
     # the reward model scores replies to each distinct held-out conversation, earlier turns included
-    assert reward_prompt_rows(rows, limit=10) == [{"prompt": conversation} for conversation in CONVERSATIONS]
+    expected = [{"prompt": conversation, "source": "toy"} for conversation in CONVERSATIONS]
+    assert reward_prompt_rows(rows, limit=10) == expected
 
     class SeenPrompts(TrainerCallback):
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):

@@ -24,7 +24,9 @@ def model_row(stage, sentiment, segmentation, addition, pass8=None):
     }
 
 
-def demo_folder(tmp_path, *, sft_sentiment=0.86, ppo_sentiment=0.855, rm_sentiment=0.80, grpo_addition=0.45):
+def demo_folder(
+    tmp_path, *, sft_sentiment=0.86, ppo_sentiment=0.855, rm_sentiment=0.80, grpo_addition=0.45, ppo_positive=0.62
+):
     run = tmp_path / "demo"
     rows = [
         {"name": "bag-of-words (logistic regression)", "kind": "baseline", "path": None,
@@ -43,10 +45,18 @@ def demo_folder(tmp_path, *, sft_sentiment=0.86, ppo_sentiment=0.855, rm_sentime
     baselines = {"longer reply": report(0.5, 0.5, 0.6), "SFT log-prob (sum)": report(0.7, 0.74, 0.7)}
     final = report(0.86, rm_sentiment, 0.92)
     write(run / "reward" / "summary.json", {"final": final, "baselines": baselines})
-    ppo = {"initial": {"eval_score": 0.1, "eval_kl": 0.0}, "final": {"eval_score": 0.5, "eval_kl": 3.0}}
+    ppo = {
+        "initial": {"eval_score": 0.1, "eval_kl": 0.0, "eval_judge_positive": 0.5},
+        "final": {"eval_score": 0.5, "eval_kl": 3.0, "eval_judge_positive": ppo_positive},
+    }
     write(run / "ppo" / "summary.json", ppo)
     write(run / "ppo" / "config.yaml", "ppo:\n  target_kl: 4.0\n")
     write(run / "dpo" / "summary.json", {"final": {"accuracy": 0.80}})
+    policies = [
+        {"model": f"/x/runs/demo/{stage}/final", "eval_score": score, "eval_judge_positive": positive}
+        for stage, score, positive in (("sft", 0.2, 0.45), ("ppo", 0.5, 0.62), ("dpo", 0.4, 0.55))
+    ]
+    write(run / "eval" / "policies.json", {"rows": policies})
     write(run / "grpo" / "config.yaml", "data:\n  prompts: runs/demo/tasks/addition/sft-train.jsonl\n")
     subjects = [{"subject": "sentiment", "acc": 0.80, "chance": 0.5, "questions": 100}]
     write(run / "eval" / "mc.json", {"models": [{"name": "runs/demo/sft/final", "subjects": subjects}]})
@@ -65,8 +75,12 @@ def test_every_goal_met_by_hand_made_figures(tmp_path):
 
 
 def test_each_goal_fails_where_its_figure_falls_short(tmp_path):
-    run = demo_folder(tmp_path, sft_sentiment=0.84, ppo_sentiment=0.82, rm_sentiment=0.78, grpo_addition=0.39)
+    run = demo_folder(
+        tmp_path, sft_sentiment=0.84, ppo_sentiment=0.82, rm_sentiment=0.78, grpo_addition=0.39, ppo_positive=0.59
+    )
     got = verdicts(run)
+    judged = "replies an independent judge reads as positive rise >= 10 points"
+    assert got[("ppo", judged)] is False and got[("dpo", judged)] is True  # 50 -> 59; 45 -> 55
     assert got[("sft", "held-out sentiment accuracy >= 85%")] is False
     # the RM's sentiment accuracy 78 % < SFT log-prob 74 % + 5 points; addition 92 % >= 70 % + 5
     assert got[("reward", "sentiment pair accuracy >= best baseline + 5 points")] is False

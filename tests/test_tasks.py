@@ -18,7 +18,9 @@ from tiny_llama2_zh.data.tasks.addition import (
     operands,
     sum_without_carries,
 )
-from tiny_llama2_zh.data.tasks.sentiment import sentiment_examples
+from tiny_llama2_zh.data.tasks.review import REVIEW_PROMPT, review_metrics
+from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT, sentiment_examples
+from tiny_llama2_zh.eval.tasks import load_task_data
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -27,9 +29,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict]:
-    """Addition and sentiment, built once through the CLI (segmentation's People's Daily parse is the slow one)."""
+    """Addition, sentiment and review, built once through the CLI (segmentation's People's Daily parse is slow)."""
     folder = tmp_path_factory.mktemp("tasks")
-    assert main(["data", "tasks", "--output", str(folder), "--tasks", "addition,sentiment"]) == 0
+    assert main(["data", "tasks", "--output", str(folder), "--tasks", "addition,sentiment,review"]) == 0
     return folder, json.loads((folder / "stats.json").read_text(encoding="utf-8"))
 
 
@@ -125,11 +127,39 @@ def test_sentiment_preference_pairs_are_label_balanced_and_sft_keeps_every_examp
     assert "dropped_for_balance" not in stats["addition"]  # only classification tasks are balanced
 
 
+# ------------------------------------------------------------------------------------------------ review
+def test_review_is_split_as_sentiment_and_pairs_a_positive_over_a_negative_review(built):
+    folder, stats = built
+    prefix = SENTIMENT_PROMPT.format(review="")
+    labels = {}
+    for split in ("train", "test"):
+        for row in read_jsonl(folder / "sentiment" / f"sft-{split}.jsonl"):
+            labels[row["messages"][0]["content"].removeprefix(prefix)] = (split, row["messages"][1]["content"])
+    for split in ("train", "test"):
+        reviews = [row["messages"][1]["content"] for row in read_jsonl(folder / "review" / f"sft-{split}.jsonl")]
+        # every review, good and bad, taught as written; each in the split the sentiment task put it in
+        assert {labels[review][0] for review in reviews} == {split}
+        assert Counter(labels[review][1] for review in reviews)["正面"] > 100
+        pairs = read_jsonl(folder / "review" / f"preference-{split}.jsonl")
+        assert len(pairs) == stats["review"]["preference"][split] > 100
+        assert all(pair["prompt"] == REVIEW_PROMPT for pair in pairs)
+        assert {(labels[p["chosen"]], labels[p["rejected"]]) for p in pairs} == {((split, "正面"), (split, "负面"))}
+
+
+def test_review_judge_reads_plain_praise_and_complaints_and_eval_tasks_leaves_review_to_sampling(built):
+    folder, _ = built
+    replies = ["质量很好，物流也快，非常满意，推荐购买！", "太差了，用了两天就坏了，非常失望。"]
+    assert review_metrics(["", ""], replies)["positive"] == 0.5
+    assert TASKS["review"].correct("", replies[0]) == 1.0 and TASKS["review"].correct("", replies[1]) == 0.0
+    tasks, skipped = load_task_data(folder, limit=5, warn=print)
+    assert "review" not in tasks and "open-ended" in skipped["review"] and {"sentiment", "addition"} <= set(tasks)
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_path, capsys):
     folder, stats = built
-    assert set(stats) == {"addition", "sentiment"}
-    assert sorted(path.name for path in folder.iterdir()) == ["addition", "sentiment", "stats.json"]
+    assert set(stats) == {"addition", "sentiment", "review"}
+    assert sorted(path.name for path in folder.iterdir()) == ["addition", "review", "sentiment", "stats.json"]
     assert main(["data", "tasks", "--output", str(tmp_path / "x"), "--tasks", "addition,poetry"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'poetry'" in err and "pinyin" in err and not (tmp_path / "x").exists()

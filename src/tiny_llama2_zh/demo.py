@@ -35,21 +35,25 @@ from tiny_llama2_zh.recipes import PACKAGE_DIR
 
 OUT, CONFIGS = "{out}", "{configs}"  # placeholders in the command lines: the demo folder, the shipped recipes
 DEMO_VOCAB_SIZE = 4096
-# The demo's tasks: sentiment (real reviews, a label to learn) and addition (generated, exactly checkable: GRPO's).
+# The demo's tasks: sentiment (real reviews, a label to learn), addition (generated, exactly checkable: GRPO's) and
+# review (write a product review: the preference for positive ones is what the reward model, PPO and DPO learn).
 # Word segmentation is in the registry (`tinyllm data tasks --tasks segmentation`) but not here: the demo model
 # reached 5 % word F1 after SFT (the trivial baseline: 35 %), and its preference pairs were judged better by the
 # SFT model's own log-probabilities (97.5 %) than any reward model could add to.
-TASKS = ("sentiment", "addition")
+TASKS = ("sentiment", "addition", "review")
 # The SFT mix: sentiment twice (its replies are one label, so it gets the least signal per example), addition three
-# times (600 steps of the even mix taught no sum: 0.5 % exact).
-SFT_MIX = ("sentiment", "sentiment", "addition", "addition", "addition")
-# Reward-model and DPO pairs: sentiment, the task a learned judge is for; addition is GRPO's, whose exact checker is
-# a better reward than a model (the demo reward model ranked addition near misses at chance). Balanced by label
-# (data/tasks/sentiment.py) so that preferring one label earns nothing. Capped per file by data.max_train_examples.
-PAIR_MIX = ("sentiment", "sentiment")
-PAIR_TASKS = ("sentiment",)
-# RLHF prompts: the task the reward model judges
-PPO_TASKS = ("sentiment",)
+# times (600 steps of the even mix taught no sum: 0.5 % exact), review once (its replies are long: the most signal).
+SFT_MIX = ("sentiment", "sentiment", "addition", "addition", "addition", "review")
+# Reward-model and DPO pairs: review, a positive review over a negative one. Not sentiment's right label over the
+# wrong one: there the reward model can only be as good a classifier as the SFT model already is (80.5 % vs 81.5 %
+# held out, seed 1337), so PPO against it moved nothing (KL 0.04 nats, score -0.544 -> -0.545) and DPO lost 7
+# points of accuracy; and the policy's reply is one confident label, with nothing for RL to explore. Not addition:
+# GRPO's exact checker is a better reward than a model (the demo reward model ranked near misses at chance).
+PAIR_MIX = ("review",)
+PAIR_TASKS = ("review",)
+# RLHF prompts: the task the reward model judges; its replies are judged again by a classifier that is not the
+# reward model (train/rl.open_ended_judge), which is what would show reward hacking
+PPO_TASKS = ("review",)
 GRPO_TASK = "addition"  # exactly checkable answers where SFT leaves headroom (issue 19): digit-by-digit sums
 ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
 STATE_FILE = "demo_state.json"
@@ -121,8 +125,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "tasks",
-        "Tasks with checkable answers (sentiment labels from real reviews, generated additions), split by prompt "
-        "(addition by value, so no sum is asked on both sides).",
+        "Tasks: sentiment labels of real reviews and generated additions (checkable answers), and writing a review "
+        "(pairs: a positive review over a negative one), split by prompt (addition by value, reviews as sentiment's).",
         (f"data tasks --output {OUT}/tasks --tasks {','.join(TASKS)}",),
         folder="tasks",
     ),
@@ -134,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     _train(
         "reward",
-        "A reward model (TRL's RewardTrainer) on the tasks' preference pairs: the right answer over a wrong one.",
+        "A reward model (TRL's RewardTrainer) on the review pairs: which of two reviews the shop would rather show.",
         f"model.init_from={OUT}/sft/final data.train={_files(PAIR_MIX, 'preference-train.jsonl')} "
         f"data.validation={_files(PAIR_TASKS, 'preference-test.jsonl')}",
     ),
@@ -179,14 +183,15 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "eval",
         "Held-out accuracy of every model against trivial and bag-of-words baselines; multiple choice: the idioms "
-        "and the demo tasks' held-out pairs; the policies side by side (reward-model score and KL to SFT on PPO's "
-        "held-out prompts).",
+        "and the demo tasks' held-out pairs; the policies side by side on PPO's held-out prompts (reward-model score, "
+        "KL to SFT, reviews an independent classifier reads as positive).",
         (
             f"eval tasks {_models('pretrain', *ALIGNED)} --data {OUT}/tasks --limit 200 --output {OUT}/eval "
             f"--samples 8 --sample-task {GRPO_TASK}",
             f"eval mc --idioms --tasks-dir {OUT}/tasks --limit 300 {_models('pretrain', *ALIGNED)} --output {OUT}/eval",
             f"eval policies {_models(*ALIGNED)} --reference {OUT}/sft/final --reward-model {OUT}/reward/final "
-            f"--prompts {' '.join(f'{OUT}/tasks/{task}/sft-test.jsonl' for task in PPO_TASKS)} --output {OUT}/eval",
+            f"--prompts {' '.join(f'{OUT}/tasks/{task}/sft-test.jsonl' for task in PPO_TASKS)} --max-new-tokens 48 "
+            f"--output {OUT}/eval",
         ),
         folder="eval",
     ),

@@ -19,6 +19,7 @@ RM_MARGIN_OVER_BASELINES = 0.05  # pair accuracy above the better of the length 
 RM_OVERALL_ACCURACY = 0.85
 TASK_ACCURACY_SLACK = 0.01  # PPO and DPO keep every task's headline metric within 1 point of the SFT model's
 DPO_MARGIN_OVER_LOG_PROB = 0.05
+JUDGE_RISE = 0.10  # PPO and DPO: the share of replies the independent judge reads as wanted, over the SFT model's
 GRPO_PASS_GAP = 0.20  # pass@k - pass@1 of the SFT model on GRPO's task: the headroom GRPO can turn into pass@1
 GRPO_RISE = 0.10  # greedy held-out accuracy, GRPO's model over the SFT model
 PASS_K = 8
@@ -87,6 +88,22 @@ def _keeps_tasks(stage: str, evaluation: dict) -> list[Goal]:
     return goals
 
 
+def _judged(stage: str, before: dict, after: dict) -> list[Goal]:
+    """The independent judge's verdict on sampled replies (`train.rl.open_ended_judge`: review, the share read as
+    positive) rises by JUDGE_RISE: the reward model's score went up for the behaviour wanted, not around it."""
+    key = "eval_judge_positive"
+    if key not in before or key not in after:
+        return []
+    return [
+        Goal(
+            stage,
+            f"replies an independent judge reads as positive rise >= {JUDGE_RISE * 100:.0f} points",
+            f"{percent(before[key])} -> {percent(after[key])}",
+            after[key] >= before[key] + JUDGE_RISE,
+        )
+    ]
+
+
 def _above_chance(accuracy: float, chance: float, questions: int) -> bool:
     """Accuracy more than two standard errors of a guesser above chance."""
     return accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / max(questions, 1))
@@ -153,6 +170,7 @@ def evaluate_goals(run_dir: str | Path, grpo_task: str | None = None) -> list[Go
                 after["eval_score"] > before["eval_score"],
             )
         )
+        goals += _judged("ppo", before, after)
         target = _ppo_target_kl(run_dir)
         goals.append(
             Goal(
@@ -176,6 +194,19 @@ def evaluate_goals(run_dir: str | Path, grpo_task: str | None = None) -> list[Go
             None if dpo_accuracy is None or log_prob is None else dpo_accuracy >= log_prob + DPO_MARGIN_OVER_LOG_PROB,
         )
     )
+    compared = _read(run_dir / "eval" / "policies.json").get("rows", [])
+    policies = {Path(row["model"]).parent.name: row for row in compared}
+    if "sft" in policies and "dpo" in policies:
+        sft_replies, dpo_replies = policies["sft"], policies["dpo"]
+        goals.append(
+            Goal(
+                "dpo",
+                "reward-model score of sampled replies above the SFT model's",
+                f"{sft_replies['eval_score']:+.3f} -> {dpo_replies['eval_score']:+.3f}",
+                dpo_replies["eval_score"] > sft_replies["eval_score"],
+            )
+        )
+        goals += _judged("dpo", sft_replies, dpo_replies)
     goals += _keeps_tasks("dpo", evaluation)
 
     # GRPO: headroom on its task (pass@k well above pass@1), and greedy accuracy that uses it

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from tiny_llama2_zh.data.jsonl import ReadReport, read_jsonl
 from tiny_llama2_zh.data.tasks import TASKS
-from tiny_llama2_zh.data.tasks.base import share
+from tiny_llama2_zh.data.tasks.base import fit_bag_of_words, share
 from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.eval.markdown import note, percent, table, write_result
 
@@ -181,6 +181,9 @@ def load_task_data(data_dir: str | Path, limit: int | None, warn: Callable[[str]
         folder = data_dir / name
         if not folder.is_dir():
             continue
+        if TASKS[name].open_ended:
+            skipped[name] = "open-ended: judged on sampled replies by `tinyllm eval policies`, not on greedy ones"
+            continue
         test_path = folder / TEST_FILE
         if not test_path.is_file():
             skipped[name] = f"{test_path} does not exist"
@@ -222,27 +225,17 @@ def _score(task: str, rows: Sequence[TaskRow], replies: Sequence[str]) -> dict:
 
 
 def bag_of_words_baseline(name: str, task: TaskData) -> tuple[list[str], str] | None:
-    """The labels a logistic regression on the character 1-3-gram TF-IDF of each item (`item_text`: the review)
-    predicts for the evaluated rows, trained on the task's train split, and how they were made; None when the task
-    is not a classification (its train answers are no `label_set`) or has no train split.
-
-    A linear classifier on bags of n-grams is the standard strong baseline of sentiment classification (Wang &
-    Manning 2012, "Baselines and Bigrams: Simple, Good Sentiment and Topic Classification"); characters rather than
-    words because Chinese text has no spaces to split words at. scikit-learn's defaults otherwise (L2, C = 1)."""
+    """The labels a bag-of-words classifier (`fit_bag_of_words`: logistic regression on the character 1-3-gram
+    TF-IDF of each item, `item_text`: the review) predicts for the evaluated rows, trained on the task's train
+    split, and how they were made; None when the task is not a classification (its train answers are no
+    `label_set`) or has no train split."""
     if task.train is None:
         return None
     references = [row.reference for row in task.train.rows]
     if label_set(references) is None:
         return None
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
     template = TASKS[name].prompt
-    classifier = make_pipeline(
-        TfidfVectorizer(analyzer="char", ngram_range=(1, 3)), LogisticRegression(max_iter=1000)
-    )
-    classifier.fit([item_text(template, row.prompt) for row in task.train.rows], references)
+    classifier = fit_bag_of_words([item_text(template, row.prompt) for row in task.train.rows], references)
     replies = [str(label) for label in classifier.predict([item_text(template, row.prompt) for row in task.rows])]
     fields = [field for _, field, _, _ in string.Formatter().parse(template) if field] or ["prompt"]
     n_grams = len(classifier[0].vocabulary_)

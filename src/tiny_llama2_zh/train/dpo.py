@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import DPOConfig, DPOTrainer
 
 from tiny_llama2_zh.data.preferences import load_preference_splits
+from tiny_llama2_zh.data.tasks import TASKS
 from tiny_llama2_zh.eval.markdown import table
 from tiny_llama2_zh.eval.preferences import (
     TokenizedPair,
@@ -38,7 +39,7 @@ from tiny_llama2_zh.infer.generate import turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, init_tokenizer, same_tokenizer_or_refuse
 from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
-from tiny_llama2_zh.train.rl import held_out_metrics, prompt_ids, reward_model_function
+from tiny_llama2_zh.train.rl import held_out_metrics, open_ended_judge, prompt_ids, reward_model_function
 from tiny_llama2_zh.train.runner import HeldOutEvaluation, StageRun, training_arguments, trl_defaults
 
 
@@ -99,16 +100,23 @@ def implicit_reward_report(
 
 
 def reward_prompt_rows(rows: list[dict], limit: int) -> list[dict]:
-    """The distinct prompts of the held-out pairs, taken from each source in turn (so that every source is
-    scored), at most `limit`, as prompt rows (`{"prompt": [messages]}`) for `train.rl.prompt_ids`. A prompt is
-    the whole conversation before the reply, as DPO trained on it, earlier turns included."""
+    """The prompts of the held-out pairs, taken from each source in turn (so that every source is scored), at most
+    `limit`, as prompt rows (`{"prompt": [messages], "source"}`) for `train.rl.prompt_ids`. Distinct prompts, except
+    for an open-ended task (`Task.open_ended`, review: one prompt, many replies), whose rows are each a sample. A
+    prompt is the whole conversation before the reply, as DPO trained on it, earlier turns included."""
     by_source: dict[str, list[tuple[tuple[str, str], ...]]] = {}
     for row in rows:
         key = tuple((m["role"], m["content"]) for m in row["prompt"])
-        if key not in by_source.setdefault(row["source"], []):
-            by_source[row["source"]].append(key)
-    picked = [key for keys in zip_longest(*by_source.values()) for key in keys if key is not None]
-    return [{"prompt": [{"role": role, "content": content} for role, content in key]} for key in picked[:limit]]
+        keys = by_source.setdefault(row["source"], [])
+        task = TASKS.get(row["source"])
+        if key not in keys or (task is not None and task.open_ended):
+            keys.append(key)
+    per_source = [[(source, key) for key in keys] for source, keys in by_source.items()]
+    picked = [pair for pairs in zip_longest(*per_source) for pair in pairs if pair is not None]
+    return [
+        {"prompt": [{"role": role, "content": content} for role, content in key], "source": source}
+        for source, key in picked[:limit]
+    ]
 
 
 class HeldOutPairsDPOTrainer(HeldOutEvaluation, DPOTrainer):
@@ -168,8 +176,13 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     replies = None
     if config.model.reward_model:
         reward_model = AutoModelForSequenceClassification.from_pretrained(config.model.reward_model).eval()
-        prompts = prompt_ids(reward_prompt_rows(eval_rows, config.data.max_reward_prompts), tokenizer)
-        measure = {"reward": reward_model_function(reward_model), "prompts": prompts, "tokenizer": tokenizer}
+        prompt_rows = reward_prompt_rows(eval_rows, config.data.max_reward_prompts)
+        measure = {
+            "reward": reward_model_function(reward_model),
+            "prompts": prompt_ids(prompt_rows, tokenizer),
+            "tokenizer": tokenizer,
+            "judge": open_ended_judge(prompt_rows),
+        }
         options = {"max_new_tokens": config.reply_max_new_tokens, "temperature": 1.0, "seed": args.seed}
         with torch.no_grad():
             replies = {

@@ -15,7 +15,7 @@ and completion lengths every step. Prompts whose answer cannot be checked are sk
 that raises is counted and reported with its prompt (`rewards.guarded`), never a silent crash.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import Dataset
@@ -28,14 +28,7 @@ from tiny_llama2_zh.infer.generate import greedy_replies, turn_end_ids
 from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
-from tiny_llama2_zh.train.rewards import (
-    CORRECTNESS,
-    RewardErrors,
-    answer_problem,
-    correctness_reward,
-    format_reward,
-    guarded,
-)
+from tiny_llama2_zh.train.rewards import CORRECTNESS, REWARD_FUNCTIONS, RewardErrors, answer_problem, guarded
 from tiny_llama2_zh.train.rl import (
     PromptDataOptions,
     check_enough_prompts,
@@ -66,7 +59,14 @@ class GRPORecipeConfig:
     # Any option of TRL's GRPOConfig (num_generations, max_completion_length, beta, loss_type, reward_weights, ...)
     train: dict[str, Any]
     eval_max_new_tokens: int = 48
+    # the reward functions summed (weights: train.reward_weights), names of train/rewards.REWARD_FUNCTIONS
+    rewards: list[str] = field(default_factory=lambda: ["correctness", "format"])
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.rewards if name not in REWARD_FUNCTIONS]
+        if unknown or not self.rewards:
+            raise ConfigError(f"rewards: {unknown or 'empty'}; choose from {', '.join(REWARD_FUNCTIONS)}")
 
 
 def grpo_arguments(config: GRPORecipeConfig) -> GRPOConfig:
@@ -142,7 +142,7 @@ def grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None = Non
     errors = RewardErrors()
     trainer = HeldOutTasksGRPOTrainer(
         model=model,
-        reward_funcs=[guarded(correctness_reward, errors), guarded(format_reward, errors)],
+        reward_funcs=[guarded(REWARD_FUNCTIONS[name], errors) for name in config.rewards],
         args=args,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows[:1]),  # the Trainer wants one; evaluation uses `held_out`

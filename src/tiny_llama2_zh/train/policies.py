@@ -31,7 +31,7 @@ def compare_policies(
     from tiny_llama2_zh.data.conversations import load_prompts
     from tiny_llama2_zh.loading import check_model_folder, same_tokenizer_or_refuse
     from tiny_llama2_zh.tokenizer import load_tokenizer
-    from tiny_llama2_zh.train.rl import held_out_metrics, prompt_ids, reward_model_function
+    from tiny_llama2_zh.train.rl import held_out_metrics, open_ended_judge, prompt_ids, reward_model_function
 
     for folder in (*model_dirs, reference_dir, reward_model_dir):
         check_model_folder(folder)
@@ -49,7 +49,7 @@ def compare_policies(
         policy = AutoModelForCausalLM.from_pretrained(folder).eval()
         metrics = held_out_metrics(
             policy, reference, reward_model_function(reward_model), prompts, tokenizer, max_new_tokens, temperature,
-            seed=seed,
+            seed=seed, judge=open_ended_judge(rows),
         )  # fmt: skip
         measured.append({"model": str(folder), **metrics})
     return {
@@ -65,13 +65,16 @@ def compare_policies(
 
 
 def markdown_table(result: dict) -> str:
+    """One row per policy; the judge's metrics (open-ended prompts: `train.rl.open_ended_judge`) as extra columns."""
+    judged = [key for key in result["rows"][0] if key.startswith("eval_judge_")] if result["rows"] else []
     rows = [
         (Path(row["model"]).parent.name, f"{row['eval_score']:+.3f}", f"{row['eval_kl']:.3f}",
-         f"{row['eval_response_length']:.1f}", f"{row['eval_ended_fraction']:.0%}")
+         f"{row['eval_response_length']:.1f}", f"{row['eval_ended_fraction']:.0%}",
+         *(f"{row[key]:.3g}" for key in judged))
         for row in result["rows"]
     ]  # fmt: skip
     headers = ("policy", "reward-model score", "KL to reference (nats / reply)", "reply length", "replies ended")
-    return table(headers, rows)
+    return table((*headers, *(f"judge: {key.removeprefix('eval_judge_')}" for key in judged)), rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -52,11 +52,13 @@ from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, posit
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.rl import (
+    Judge,
     PromptDataOptions,
     RewardFunction,
     check_enough_prompts,
     held_out_metrics,
     load_rollout_prompts,
+    open_ended_judge,
     prompt_ids,
     reward_model_function,
     sample_and_score,
@@ -235,6 +237,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         args: TrainingArguments,
         eval_prompts: list[list[int]] | None = None,
         callbacks: list[TrainerCallback] | None = None,
+        judge: Judge | None = None,
     ):
         check_rollout_schedule(args, options)
         for network in (model.policy, model.value_model):
@@ -254,6 +257,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         self.ref_policy = ref_policy.eval().requires_grad_(False)
         self.reward = reward
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
+        self.judge = judge  # held-out replies judged by something other than the reward model (`open_ended_judge`)
         self.options = options
         self.kl_coef = options.kl_coef
         self.end_ids = turn_end_ids(tokenizer)
@@ -402,6 +406,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
             self.options.temperature,
             self.args.seed,
             self.options.rollout_batch_size,
+            judge=self.judge,
         )
 
     # ------------------------------------------------------------------------------------------ saving
@@ -495,6 +500,7 @@ def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
         args=args,
         eval_prompts=prompt_ids(eval_rows, tokenizer),
         callbacks=run.callbacks(samples if config.sample_prompts else None, callbacks),
+        judge=open_ended_judge(eval_rows),
     )
     run.attach(trainer)
     initial = run.evaluate_before(trainer.held_out_metrics) if eval_rows else None

@@ -47,6 +47,20 @@ def format_reward(prompts, completions, task, answer, **columns) -> list[float]:
     return [TASKS[t].well_formed(a, reply_text(c)) for c, t, a in zip(completions, task, answer, strict=True)]
 
 
+def partial_credit_reward(prompts, completions, task, answer, **columns) -> list[float]:
+    """TRL reward function: the task's partial credit (`Task.partial`, e.g. addition's digits right by place), or
+    its correctness checker where it has none. Reward shaping for sparse tasks: when most groups sample no fully
+    right reply, every advantage in them is 0 and GRPO learns nothing from them (DeepSeekMath's group baseline)."""
+    return [
+        (TASKS[t].partial or TASKS[t].correct)(a, reply_text(c))
+        for c, t, a in zip(completions, task, answer, strict=True)
+    ]
+
+
+# the reward functions a GRPO recipe can name (`rewards:` in its YAML), in TRL's signature
+REWARD_FUNCTIONS = {"correctness": correctness_reward, "format": format_reward, "partial_credit": partial_credit_reward}
+
+
 @dataclass
 class RewardErrors:
     """Exceptions raised by reward functions: counted per function, the first few kept with their prompt."""

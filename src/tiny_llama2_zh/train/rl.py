@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 from tiny_llama2_zh.config import ConfigError
 from tiny_llama2_zh.data.conversations import load_prompts
 from tiny_llama2_zh.data.jsonl import ReadReport
+from tiny_llama2_zh.data.tasks import TASKS
 from tiny_llama2_zh.infer.generate import left_pad, position_ids_of, sample_replies, turn_end_ids
 from tiny_llama2_zh.loading import check_model_folder, refuse_quantized, same_tokenizer_or_refuse
 from tiny_llama2_zh.tensors import eval_mode, token_log_probs
@@ -170,6 +171,21 @@ def reward_model_function(reward_model: PreTrainedModel) -> RewardFunction:
     return score
 
 
+Judge = Callable[[list[str]], dict[str, float]]  # reply texts -> metrics over them, by a judge that is not the RM
+
+
+def open_ended_judge(rows: list[dict]) -> Judge | None:
+    """For held-out prompts of one open-ended task (`Task.open_ended`, e.g. review): the task's own metrics over the
+    sampled replies (review: the share an independent classifier reads as positive), the measure beside the reward
+    model's score that shows whether a higher score is the behaviour wanted or a way around the reward model; None
+    for other prompts."""
+    sources = {row["source"] for row in rows}
+    if len(sources) != 1 or (task := TASKS.get(next(iter(sources)))) is None or not task.open_ended:
+        return None
+    references = [row.get("reference") or "" for row in rows]
+    return lambda replies: task.metrics(references[: len(replies)], replies)
+
+
 @torch.no_grad()
 def held_out_metrics(
     policy: PreTrainedModel,
@@ -181,13 +197,16 @@ def held_out_metrics(
     temperature: float,
     seed: int,
     batch_size: int = 32,
+    judge: Judge | None = None,
 ) -> dict[str, float]:
     """How a policy answers held-out prompts, for PPO, RLOO, DPO and the comparison of all: replies sampled as in
     training (a fixed seed, in a forked RNG state so a run's own random stream is untouched), their mean
     reward-model score, KL to the reference (summed over each reply's tokens, the k1 estimate), length, and the
-    fraction that ended. Scores here are raw: no missing-eos penalty."""
+    fraction that ended; with a `judge`, its metrics over the decoded replies (`eval_judge_<metric>`). Scores here
+    are raw: no missing-eos penalty."""
     end_ids, pad_id = turn_end_ids(tokenizer), tokenizer.pad_token_id
     totals: dict[str, float] = defaultdict(float)
+    texts: list[str] = []
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -200,4 +219,10 @@ def held_out_metrics(
             totals["kl"] += float(sampled.kl.sum())
             totals["response_length"] += float(sampled.reply_mask.sum())
             totals["ended_fraction"] += float(sampled.ended.sum())
-    return {f"eval_{name}": total / len(prompts) for name, total in totals.items()}
+            if judge is not None:
+                replies = sampled.sequences[:, sampled.prompt_width :].masked_fill(sampled.reply_mask == 0, pad_id)
+                texts += tokenizer.batch_decode(replies, skip_special_tokens=True)
+    metrics = {f"eval_{name}": total / len(prompts) for name, total in totals.items()}
+    if judge is not None:
+        metrics.update({f"eval_judge_{name}": float(value) for name, value in judge(texts).items()})
+    return metrics

@@ -25,6 +25,7 @@ from tiny_llama2_zh.train.rl import (
     check_enough_prompts,
     held_out_metrics,
     load_rollout_prompts,
+    open_ended_judge,
     prompt_ids,
     prompts_per_generation,
     reward_model_function,
@@ -75,12 +76,12 @@ def rloo(config: RLOORecipeConfig, callbacks: list[TrainerCallback] | None = Non
     policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
     reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
     reference = AutoModelForCausalLM.from_pretrained(str(policy_dir)).eval()
-    held_out = prompt_ids(eval_rows, tokenizer)
+    held_out, judge = prompt_ids(eval_rows, tokenizer), open_ended_judge(eval_rows)
 
     def measure() -> dict[str, float]:
         return held_out_metrics(
             policy, reference, reward_model_function(reward_model), held_out, tokenizer,
-            args.max_completion_length, args.temperature, args.seed,
+            args.max_completion_length, args.temperature, args.seed, judge=judge,
         )  # fmt: skip
 
     options = SamplingOptions(max_new_tokens=config.sample_max_new_tokens)

@@ -9,7 +9,8 @@ one entry in `TASKS`.
 - sentiment (sentiment.py): a product review -> 正面 / 负面.
 - segmentation (segmentation.py): a People's Daily 1998 sentence -> its words separated by spaces.
 - pinyin (pinyin.py): a word -> its pinyin with tone marks (too hard for the demo model: built when named).
-- addition (addition.py): a+b of 2- to 3-digit numbers -> the sum, generated with exact answers, held out by value.
+- addition (addition.py): a+b of 2-digit numbers -> the sum, generated with exact answers, held out by value.
+- review (review.py): "write a product review" -> a review; the pairs prefer positive reviews (RLHF's classic).
 
 `build_tasks` writes each task as SFT conversations (`sft-train.jsonl`, `sft-test.jsonl`: chat `messages`) and as
 preference pairs (`preference-train.jsonl`, `preference-test.jsonl`: `prompt`, `chosen` = the right answer,
@@ -25,13 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tiny_llama2_zh.data.hashing import is_validation
-from tiny_llama2_zh.data.tasks import addition, pinyin, segmentation, sentiment
-from tiny_llama2_zh.data.tasks.base import Task
+from tiny_llama2_zh.data.tasks import addition, pinyin, review, segmentation, sentiment
+from tiny_llama2_zh.data.tasks.base import Example, Task
 from tiny_llama2_zh.errors import UsageError
 
-TASKS: dict[str, Task] = {task.name: task for task in (sentiment.TASK, segmentation.TASK, pinyin.TASK, addition.TASK)}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (sentiment.TASK, segmentation.TASK, pinyin.TASK, addition.TASK, review.TASK)
+}
 # What `tinyllm data tasks` builds unless told (--tasks): the demo's tasks, the ones its 1.3M-parameter model can learn
-DEFAULT_TASKS = ("sentiment", "addition")  # the demo's; segmentation and pinyin are built when named
+DEFAULT_TASKS = ("sentiment", "addition", "review")  # the demo's; segmentation and pinyin are built when named
 
 
 def check_task_names(names: Sequence[str]) -> list[str]:
@@ -61,6 +64,14 @@ def balance_labels(pairs: list[dict]) -> tuple[list[dict], dict[str, int]]:
     return [pair for index, pair in enumerate(pairs) if index in kept], dropped
 
 
+def _conversation(example: Example) -> list[dict]:
+    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
+
+
+def _answer_over_wrong_answer(examples: Sequence[Example]) -> list[dict]:
+    return [{"prompt": e.prompt, "chosen": e.answer, "rejected": e.wrong_answer} for e in examples]
+
+
 def build_tasks(
     output_dir: str | Path, test_per_mille: int = 50, names: Sequence[str] = DEFAULT_TASKS
 ) -> dict[str, dict]:
@@ -72,14 +83,12 @@ def build_tasks(
         task = TASKS[name]
         folder = Path(output_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
-        sft: dict[str, list[dict]] = {"train": [], "test": []}
-        pairs: dict[str, list[dict]] = {"train": [], "test": []}
+        examples: dict[str, list[Example]] = {"train": [], "test": []}
         for example in task.examples():
             key = example.prompt if example.split_key is None else example.split_key
-            split = "test" if is_validation(key, test_per_mille) else "train"
-            messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
-            sft[split].append({"messages": messages})
-            pairs[split].append({"prompt": example.prompt, "chosen": example.answer, "rejected": example.wrong_answer})
+            examples["test" if is_validation(key, test_per_mille) else "train"].append(example)
+        sft = {split: [{"messages": _conversation(example)} for example in rows] for split, rows in examples.items()}
+        pairs = {split: (task.pairs or _answer_over_wrong_answer)(rows) for split, rows in examples.items()}
         task_counts: dict = {split: len(rows) for split, rows in sft.items()}
         if task.balanced_pairs:
             dropped = {}

@@ -28,6 +28,7 @@ class Example:
     # What `build_tasks` hashes to choose the split: the prompt when None. A task held out by value sets it to the
     # value (addition: the unordered pair), so that no test question has a twin in train under another prompt.
     split_key: str | None = None
+    label: str | None = None  # the class of the answer where a task's pairs are built from labels (review)
 
 
 def any_answer(answer: str) -> str | None:
@@ -50,10 +51,33 @@ class Task:
     # A classification task (one label per answer): its preference pairs are label-balanced by `build_tasks`, as
     # many pairs for each chosen label, so that a reward model cannot score well by preferring one label
     balanced_pairs: bool = False
+    # Partial credit for a wrong reply (addition: the share of digits right by place), a denser GRPO reward than
+    # `correct` where most sampled replies score 0; None: the task's `correct` already grades (segmentation's F1)
+    partial: Checker | None = None
+    # A task whose pairs are formed within a split from its examples (review: a positive review over a negative
+    # one) rather than each example's answer over its wrong answer; its SFT files hold every example
+    pairs: Callable[[Sequence[Example]], list[dict]] | None = None
+    # Replies are written, not answered (review): judged on sampled replies (`tinyllm eval policies`, PPO's
+    # held-out evaluation) by `metrics`, never on greedy ones, which are one reply to one prompt
+    open_ended: bool = False
 
     @property
     def headline(self) -> str:
         return self.columns[0][0]
+
+
+def fit_bag_of_words(texts: Sequence[str], labels: Sequence[str]):
+    """A scikit-learn pipeline fitted on (texts, labels): logistic regression on the TF-IDF of character 1-3-grams.
+
+    A linear classifier on bags of n-grams is the standard strong baseline of sentiment classification (Wang &
+    Manning 2012, "Baselines and Bigrams: Simple, Good Sentiment and Topic Classification"); characters rather than
+    words because Chinese text has no spaces to split words at. scikit-learn's defaults otherwise (L2, C = 1)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    classifier = make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3)), LogisticRegression(max_iter=1000))
+    return classifier.fit(list(texts), list(labels))
 
 
 def share(count: float, total: float) -> float:
