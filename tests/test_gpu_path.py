@@ -346,3 +346,23 @@ def test_plan_command_prints_the_table(capsys):
     table = capsys.readouterr().out
     assert "| model states per GPU, ZeRO-3" in table and "2 × A100 at 40% MFU" in table
     assert main(["plan", "--size", "24m", "--tokens", "1e9", "--gpu", "tpu"]) == 2  # a clear message, no traceback
+
+
+# ------------------------------------------------------------------------------------------------ the GPU check
+@pytest.mark.slow  # every part at a tiny shape: a few minutes on two CPU cores
+def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--tiny", "--steps", "6",
+               "--part-seconds", "300", "--output", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3000)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    errors = {name: part["error"] for name, part in report["parts"].items() if "error" in part}
+    assert result.returncode == 0 and not errors, (errors, result.stderr[-3000:])
+    assert list(report["parts"]) == ["pretrain-24m", "pretrain-134m", "sft", "dpo", "grpo", "decode", "serve"]
+    assert report["parts"]["pretrain-24m"]["tokens_per_second"] > 0
+    assert report["parts"]["decode"]["batch_8_tok_s"] > 0 and report["parts"]["serve"]["errors"] == 0
+    assert "| pretrain-134m |" in (tmp_path / "gpu_check.md").read_text()
