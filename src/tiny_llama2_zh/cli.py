@@ -51,6 +51,12 @@ COMMANDS: tuple[Command, ...] = (
         "tiny_llama2_zh.demo",
     ),
     _own("sizes", "print each size preset with its real parameter count", _TRAIN, "sizes"),
+    _own(
+        "plan",
+        "size a real pretraining run: parameters, FLOPs, memory per GPU (DDP, ZeRO-1/2/3) and hours at an MFU",
+        _TRAIN,
+        "plan",
+    ),
     Command(
         "tokenizer",
         "train or convert tokenizers",

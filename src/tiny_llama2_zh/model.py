@@ -19,6 +19,7 @@ This file must import nothing from the `tiny_llama2_zh` package: `save_pretraine
 weights so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without us.
 """
 
+import contextlib
 import math
 
 import torch
@@ -337,8 +338,10 @@ class TinyLlama2PreTrainedModel(PreTrainedModel):
         compiles faster than the whole model, and create_causal_mask, the KV cache and the fused loss's chunk loop
         stay eager. Inductor fuses RMSNorm, rotary, SwiGLU and the residual adds, which on a CPU also saves the
         thread synchronisation of many small ops. Parameter names do not change (unlike `torch.compile(model)`,
-        which wraps them in `_orig_mod.`), so checkpoints and `save_pretrained` are unaffected. compile_kwargs go to
-        `nn.Module.compile` (e.g. mode="max-autotune-no-cudagraphs", dynamic=False)."""
+        which wraps them in `_orig_mod.`), so checkpoints and `save_pretrained` are unaffected. Forwards without
+        grad mode (evaluation, generation) run the layers eagerly (`TinyLlama2Model._layer_compile_stance`).
+        compile_kwargs go to `nn.Module.compile` (e.g. mode="max-autotune-no-cudagraphs", dynamic=False).
+        `train.torch_compile: true` calls this (train/runner.py, `compile_decoder_layers`)."""
         for layer in self.base_model.layers:
             layer.compile(**compile_kwargs)
         return self
@@ -379,6 +382,17 @@ class TinyLlama2Model(TinyLlama2PreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    @staticmethod
+    def _layer_compile_stance() -> contextlib.AbstractContextManager:
+        """Layers compiled by `compile_layers()` serve training: a forward without grad mode (evaluation, sampling,
+        generation) runs them eagerly. Generation would otherwise recompile at every new KV-cache layout (cache
+        layers initialised one by one, growing key strides) until dynamo's recompile limit (8) turned compilation
+        off for the layers altogether, training included; measured at the end of a compiled SFT run (torch 2.13).
+        Inside a whole-model torch.compile the stance cannot change (and need not)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     def forward(
         self,
@@ -432,10 +446,11 @@ class TinyLlama2Model(TinyLlama2PreTrainedModel):
         hidden_states = self.dropout(inputs_embeds)  # (B, T, dim)
         rotary = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states: list[torch.Tensor] = []
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary, attn_mask, past_key_values)
+        with self._layer_compile_stance():
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden_states.append(hidden_states)
+                hidden_states = layer(hidden_states, rotary, attn_mask, past_key_values)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)

@@ -42,6 +42,34 @@ def run_sizes(args: argparse.Namespace) -> None:
         )
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from tiny_llama2_zh.train.plan import CHATGLM3_VOCAB_SIZE
+
+    parser.add_argument("--size", required=True, help="a size preset: 9m, 24m, 58m, 134m, 256m")
+    parser.add_argument("--tokens", required=True, type=float, help="training tokens, e.g. 19e9")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs in all (DDP or ZeRO over all of them)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to plan with (0.4)")
+    parser.add_argument("--gpu", default="h100", help="h100, h200, a100, a800, l40s, 4090 (dense bf16 peak)")
+    parser.add_argument("--vocab-size", type=int, default=CHATGLM3_VOCAB_SIZE, help="default: ChatGLM3's")
+    parser.add_argument("--seq-len", type=int, help="default: the size's pretraining recipe")
+    parser.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step; default: the recipe's")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from tiny_llama2_zh.train.plan import make_plan, plan_table
+
+    plan = make_plan(
+        args.size, args.tokens, args.gpus, args.mfu, args.gpu, args.vocab_size, args.seq_len, args.micro_batch
+    )
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(plan), "total_flops": plan.total_flops, "hours": plan.hours}, indent=2))
+    else:
+        print(plan_table(plan))
+
+
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     stage = parser.prog.split()[-1]
     parser.add_argument("--config", required=True, help=f"recipe YAML, e.g. {RECIPES[stage].shipped_config}")
