@@ -47,9 +47,10 @@ from transformers import (
 )
 
 from tiny_llama2_zh.config import ConfigError
+from tiny_llama2_zh.data.conversations import load_prompts
 from tiny_llama2_zh.errors import TrainingDivergedError
 from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, position_ids_of, turn_end_ids
-from tiny_llama2_zh.tokenizer import load_tokenizer
+from tiny_llama2_zh.tokenizer import chat_ids, load_tokenizer
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.rl import (
     Judge,
@@ -87,6 +88,11 @@ class PPOOptions:
     # read at positions its reward-model weights never scored gives a poor baseline, and the policy then drifts
     # toward whatever reply scores high on average instead of what scores high for its prompt
     critic_warmup_rollouts: int = 0
+    # PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): each optimizer step also takes ptx_coef x the SFT loss of
+    # ptx_batch_size conversations from data.ptx, so that what RL does not reward (the other tasks SFT taught) is
+    # not traded away for the reward model's score; 0: plain PPO
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 16
 
     def check(self) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -99,6 +105,9 @@ class PPOOptions:
                 raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"ppo.temperature must be positive (PPO samples), got {self.temperature}")
+        if self.ptx_coef < 0 or self.ptx_batch_size < 1:
+            raise ConfigError(f"ppo.ptx_coef must be >= 0 and ppo.ptx_batch_size >= 1, got {self.ptx_coef}, "
+                              f"{self.ptx_batch_size}")  # fmt: skip
 
     @property
     def steps_per_rollout(self) -> int:
@@ -120,6 +129,30 @@ def token_values(value_model: PreTrainedModel, sequences, mask, positions) -> to
     """The value model's score head read at every position (its forward reads only the last): (B, T)."""
     hidden = value_model.model(input_ids=sequences, attention_mask=mask, position_ids=positions).last_hidden_state
     return value_model.score(hidden).squeeze(-1).float()
+
+
+def ptx_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], int]]:
+    """SFT conversations for PPO-ptx: (the whole conversation's ids, how many of them are the prompt), from
+    `load_prompts` rows whose reference reply is the conversation's last assistant turn."""
+    examples = []
+    for row in rows:
+        prompt = chat_ids(tokenizer, row["prompt"], generation_prompt=True)
+        whole = chat_ids(tokenizer, [*row["prompt"], {"role": "assistant", "content": row["reference"]}])
+        examples.append((whole, len(prompt)))
+    return examples
+
+
+def sft_loss(policy: PreTrainedModel, examples: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """The mean negative log-likelihood of the replies' tokens (the assistant-only SFT loss) of one batch."""
+    width = max(len(ids) for ids, _ in examples)
+    device = policy.device
+    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in examples], device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in examples], device=device)
+    labels = torch.tensor(
+        [[-100] * start + ids[start:] + [-100] * (width - len(ids)) for ids, start in examples], device=device
+    )
+    logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -238,6 +271,7 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         eval_prompts: list[list[int]] | None = None,
         callbacks: list[TrainerCallback] | None = None,
         judge: Judge | None = None,
+        ptx: list[tuple[list[int], int]] | None = None,
     ):
         check_rollout_schedule(args, options)
         for network in (model.policy, model.value_model):
@@ -258,6 +292,9 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         self.reward = reward
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
         self.judge = judge  # held-out replies judged by something other than the reward model (`open_ended_judge`)
+        self.ptx = ptx or []  # SFT conversations for PPO-ptx (`ptx_examples`)
+        if options.ptx_coef > 0 and not self.ptx:
+            raise ConfigError("ppo.ptx_coef > 0 needs SFT conversations to mix in: set data.ptx")
         self.options = options
         self.kl_coef = options.kl_coef
         self.end_ids = turn_end_ids(tokenizer)
@@ -340,7 +377,13 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         order = torch.randperm(options.rollout_batch_size, generator=generator)
         start = int(inputs["minibatch"]) * options.mini_batch_size
         batch = rollout.select(order[start : start + options.mini_batch_size].to(rollout.sequences.device))
-        loss, stats = self.ppo_loss(batch, train_policy=rollout_index >= options.critic_warmup_rollouts)
+        train_policy = rollout_index >= options.critic_warmup_rollouts
+        loss, stats = self.ppo_loss(batch, train_policy=train_policy)
+        if train_policy and options.ptx_coef > 0:
+            picked = torch.randint(len(self.ptx), (options.ptx_batch_size,), generator=generator).tolist()
+            ptx_loss = sft_loss(self.model.policy, [self.ptx[i] for i in picked], self.pad_id)
+            loss = loss + options.ptx_coef * ptx_loss
+            stats["ptx_loss"] = float(ptx_loss)
         for name, value in stats.items():
             self._stats[name].append(value)
         return loss
@@ -438,9 +481,16 @@ class PPOModelOptions:
 
 
 @dataclass
+class PPODataOptions(PromptDataOptions):
+    # PPO-ptx's SFT conversations (chat JSONL, e.g. the SFT stage's own files), used when ppo.ptx_coef > 0
+    ptx: str | list[str] | None = None
+    max_ptx_examples: int = 4000  # per file
+
+
+@dataclass
 class PPORecipeConfig:
     model: PPOModelOptions
-    data: PromptDataOptions
+    data: PPODataOptions
     ppo: PPOOptions
     # TrainingArguments: output_dir, max_steps (optimizer steps: ppo_epochs x minibatches per rollout), learning
     # rate, schedule, save_steps / eval_steps (multiples of the steps per rollout), seed, report_to, ...
@@ -478,6 +528,15 @@ def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
     if args.eval_strategy != "no" and not eval_rows:
         raise ConfigError("train.eval_steps evaluates periodically but data.validation gives no prompt")
 
+    ptx_rows: list[dict] = []
+    if config.ppo.ptx_coef > 0:
+        if not config.data.ptx:
+            raise ConfigError("ppo.ptx_coef > 0 needs SFT conversations to mix in: set data.ptx")
+        ptx_rows, ptx_report = load_prompts(config.data.ptx, tokenizer, 10**9, config.data.max_ptx_examples)
+        ptx_rows = [row for row in ptx_rows if row["reference"]]
+        if not ptx_rows:
+            raise ConfigError(f"data.ptx: no conversation with a reply ({ptx_report.summary()})")
+
     run = StageRun("ppo", config, args, resume=config.resume, language_model=False)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
     policy.generation_config.eos_token_id = turn_end_ids(tokenizer)
@@ -501,6 +560,7 @@ def ppo(config: PPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
         eval_prompts=prompt_ids(eval_rows, tokenizer),
         callbacks=run.callbacks(samples if config.sample_prompts else None, callbacks),
         judge=open_ended_judge(eval_rows),
+        ptx=ptx_examples(ptx_rows, tokenizer) if config.ppo.ptx_coef > 0 else None,
     )
     run.attach(trainer)
     initial = run.evaluate_before(trainer.held_out_metrics) if eval_rows else None
