@@ -355,3 +355,156 @@ def test_text_held_back_for_a_stop_string_is_sent_when_a_stop_token_ends_the_rep
         engine.stop()
     assert collector.events[-1].reason == "stop" and collector.events[-1].completion_tokens == end + 1
     assert collector.text() == text  # the stop token ends the reply, and the held-back character is sent with it
+
+
+# ------------------------------------------------------------------------------------------------- quantised
+def quantized_copy(model: TinyLlama2ForCausalLM, method: str) -> TinyLlama2ForCausalLM:
+    from tiny_llama2_zh.quantize.methods import apply_method
+
+    copy = TinyLlama2ForCausalLM(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return apply_method(copy, method, 16)
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
+def test_a_weight_only_quantised_model_decodes_from_its_integers_as_its_own_forward(method):
+    """`tinyllm serve` refused quantised folders; the decoder now reads their integers and scales (no float copy)
+    and computes what the quantised model's own forward computes (weight-only: float activations)."""
+    model = quantized_copy(random_model(hidden_size=64), method)
+    decoder = LeanDecoder(model, max_batch=len(PROMPTS))
+    assert decoder.head.qdata.dtype == torch.int8  # the integers themselves, not a dequantised float copy
+    sequence = [1, *range(10, 40)]
+    with torch.no_grad():
+        full = model(torch.tensor([sequence])).logits[0]
+    torch.testing.assert_close(decoder.prefill(0, sequence[:12], all_logits=True), full[:12], rtol=1e-4, atol=1e-4)
+    for position in range(12, 20):  # steps: the compiled int8 kernel (batch 1)
+        torch.testing.assert_close(
+            decoder.step(torch.tensor([sequence[position]]))[0], full[position], rtol=1e-4, atol=1e-4
+        )
+    decoder.reset()
+    expected = [reference(model, prompt, 20) for prompt in PROMPTS]
+    assert greedy_generate(decoder, PROMPTS, 20, [EOS]) == expected
+
+
+def test_an_int8_dynamic_model_decodes_from_its_int8_weights_with_float_activations():
+    model = random_model(hidden_size=64)
+    quantized = quantized_copy(model, "int8-dynamic")
+    decoder = LeanDecoder(quantized, max_batch=2)
+    head = quantized.lm_head.weight()
+    assert torch.equal(decoder.head.qdata, head.int_repr())
+    # float activations against the dequantised weights: the float model with the int8 values put in
+    reference_model = random_model(hidden_size=64)
+    with torch.no_grad():
+        reference_model.lm_head.weight.copy_(head.dequantize())
+        for index, layer in enumerate(quantized.model.layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                target = getattr(reference_model.model.layers[index].self_attn, name)
+                target.weight.copy_(getattr(layer.self_attn, name).weight().dequantize())
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                target = getattr(reference_model.model.layers[index].mlp, name)
+                target.weight.copy_(getattr(layer.mlp, name).weight().dequantize())
+    assert greedy_generate(decoder, PROMPTS[:2], 20, [EOS]) == [reference(reference_model, p, 20) for p in PROMPTS[:2]]
+
+
+def test_the_int8_kernel_equals_the_dequantised_product_at_every_batch_size():
+    from tiny_llama2_zh.infer.decode import Int8Matrix
+
+    torch.manual_seed(0)
+    for groups in (1, 4):
+        matrix = Int8Matrix(torch.randint(-127, 128, (40, 64), dtype=torch.int8), torch.rand(40, groups) / 100)
+        for rows in (1, 3, Int8Matrix.SMALL_BATCH + 1):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(matrix(x), x @ matrix.dequantized().T, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_decoding_keeps_perplexity_within_one_percent_and_agrees_with_float32(
+    small_tokenizer, token_files, tmp_path
+):
+    """The issue's bar for int8 weights: perplexity within +1 % of float32 on held-out text, and the greedy choice
+    (argmax) equal to float32's at most positions of held-out text, teacher-forced as tests/test_export.py checks
+    llama.cpp's q8_0 (measured: perplexity -0.11 %, agreement 0.944; free-running greedy text diverges for good
+    at the first near-tie of this random model)."""
+    from conftest import save_tiny_model
+    from tiny_llama2_zh.data.pretokenized import PretrainDataset
+    from tiny_llama2_zh.loading import load_model
+
+    folder = save_tiny_model(small_tokenizer, tmp_path / "float", hidden_size=128, initializer_range=0.1)
+    float_model, _ = load_model(folder, "cpu")
+    int8_model = quantized_copy(float_model, "int8-weight")
+    blocks = [PretrainDataset(token_files["validation"], 64)[i]["input_ids"].tolist() for i in range(8)]
+
+    def held_out_logits(model) -> list[torch.Tensor]:
+        decoder = LeanDecoder(model, max_batch=1)
+        logits = []
+        for block in blocks:
+            logits.append(decoder.prefill(0, block, all_logits=True)[:-1])
+            decoder.reset()
+        return logits
+
+    def perplexity(logits: list[torch.Tensor]) -> float:
+        targets = torch.tensor([token for block in blocks for token in block[1:]])
+        return float(torch.nn.functional.cross_entropy(torch.cat(logits), targets).exp())
+
+    float_logits, int8_logits = held_out_logits(float_model), held_out_logits(int8_model)
+    change = perplexity(int8_logits) / perplexity(float_logits) - 1
+    agreement = (torch.cat(float_logits).argmax(-1) == torch.cat(int8_logits).argmax(-1)).float().mean().item()
+    print(f"int8: perplexity {change:+.3%} against float32, greedy agreement {agreement:.3f}")
+    assert change <= 0.01
+    assert agreement >= 0.9
+
+
+# ------------------------------------------------------------------------------------------------- every user path
+def test_generate_chat_and_evaluation_decode_with_the_lean_decoder_and_give_generate_s_tokens(small_tokenizer):
+    """`tinyllm generate` (generate_text), `chat` (generate_reply) and evaluation (greedy_replies) run the lean
+    decoder, not model.generate, and give model.generate's greedy tokens."""
+    from conftest import lively_model
+    from tiny_llama2_zh.infer.generate import (
+        SamplingOptions,
+        chat_prompt_ids,
+        generate_reply,
+        generate_text,
+        greedy_replies,
+        turn_end_ids,
+    )
+
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = lively_model(tokenizer, max_position_embeddings=128)
+    options = SamplingOptions(max_new_tokens=20)
+    prompt_ids = tokenizer("今天天气", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        output = model.generate(prompt_ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+    conversations = [[{"role": "user", "content": text}] for text in ("你好", "北京是中国的首都吗？", "讲个故事")]
+    expected_replies = []
+    for conversation in conversations:
+        ids = torch.tensor([chat_prompt_ids(tokenizer, conversation, 100)[0]])
+        with torch.inference_mode():
+            output = model.generate(
+                ids, max_new_tokens=16, do_sample=False, eos_token_id=turn_end_ids(tokenizer), pad_token_id=0
+            )
+        expected_replies.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model.generate was called")
+
+    model.generate = refuse
+    assert generate_text(model, tokenizer, "今天天气", options) == expected
+    assert greedy_replies(model, tokenizer, conversations, 16, batch_size=2) == expected_replies
+    del model.generate  # generate_reply against model.generate through the chat template
+    reply, _ = generate_reply(model, tokenizer, conversations[1], options)
+    model.generate = refuse
+    assert greedy_replies(model, tokenizer, conversations[1:2], 20)[0] == reply
+
+
+def test_sampled_generation_is_reproducible_from_its_seed_and_leaves_the_global_rng_alone(small_tokenizer):
+    from conftest import lively_model
+    from tiny_llama2_zh.infer.generate import SamplingOptions, generate_text
+
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = lively_model(tokenizer, max_position_embeddings=128)
+    options = SamplingOptions(max_new_tokens=24, temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.3)
+    state = torch.get_rng_state()
+    first = generate_text(model, tokenizer, "今天", options)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert generate_text(model, tokenizer, "今天", options) == first
+    assert generate_text(model, tokenizer, "今天", SamplingOptions(24, 0.8, 0.9, 20, 1.3, seed=2)) != first

@@ -1,13 +1,31 @@
-"""A lean decode loop for serving: a static KV cache and a plain forward over the model's own weights.
+"""A lean decode loop: a static KV cache and a plain forward over the model's own weights, in a layout made for
+matrix-vector products. Every place a user decodes runs it: `tinyllm generate` and `chat` (`infer.generate`), the
+server (`infer.engine`), evaluation's greedy replies.
 
 `model.generate` spends much of a decode step on bookkeeping rather than arithmetic (logits processors, stopping
 criteria, the dynamic cache's concatenations, mask building, output dataclasses): for the demo model (dim 128,
 vocabulary 4,096) nearly all of it. This module runs the same maths with nothing else: per layer one matmul for
 q/k/v, rotary from a precomputed table, the new key/value written into a preallocated cache (vLLM's and
 llama.cpp's static cache, without paging), attention over the cached prefix, one matmul for SwiGLU's gate and up;
-then the tied head on the last position only. What it cannot remove is memory traffic: with ChatGLM3's 64,798-token
-vocabulary the float32 head is 75 MB, read once per step, which bounds a batch-1 step at the 24m shape; a batch
-of running requests shares that read (benchmarks/decode_speed.py).
+then the tied head on the last position only.
+
+What is left of a batch-1 step is reading the weights: with ChatGLM3's 64,798-token vocabulary the float32 head is
+75 MB, read once per token, so the speed of a step is the speed of a matrix-vector product over memory. How a
+product is called decides that speed (benchmarks/llamacpp_bench.py measures it): `F.linear(x, W)` with the weight
+as stored, (out, in), reached about 3 GB/s for the head on this project's 2-core machine (BLAS's "transposed"
+matrix-vector path), `torch.mm(x, W.T.contiguous())` 26 GB/s, close to the machine's copy bandwidth. So the
+decoder keeps every float matrix transposed, (in, out) contiguous (`FloatMatrix`): one copy of the weights, made
+once when it is built (llama.cpp likewise stores its own layout, GGUF, rather than PyTorch's).
+
+Quantised folders (`tinyllm quantize`) decode here too, from their integer weights (`Int8Matrix`): int8 (or int4
+held one per byte) values with a float32 scale per output channel or per group of inputs, as torchao and torch.ao
+store them. At batch sizes up to `Int8Matrix.SMALL_BATCH` the product is one fused kernel that reads the int8
+values, converts and sums them in registers (torch.compile's inductor, compiled once per process and kept in
+inductor's on-disk cache): it reads a quarter of float32's bytes, and at the 24m shape the int8 weights (25 MB)
+fit the machine's 32 MB L3 cache, which float32's (100 MB) do not. Activations stay float32 (weight-only
+quantisation, as torchao's Int8WeightOnlyConfig and llama.cpp's q8_0 matrix-vector products compute with float
+scales). Larger batches (a prompt's prefill) dequantise the weights and run one float matmul. Where inductor cannot
+compile (no C++ compiler) the small-batch product falls back to that too, with a warning.
 
 The decoder holds `max_batch` cache rows. Rows 0..n-1 are the running batch; each row has its own length, so
 sequences with different prompt lengths decode together (per-row positions, masked attention), a new sequence
@@ -15,12 +33,14 @@ joins between two steps by `prefill` into a free row, and a finished one leaves 
 last row into its place so the running rows stay a prefix (their cache slices are views, never gathered).
 
 The arithmetic is model.py's, read from the model's modules (RMSNorm in float32, "rotate half" rotary with the
-sign folded into the sin table, grouped-query attention, SwiGLU, tied lm_head): greedy decoding gives the same
-tokens as `model.generate` (tests/test_decode.py). The weights are read when the decoder is built (q/k/v and
-gate/up concatenated once); a model changed afterwards needs a new decoder.
+sign folded into the sin table, grouped-query attention, SwiGLU, tied lm_head): greedy decoding of a float model
+gives the same tokens as `model.generate` (tests/test_decode.py). The weights are read when the decoder is built
+(q/k/v and gate/up concatenated once); a model changed afterwards needs a new decoder.
 """
 
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,26 +50,146 @@ from transformers import PreTrainedModel
 
 from tiny_llama2_zh.errors import UsageError
 
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- weights
+class FloatMatrix:
+    """y = x @ W.T for a float weight W (out, in), kept transposed and contiguous: torch.mm(x, W^T) streams the
+    matrix row by row, where F.linear's call on the stored layout takes BLAS's slow matrix-vector path (see the
+    module docstring)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight_t = weight.detach().t().contiguous()  # (in, out)
+        self.in_features, self.out_features = self.weight_t.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
+        return torch.mm(x, self.weight_t)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_t.nbytes
+
+
+def _int8_product(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) float times int8 values (out, in) with scales (out, groups): sum over each group of inputs,
+    times the group's scale, summed over groups. Written as a broadcast product and sums so that inductor makes it
+    one reduction kernel that reads every int8 value once (a matmul on `qdata.float()` would first write the
+    float32 matrix)."""
+    rows, groups = x.shape[0], scale.shape[1]
+    out_features, in_features = qdata.shape
+    grouped_x = x.view(rows, 1, groups, in_features // groups)
+    products = (grouped_x * qdata.view(1, out_features, groups, in_features // groups)).sum(-1)  # (rows, out, G)
+    return (products * scale).sum(-1)
+
+
+@functools.cache
+def _compiled_int8_product() -> Callable | None:
+    """The int8 product compiled by inductor (shapes dynamic: one kernel for every matrix and batch size), or
+    None where it cannot be compiled (then Int8Matrix dequantises)."""
+    try:
+        compiled = torch.compile(_int8_product, dynamic=True)
+        with torch.inference_mode():  # compile now, on a small problem, so that a failure shows here
+            compiled(torch.ones(2, 64), torch.ones(3, 64, dtype=torch.int8), torch.ones(3, 2))
+        return compiled
+    except Exception as error:  # no C++ compiler, an unsupported platform: correct, only slower
+        logger.warning("int8 decode kernel unavailable (%s); quantised weights are dequantised per call", error)
+        return None
+
+
+class Int8Matrix:
+    """y = x @ (values * scales).T for integer weights (out, in) held one per int8 (int8, or int4 in -8..7) with a
+    float32 scale per output channel and group of inputs (out, groups), zero points 0 (symmetric quantisation, as
+    every `tinyllm quantize` method stores). See the module docstring for the kernels."""
+
+    SMALL_BATCH = 16  # rows up to which the fused int8 kernel runs; beyond it, dequantise and matmul
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
+        self.qdata = qdata.contiguous()  # (out, in) int8
+        self.scale = scale.float().reshape(qdata.shape[0], -1).contiguous()  # (out, groups)
+        self.out_features, self.in_features = qdata.shape
+        if self.in_features % self.scale.shape[1]:
+            raise ValueError(f"{self.scale.shape[1]} scale groups do not divide {self.in_features} inputs")
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (out, in) the integers stand for."""
+        groups = self.scale.shape[1]
+        values = self.qdata.float().view(self.out_features, groups, -1) * self.scale[..., None]
+        return values.view(self.out_features, self.in_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float rows `ids` of the weight: the embedding lookup of a tied, quantised embedding."""
+        groups = self.scale.shape[1]
+        values = self.qdata[ids].float().view(*ids.shape, groups, -1) * self.scale[ids][..., None]
+        return values.view(*ids.shape, self.in_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
+        kernel = _compiled_int8_product() if x.shape[0] <= self.SMALL_BATCH else None
+        if kernel is not None and x.dtype == torch.float32:
+            return kernel(x, self.qdata, self.scale)
+        return torch.mm(x, self.dequantized().t().to(x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.qdata.nbytes + self.scale.nbytes
+
+
+Matrix = FloatMatrix | Int8Matrix
+
+
+def _refuse(module: nn.Module, name: str) -> UsageError:
+    weight = getattr(module, "weight", None)
+    return UsageError(
+        f"{name} is a {type(module).__name__} with a {type(weight).__name__} weight, not a bias-free nn.Linear "
+        "with a float or `tinyllm quantize` weight: the lean decoder reads weights directly (merge a LoRA adapter "
+        "first with tinyllm lora merge)"
+    )
+
+
+def _weight_of(module: nn.Module, name: str) -> torch.Tensor | Int8Matrix:
+    """A linear layer's weight as the decoder stores it: the float tensor, or the integers and scales of a
+    quantised one (torchao's tensor subclasses keep them as `qdata`, `scale`, `zero_point`; torch.ao's dynamic
+    Linear as a per-channel qint8 tensor). A layer with nonzero zero points is dequantised (none of our methods
+    makes one). Anything else (a LoRA adapter, a bias) is refused: reading its weight alone would be wrong."""
+    if type(module).__name__ == "Linear" and type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+        if module.bias() is not None:
+            raise _refuse(module, name)
+        weight = module.weight()  # per-channel qint8
+        qdata, scale = weight.int_repr(), weight.q_per_channel_scales().float()[:, None]
+        zero_point = weight.q_per_channel_zero_points()
+    elif type(module) is nn.Linear and module.bias is None:
+        weight = module.weight
+        if type(weight) is nn.Parameter:
+            return weight.detach()
+        if not all(hasattr(weight, part) for part in ("qdata", "scale", "zero_point")):
+            raise _refuse(module, name)
+        qdata, scale, zero_point = weight.qdata, weight.scale, weight.zero_point
+    else:
+        raise _refuse(module, name)
+    matrix = Int8Matrix(qdata, scale)
+    if bool(torch.any(zero_point != 0)):
+        zero = zero_point.float().reshape(matrix.out_features, -1)
+        return matrix.dequantized() - (zero * matrix.scale).repeat_interleave(matrix.in_features // zero.shape[1], 1)
+    return matrix
+
+
+def _join(parts: list[torch.Tensor | Int8Matrix]) -> Matrix:
+    """One matrix for several layers read by the same input (q/k/v, gate/up): their weights stacked by output."""
+    if len(parts) == 1:
+        return parts[0] if isinstance(parts[0], Int8Matrix) else FloatMatrix(parts[0])
+    if all(isinstance(part, Int8Matrix) for part in parts) and len({p.scale.shape[1] for p in parts}) == 1:
+        return Int8Matrix(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]))
+    return FloatMatrix(torch.cat([p.dequantized() if isinstance(p, Int8Matrix) else p for p in parts]))
+
 
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm: torch.Tensor  # (dim,)
-    qkv: torch.Tensor  # ((H + 2 KV) * hd, dim)
-    o: torch.Tensor  # (dim, H * hd)
+    qkv: Matrix  # dim -> (H + 2 KV) * hd
+    o: Matrix  # H * hd -> dim
     post_norm: torch.Tensor  # (dim,)
-    gate_up: torch.Tensor  # (2 * hidden, dim)
-    down: torch.Tensor  # (dim, hidden)
-
-
-def _plain_weight(module: nn.Module, name: str) -> torch.Tensor:
-    """A plain nn.Linear's weight; an adapter (LoRA) or quantised layer would be silently wrong to read this way."""
-    if type(module) is not nn.Linear or module.bias is not None or type(module.weight) is not nn.Parameter:
-        raise UsageError(
-            f"{name} is a {type(module).__name__} with a {type(module.weight).__name__} weight, not a plain "
-            "bias-free float nn.Linear: the lean decoder reads float weights directly (merge a LoRA adapter first "
-            "with tinyllm lora merge; a quantised folder runs in tinyllm generate, chat and eval, not in serve)"
-        )
-    return module.weight.detach()
+    gate_up: Matrix  # dim -> 2 * hidden
+    down: Matrix  # hidden -> dim
 
 
 class LeanDecoder:
@@ -75,25 +215,25 @@ class LeanDecoder:
         self.scale = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
         backbone = model.model
-        self.embed = backbone.embed_tokens.weight.detach()
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.head = _join([_weight_of(model.lm_head, "lm_head")])
+        self._embedding = self._embedding_of(backbone.embed_tokens, model)
+        self.dtype = torch.float32 if isinstance(self._embedding, Int8Matrix) else self._embedding.dtype
+        self.device = backbone.norm.weight.device
         self.final_norm = backbone.norm.weight.detach()
-        self.head = _plain_weight(model.lm_head, "lm_head")
         self.layers: list[LayerWeights] = []
         for index, layer in enumerate(backbone.layers):
             attn, mlp = layer.self_attn, layer.mlp
             prefix = f"model.layers.{index}"
-            projections = [_plain_weight(getattr(attn, f"{p}_proj"), f"{prefix}.self_attn.{p}_proj") for p in "qkvo"]
-            gate = _plain_weight(mlp.gate_proj, f"{prefix}.mlp.gate_proj")
-            up = _plain_weight(mlp.up_proj, f"{prefix}.mlp.up_proj")
+            qkv = [_weight_of(getattr(attn, f"{p}_proj"), f"{prefix}.self_attn.{p}_proj") for p in "qkv"]
+            gate_up = [_weight_of(getattr(mlp, f"{p}_proj"), f"{prefix}.mlp.{p}_proj") for p in ("gate", "up")]
             self.layers.append(
                 LayerWeights(
                     input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=torch.cat(projections[:3]).contiguous(),
-                    o=projections[3],
+                    qkv=_join(qkv),
+                    o=_join([_weight_of(attn.o_proj, f"{prefix}.self_attn.o_proj")]),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=torch.cat((gate, up)).contiguous(),
-                    down=_plain_weight(mlp.down_proj, f"{prefix}.mlp.down_proj"),
+                    gate_up=_join(gate_up),
+                    down=_join([_weight_of(mlp.down_proj, f"{prefix}.mlp.down_proj")]),
                 )
             )
         # Rotary tables for every position, computed as TinyLlama2RotaryEmbedding does (same float32 products).
@@ -109,6 +249,33 @@ class LeanDecoder:
         self._row_index = torch.arange(max_batch, device=self.device)
         self._positions = torch.arange(self.max_len, device=self.device)
 
+    def _embedding_of(self, module: nn.Module, model: PreTrainedModel) -> torch.Tensor | Int8Matrix:
+        """The input embedding: the float table itself (never copied), or the integer rows of a quantised one (for
+        a tied int8-dynamic model, `TiedInt8Embedding`, those of the head)."""
+        if hasattr(module, "head"):  # quantize.methods.TiedInt8Embedding: rows of the head's int8 weight
+            return self.head if isinstance(self.head, Int8Matrix) else module.head[0].weight().dequantize()
+        weight = module.weight
+        if weight is model.lm_head.weight and isinstance(self.head, Int8Matrix):
+            return self.head  # torchao: one quantised tensor is the embedding and the head
+        if type(weight) is nn.Parameter:
+            return weight.detach()
+        if all(hasattr(weight, part) for part in ("qdata", "scale", "zero_point")) and not bool(
+            torch.any(weight.zero_point != 0)
+        ):
+            return Int8Matrix(weight.qdata, weight.scale)
+        raise UsageError(f"model.embed_tokens holds a {type(weight).__name__} the lean decoder cannot read")
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self._embedding, Int8Matrix):
+            return self._embedding.rows(ids)
+        return self._embedding[ids]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the matrices a decode step reads (the head and every layer's), as the decoder stores them."""
+        matrices = [self.head, *(m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        return sum(matrix.nbytes for matrix in matrices)
+
     # ------------------------------------------------------------------------------------------- the maths
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # torch's fused kernel: bit-identical to the written-out float32 formula
@@ -121,8 +288,8 @@ class LeanDecoder:
         return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin
 
     def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(self._norm(x, layer.post_norm)).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
 
     # ----------------------------------------------------------------------------------------- the cache
     @torch.inference_mode()
@@ -135,10 +302,10 @@ class LeanDecoder:
         if not 0 < length <= self.max_len:
             raise ValueError(f"a prompt of {length} tokens does not fit a context of {self.max_len}")
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
-        x = self.embed[torch.as_tensor(ids, device=self.device)]  # (T, dim)
+        x = self._embed(torch.as_tensor(ids, device=self.device))  # (T, dim)
         cos, sin = self.cos[:length, None], self.sin[:length, None]  # (T, 1, hd)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, layer.input_norm), layer.qkv).view(length, sum(heads), self.head_dim)
+            qkv = layer.qkv(self._norm(x, layer.input_norm)).view(length, sum(heads), self.head_dim)
             qk = self._rotate(qkv[:, : heads[0] + heads[1]], cos, sin)
             q, k = qk.split(heads[:2], dim=1)  # (T, H, hd), (T, KV, hd)
             v = qkv[:, heads[0] + heads[1] :]
@@ -152,12 +319,12 @@ class LeanDecoder:
                 scale=self.scale,
                 enable_gqa=self.groups > 1,
             )  # (1, H, T, hd)
-            x = x + F.linear(out[0].transpose(0, 1).reshape(length, -1), layer.o)
+            x = x + layer.o(out[0].transpose(0, 1).reshape(length, -1))
             x = self._mlp(x, layer)
         self.lengths[row] = length
         self.rows += 1
         hidden = x if all_logits else x[-1]
-        return F.linear(self._norm(hidden, self.final_norm), self.head)
+        return self.head(self._norm(hidden, self.final_norm).view(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -182,9 +349,9 @@ class LeanDecoder:
             # rows shorter than the longest must not see the stale cache entries beyond their own length
             mask = (self._positions[:span][None] <= positions[:, None])[:, None, None]  # (B, 1, 1, span): attend
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
-        x = self.embed[tokens]  # (B, dim)
+        x = self._embed(tokens)  # (B, dim)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, layer.input_norm), layer.qkv).view(batch, sum(heads), self.head_dim)
+            qkv = layer.qkv(self._norm(x, layer.input_norm)).view(batch, sum(heads), self.head_dim)
             qk = self._rotate(qkv[:, : heads[0] + heads[1]], cos, sin)
             keys, values = self.keys[index], self.values[index]
             if same_length:
@@ -202,11 +369,11 @@ class LeanDecoder:
                 scale=self.scale,
                 enable_gqa=self.groups > 1,
             )  # (B, H, 1, hd)
-            x = x + F.linear(out.reshape(batch, -1), layer.o)
+            x = x + layer.o(out.reshape(batch, -1))
             x = self._mlp(x, layer)
         for row in range(batch):
             self.lengths[row] += 1
-        return F.linear(self._norm(x, self.final_norm), self.head)
+        return self.head(self._norm(x, self.final_norm))
 
     def release(self, row: int) -> None:
         """Free `row`: the last running row moves into its place (cache and length), so rows stay a prefix.
@@ -244,32 +411,92 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """How a row's next token is chosen, with transformers' logits processors in `generate`'s order: the
+    repetition penalty (CTRL, Keskar et al. 2019: a seen token's logit divided by the penalty when positive,
+    multiplied when negative, over the prompt and the reply), then temperature, top-k and top-p (`sample_token`).
+    Temperature 0 is greedy (after the penalty, as in `generate`)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def choose(self, logits: torch.Tensor, history: Sequence[int], generator: torch.Generator | None) -> int:
+        if self.repetition_penalty != 1.0 and history:
+            seen = torch.as_tensor(history, device=logits.device)
+            scores = logits.gather(0, seen)
+            penalised = torch.where(scores < 0, scores * self.repetition_penalty, scores / self.repetition_penalty)
+            logits = logits.scatter(0, seen, penalised)
+        if self.temperature > 0 and 0 < self.top_k < logits.numel():
+            kth = logits.topk(self.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return sample_token(logits, self.temperature, self.top_p, generator)
+
+
+GREEDY = Sampler()
+
+
 @torch.inference_mode()
-def greedy_generate(
-    decoder: LeanDecoder, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+def generate_batch(
+    decoder: LeanDecoder,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampler: Sampler = GREEDY,
+    seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of several prompts decoded as one batch (each up to and including its stop token):
-    the decoder's counterpart of `model.generate(do_sample=False)`, for tests and benchmarks."""
+    """Continuations of several prompts decoded as one batch, each up to and including its stop token: the
+    decoder's counterpart of `model.generate`, for `tinyllm generate`, `chat`, evaluation, tests and benchmarks
+    (the server's engine runs the same decoder step by step, admitting requests as they come). Sampled rows draw
+    from their own generator seeded with `seed + prompt index`, never from the process's random state.
+    `on_token(prompt index, token)` sees every token as it is chosen (streaming)."""
     if decoder.rows:
-        raise ValueError("greedy_generate needs an empty decoder")
+        raise ValueError("generate_batch needs an empty decoder")
     stop = set(stop_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
+    generators: list[torch.Generator | None] = [None] * len(prompts)
+    if sampler.temperature > 0:
+        for index in range(len(prompts)):
+            generators[index] = torch.Generator(device=decoder.device)
+            if seed is None:
+                generators[index].seed()
+            else:
+                generators[index].manual_seed(seed + index)
+
+    def choose(index: int, logits: torch.Tensor) -> int:
+        if sampler is GREEDY:
+            return int(logits.argmax())
+        return sampler.choose(logits, [*prompts[index], *outputs[index]], generators[index])
+
     running = list(range(len(prompts)))  # prompt index of each decoder row
-    next_tokens = []
-    for row, ids in enumerate(prompts):
-        next_tokens.append(int(decoder.prefill(row, ids).argmax()))
     try:
+        next_tokens = [choose(row, decoder.prefill(row, ids)) for row, ids in enumerate(prompts)]
         while running:
             for row in reversed(range(len(running))):
                 index = running[row]
                 outputs[index].append(next_tokens[row])
+                if on_token is not None:
+                    on_token(index, next_tokens[row])
                 if next_tokens[row] in stop or len(outputs[index]) >= max_new_tokens:
                     decoder.release(row)
                     running[row], next_tokens[row] = running[-1], next_tokens[-1]
                     running.pop(), next_tokens.pop()
             if running:
                 logits = decoder.step(torch.tensor(next_tokens, device=decoder.device))
-                next_tokens = logits.argmax(-1).tolist()
+                if sampler is GREEDY:
+                    next_tokens = logits.argmax(-1).tolist()
+                else:
+                    next_tokens = [choose(index, logits[row]) for row, index in enumerate(running)]
     finally:
         decoder.reset()
     return outputs
+
+
+def greedy_generate(
+    decoder: LeanDecoder, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+) -> list[list[int]]:
+    """Greedy continuations (`generate_batch` with argmax): `model.generate(do_sample=False)`'s tokens."""
+    return generate_batch(decoder, prompts, max_new_tokens, stop_ids)

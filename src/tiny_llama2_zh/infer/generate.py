@@ -1,4 +1,10 @@
-"""Text generation from a saved model folder: greedy or sampled, streamed to the terminal."""
+"""Text generation from a saved model folder: greedy or sampled, streamed to the terminal.
+
+Every reply here is decoded by the lean decoder (`infer.decode`, the server's decoder too) whenever it can read the
+model: a TinyLlama2ForCausalLM with plain or `tinyllm quantize` weights. `model.generate` remains for what it
+cannot read (a PEFT-wrapped model, another architecture) and for DeepSpeed ZeRO-3's `synced_gpus`, where every
+process must step until all have finished.
+"""
 
 from dataclasses import dataclass
 
@@ -6,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TextStreamer
 
 from tiny_llama2_zh.errors import UsageError
+from tiny_llama2_zh.infer.decode import LeanDecoder, Sampler, generate_batch
 from tiny_llama2_zh.tokenizer import ROLE_TOKENS, chat_ids
 
 
@@ -32,14 +39,45 @@ def generate_text(
     pretraining document does. The seed makes sampled text reproducible, and it is applied inside a forked RNG
     state: sampling in the middle of a training run (the samples at every evaluation) leaves the run's random
     sequence (dropout, data order) exactly as it would be without it."""
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    ids = tokenizer(prompt)["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    output = _generate(model, inputs["input_ids"], options, tokenizer.eos_token_id, tokenizer, streamer, synced_gpus)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    output = _generate(model, ids, options, tokenizer.eos_token_id, tokenizer, streamer, synced_gpus)
+    return tokenizer.decode(output, skip_special_tokens=True)
 
 
-def _generate(model, input_ids, options: SamplingOptions, eos_token_id, tokenizer, streamer=None, synced_gpus=False):
-    """`model.generate` for one unpadded prompt, sampled with `options`, in a forked RNG state."""
+def lean_decoder(model: PreTrainedModel, max_batch: int = 1, max_len: int | None = None) -> LeanDecoder | None:
+    """A LeanDecoder for `model`, or None when it cannot read it (then `model.generate` decodes)."""
+    if type(model).__name__ != "TinyLlama2ForCausalLM":  # also the class of a folder loaded as remote code
+        return None
+    try:
+        return LeanDecoder(model, max_batch=max_batch, max_len=max_len)
+    except UsageError:
+        return None
+
+
+def _generate(
+    model, ids: list[int], options: SamplingOptions, eos_token_id, tokenizer, streamer=None, synced_gpus=False
+) -> list[int]:
+    """The new tokens after one unpadded prompt, sampled with `options`: the lean decoder when it reads the model,
+    else `model.generate` in a forked RNG state. Both leave the process's random state as it was."""
+    decoder = (
+        None
+        if synced_gpus
+        else lean_decoder(model, max_len=min(len(ids) + options.max_new_tokens, model.config.max_position_embeddings))
+    )
+    if decoder is not None:
+        sampler = Sampler(options.temperature, options.top_p, options.top_k, options.repetition_penalty)
+        stop_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        if streamer is not None:
+            streamer.put(torch.tensor([ids]))
+        on_token = (lambda _, token: streamer.put(torch.tensor([token]))) if streamer is not None else None
+        tokens = generate_batch(
+            decoder, [ids], options.max_new_tokens, stop_ids, sampler, seed=options.seed, on_token=on_token
+        )[0]
+        if streamer is not None:
+            streamer.end()
+        return tokens
+    input_ids = torch.tensor([ids], device=model.device)
     sampling = options.temperature > 0
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -57,7 +95,7 @@ def _generate(model, input_ids, options: SamplingOptions, eos_token_id, tokenize
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
             synced_gpus=synced_gpus,  # DeepSpeed ZeRO-3: every process steps until all have finished
-        )
+        )[0, len(ids) :].tolist()
 
 
 # ------------------------------------------------------------------------------------------------- chat
@@ -107,9 +145,8 @@ def generate_reply(
     dropped to fit the context. `streamer` (a transformers streamer) receives the tokens as they come."""
     context = model.config.max_position_embeddings
     ids, dropped = chat_prompt_ids(tokenizer, messages, context - options.max_new_tokens)
-    input_ids = torch.tensor([ids], device=model.device)
-    output = _generate(model, input_ids, options, turn_end_ids(tokenizer), tokenizer, streamer)
-    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip(), dropped
+    output = _generate(model, ids, options, turn_end_ids(tokenizer), tokenizer, streamer)
+    return tokenizer.decode(output, skip_special_tokens=True).strip(), dropped
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,14 +165,20 @@ def greedy_replies(
     max_new_tokens: int,
     batch_size: int = 32,
 ) -> list[str]:
-    """Greedy replies to many conversations, batched with left padding (for evaluation)."""
+    """Greedy replies to many conversations (for evaluation), `batch_size` at a time: decoded together by the lean
+    decoder (each prompt unpadded at its own positions), or by `model.generate` with left padding."""
     replies: list[str] = []
     context = model.config.max_position_embeddings
+    decoder = lean_decoder(model, max_batch=max(1, min(batch_size, len(conversations))))
     for start in range(0, len(conversations), batch_size):
         prompts = [
             chat_prompt_ids(tokenizer, c, context - max_new_tokens)[0]
             for c in conversations[start : start + batch_size]
         ]
+        if decoder is not None:
+            outputs = generate_batch(decoder, prompts, max_new_tokens, turn_end_ids(tokenizer))
+            replies += [text.strip() for text in tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+            continue
         pad = tokenizer.pad_token_id
         input_ids, attention_mask = left_pad(prompts, pad, model.device)
         width = input_ids.shape[1]

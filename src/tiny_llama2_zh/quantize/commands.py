@@ -89,4 +89,4 @@ def run_quantize(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, "cpu")
     quantized = apply_method(model, args.method, args.group_size)
     save_quantized(quantized, tokenizer, args.output, args.method, args.group_size, args.model)
-    print(f"wrote the {args.method} model to {args.output}; it loads in tinyllm generate, chat and eval")
+    print(f"wrote the {args.method} model to {args.output}; it loads in tinyllm generate, chat, serve and eval")
