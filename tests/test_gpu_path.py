@@ -349,20 +349,32 @@ def test_plan_command_prints_the_table(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ the GPU check
-@pytest.mark.slow  # every part at a tiny shape: a few minutes on two CPU cores
+@pytest.mark.slow  # every part at a tiny shape: under 4 minutes on two quiet CPU cores
 def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
+    """The check's --cpu --tiny mode, a smoke test of the script itself. The time box per part is generous here:
+    this test asserts that every part runs, and a CPU shared with other work (tests run niced) stretches wall time
+    without bound; the script's own default box and its report (total seconds, load average) speak to the time."""
     import subprocess
     import sys
 
     from conftest import REPO_ROOT
 
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--tiny", "--steps", "6",
-               "--part-seconds", "300", "--output", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3000)
+               "--part-seconds", "1500", "--output", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=6000)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     errors = {name: part["error"] for name, part in report["parts"].items() if "error" in part}
     assert result.returncode == 0 and not errors, (errors, result.stderr[-3000:])
-    assert list(report["parts"]) == ["pretrain-24m", "pretrain-134m", "sft", "dpo", "grpo", "decode", "serve"]
-    assert report["parts"]["pretrain-24m"]["tokens_per_second"] > 0
-    assert report["parts"]["decode"]["batch_8_tok_s"] > 0 and report["parts"]["serve"]["errors"] == 0
+    parts = report["parts"]
+    assert list(parts) == ["pretrain-24m", "pretrain-134m", "sft", "dpo", "grpo", "decode", "serve"]
+    for size in ("24m", "134m"):
+        pretraining = parts[f"pretrain-{size}"]
+        assert pretraining["steps"] == 6 and pretraining["tokens_per_second"] > 0, pretraining
+    # bf16 + compile ran: one graph for the layers at the tiny shape, which the 134m recipe (same shape) may reuse;
+    # a recompile per step would count 6
+    assert parts["pretrain-24m"]["compiled_graphs"] == 1 and parts["pretrain-134m"]["compiled_graphs"] <= 1
+    assert all(parts[stage]["steps"] == 4 for stage in ("sft", "dpo", "grpo")), parts
+    assert parts["decode"]["batch_1_tok_s"] > 0 and parts["decode"]["batch_8_tok_s"] > 0
+    assert parts["serve"]["errors"] == 0
+    assert len(report["load_average"]) == 2
     assert "| pretrain-134m |" in (tmp_path / "gpu_check.md").read_text()
