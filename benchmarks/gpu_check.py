@@ -1,12 +1,18 @@
 """The prepared GPU check: one command, every part time-boxed, no downloads, one JSON + one markdown report.
 
     python benchmarks/gpu_check.py --output runs/gpu_check           # on a GPU: about 8 minutes on one H100
-    python benchmarks/gpu_check.py --cpu --tiny --output /tmp/check  # the same parts at a tiny shape on CPU
+    python benchmarks/gpu_check.py --cpu --tiny --output /tmp/check  # every part at a tiny shape on CPU: a smoke
+                                                                     # test of the script (< 4 min on 2 idle cores)
 
 Parts, each in its own time box (`--part-seconds`; a part that runs over is recorded as such and the next starts):
 1. pretraining through the real recipes (configs/pretrain/24m.yaml and 134m.yaml: bf16, torch.compile, their
    micro-batch and sequence length) for a few dozen steps on random tokens: tokens/s and MFU as the run logs them
-   (train/runner.py: ThroughputCallback, the GPU's dense bf16 peak from KNOWN_PEAK_TFLOPS) and peak memory;
+   (train/runner.py: ThroughputCallback, the GPU's dense bf16 peak from KNOWN_PEAK_TFLOPS), peak memory and the
+   graphs torch.compile built (one per part at a fixed shape; more means recompiles). With --tiny both recipes
+   run at one tiny shape (`TINY_PRETRAIN_SHAPE`, the 134m recipe with its own optimiser settings and gradient
+   accumulation): the compiled layer is one graph for both, so the 134m part can reuse the 24m part's (0 graphs)
+   and costs seconds. Compiling that graph (forward and backward: inductor writes and gcc builds ~50 C++
+   kernels) is most of the tiny check's time on a CPU;
 2. SFT, DPO and GRPO a few steps each through their demo recipes (bf16), from the 24m run's model, on the demo's
    sentiment task built from the embedded corpus;
 3. decoding: `generate` tokens/s at batch 1 and 8;
@@ -21,6 +27,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import platform
 import resource
 import shutil
@@ -36,6 +43,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHATGLM3_VOCAB_SIZE = 64798
+# --tiny: both pretraining recipes at this shape (micro-batch 4 x 128 tokens, two layers of width 64)
+TINY_PRETRAIN_SHAPE = {
+    "model.hidden_size": 64, "model.num_hidden_layers": 2, "model.num_attention_heads": 4,
+    "model.num_key_value_heads": 2, "data.seq_len": 128, "train.per_device_train_batch_size": 4,
+}  # fmt: skip
 
 
 class TimeBoxExceeded(Exception):
@@ -140,19 +152,21 @@ def pretrain_part(size: str, inputs: dict, out: Path, args) -> dict:
         "train.eval_steps=0", f"train.save_steps={args.steps}", "train.logging_steps=2", "train.report_to=[]",
         "train.dataloader_num_workers=0", "train.warmup_steps=2", "sample_max_new_tokens=8", "data.eval_blocks=8",
     ]  # fmt: skip
-    if args.tiny:  # the recipe's options (bf16, compile) at a shape two CPU cores train in seconds
-        overrides += ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-                      "model.num_key_value_heads=2", "data.seq_len=128", "train.per_device_train_batch_size=4",
-                      "train.gradient_accumulation_steps=1"]  # fmt: skip
+    if args.tiny:  # the recipe's options (bf16, compile, gradient accumulation) at a shape 2 CPU cores train fast
+        overrides += [f"{key}={value}" for key, value in TINY_PRETRAIN_SHAPE.items()]
     if args.cpu:
         overrides += ["train.use_cpu=true"]
+    from torch._dynamo.utils import counters
+
     reset_peak(args.device)
+    counters.clear()
     started = time.perf_counter()
     summary = pretrain(load_recipe("pretrain", REPO_ROOT / "configs" / "pretrain" / f"{size}.yaml", overrides))
     return {
         "parameters": summary["parameters"]["total"],
         "steps": summary["steps"],
         "seconds": round(time.perf_counter() - started, 1),
+        "compiled_graphs": counters["stats"]["unique_graphs"],
         "peak_memory_gib": round(peak_memory_gib(args.device), 2),
         **steady_figures(out),
     }
@@ -234,7 +248,10 @@ def markdown(report: dict) -> str:
         f"# GPU check: {report['device_name']}",
         "",
         f"`{report['command']}` · torch {report['torch']} · {report['started']} · "
-        f"{report['total_seconds']:.0f} s in all",
+        f"{report['total_seconds']:.0f} s in all" + (
+            f" · load average {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after"
+            if "load_average" in report else ""
+        ),
         "",
         "| part | result |",
         "|---|---|",
@@ -251,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/gpu_check", help="folder for gpu_check.json/.md and the runs")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (the check of this script itself)")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (with --cpu: a few minutes on 2 cores)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny shapes (with --cpu: every part's smoke test, < 4 min on 2 idle cores)"
+    )
     parser.add_argument("--steps", type=int, default=40, help="pretraining steps per size (default: 40)")
     parser.add_argument("--part-seconds", type=int, default=120, help="time box of each part (default: 120)")
     parser.add_argument(
@@ -271,9 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "parts": {},
     }
+    # On a CPU, the wall time of every part is only as good as the CPU it got: the 1-minute load average before and
+    # after the check says whether other work shared it.
+    load_before = os.getloadavg()[0]
 
     def write() -> None:
         report["total_seconds"] = time.perf_counter() - started
+        if args.device == "cpu":
+            report["load_average"] = [load_before, os.getloadavg()[0]]
         (output / "gpu_check.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         (output / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
 

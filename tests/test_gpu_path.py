@@ -110,14 +110,14 @@ def model_dir(request, small_tokenizer, tmp_path_factory) -> Path:
 def test_sft_with_packing_in_bf16_with_compiled_layers_matches_float32_eager(model_dir, tmp_path):
     """Packed rows change length at every step. Compiled whole by accelerate (Trainer's own torch_compile), the
     model recompiled at each of these 4 steps: the fused loss's chunk loop and create_causal_mask specialise on
-    the length. Compiled layer by layer, the length turns dynamic after one recompile."""
+    the length. Compiled layer by layer with dynamic shapes (runner.compile_decoder_layers): one graph."""
     from tiny_llama2_zh.train.sft import sft
 
     steps = ["train.max_steps=4", "train.packing=true", "model.fused_loss_chunk_rows=16"]
     reference = sft(sft_recipe(model_dir, tmp_path / "eager", *steps))
     counters.clear()
     compiled = sft(sft_recipe(model_dir, tmp_path / "compiled", *steps, *GPU_OPTIONS))
-    assert compiled_graphs() <= 2, dict(counters["stats"])  # a static graph, then one with a dynamic length
+    assert compiled_graphs() == 1, dict(counters["stats"])  # one graph, its length dynamic from the first batch
     seen = [r["num_input_tokens_seen"] for r in records(tmp_path / "compiled" / "run") if "loss" in r]
     assert len({after - before for before, after in zip([0, *seen], seen)}) > 1  # the steps' lengths did vary
     assert_losses_close(step_losses(tmp_path / "compiled" / "run"), step_losses(tmp_path / "eager" / "run"),
@@ -135,7 +135,8 @@ def test_dpo_in_bf16_with_compiled_layers_matches_float32_eager(model_dir, tmp_p
     reference = dpo(dpo_recipe(model_dir, tmp_path / "eager", *steps))
     counters.clear()
     compiled = dpo(dpo_recipe(model_dir, tmp_path / "compiled", *steps, *GPU_OPTIONS))
-    assert compiled_graphs() <= 2, dict(counters["stats"])
+    # one graph (batch and length dynamic), none per step; the reference model runs eagerly
+    assert compiled_graphs() == 1, dict(counters["stats"])
     assert_losses_close(step_losses(tmp_path / "compiled" / "run"), step_losses(tmp_path / "eager" / "run"),
                         BF16_LOSS_NATS)
     assert compiled["final"]["margin"] == pytest.approx(reference["final"]["margin"], abs=BF16_LOSS_NATS)
@@ -349,20 +350,32 @@ def test_plan_command_prints_the_table(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ the GPU check
-@pytest.mark.slow  # every part at a tiny shape: a few minutes on two CPU cores
+@pytest.mark.slow  # every part at a tiny shape: under 4 minutes on two quiet CPU cores
 def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
+    """The check's --cpu --tiny mode, a smoke test of the script itself. The time box per part is generous here:
+    this test asserts that every part runs, and a CPU shared with other work (tests run niced) stretches wall time
+    without bound; the script's own default box and its report (total seconds, load average) speak to the time."""
     import subprocess
     import sys
 
     from conftest import REPO_ROOT
 
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--tiny", "--steps", "6",
-               "--part-seconds", "300", "--output", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3000)
+               "--part-seconds", "1500", "--output", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=6000)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     errors = {name: part["error"] for name, part in report["parts"].items() if "error" in part}
     assert result.returncode == 0 and not errors, (errors, result.stderr[-3000:])
-    assert list(report["parts"]) == ["pretrain-24m", "pretrain-134m", "sft", "dpo", "grpo", "decode", "serve"]
-    assert report["parts"]["pretrain-24m"]["tokens_per_second"] > 0
-    assert report["parts"]["decode"]["batch_8_tok_s"] > 0 and report["parts"]["serve"]["errors"] == 0
+    parts = report["parts"]
+    assert list(parts) == ["pretrain-24m", "pretrain-134m", "sft", "dpo", "grpo", "decode", "serve"]
+    for size in ("24m", "134m"):
+        pretraining = parts[f"pretrain-{size}"]
+        assert pretraining["steps"] == 6 and pretraining["tokens_per_second"] > 0, pretraining
+    # bf16 + compile ran: one graph for the layers at the tiny shape, which the 134m recipe (same shape) may reuse;
+    # a recompile per step would count 6
+    assert parts["pretrain-24m"]["compiled_graphs"] == 1 and parts["pretrain-134m"]["compiled_graphs"] <= 1
+    assert all(parts[stage]["steps"] == 4 for stage in ("sft", "dpo", "grpo")), parts
+    assert parts["decode"]["batch_1_tok_s"] > 0 and parts["decode"]["batch_8_tok_s"] > 0
+    assert parts["serve"]["errors"] == 0
+    assert len(report["load_average"]) == 2
     assert "| pretrain-134m |" in (tmp_path / "gpu_check.md").read_text()

@@ -130,7 +130,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         processing_class=tokenizer,
         callbacks=run.callbacks(samples, callbacks),
     )
-    run.attach(trainer, flops_per_token(model_config, config.data.seq_len), config.peak_tflops)
+    run.attach(trainer, flops_per_token(model_config, config.data.seq_len), config.peak_tflops, fixed_shapes=True)
 
     def validation_loss() -> dict[str, float]:
         # Our own evaluator, not trainer.evaluate(): evaluating through the Trainer before train() marks the model

@@ -174,10 +174,17 @@ def run_folder_state(output_dir: Path) -> str:
     return "empty"
 
 
-def compile_decoder_layers(trainer: Trainer) -> bool:
+def compile_decoder_layers(trainer: Trainer, fixed_shapes: bool = False) -> bool:
     """`train.torch_compile: true` for this project's models: compile each decoder layer in place
     (`TinyLlama2PreTrainedModel.compile_layers`, PyTorch's regional compilation recipe) instead of letting
     accelerate wrap the whole model in `torch.compile`. Returns whether it did.
+
+    `fixed_shapes`: every training batch has one shape (pretraining's blocks of seq_len), so the layers compile
+    once for it, static. Otherwise (SFT, DPO, the RL stages: batches padded to their longest row, or packed rows)
+    they compile with dynamic shapes from the first batch (`dynamic=True`): left to dynamo's automatic dynamic
+    shapes, the first batch's length was compiled static and thrown away at the second (measured, torch 2.13: SFT
+    with packing compiled a graph for its first length, then a dynamic one; one compile of a layer's forward and
+    backward is ~50 C++ kernels on a CPU, tens of seconds).
 
     Why: compiled whole, the graph takes in create_causal_mask and the fused loss's chunk loop, both of which
     specialise on the sequence length, so every new batch shape is a new graph. Measured on CPU (torch 2.13, TRL
@@ -193,7 +200,7 @@ def compile_decoder_layers(trainer: Trainer) -> bool:
     if model is None:
         return False
     mode = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
-    model.compile_layers(backend=args.torch_compile_backend, **mode)
+    model.compile_layers(backend=args.torch_compile_backend, dynamic=None if fixed_shapes else True, **mode)
     # accelerate compiles at prepare() time when its dynamo backend is set (Trainer sets it from the arguments);
     # the layers are compiled already. The arguments keep torch_compile=true (TF32 and FSDP read it).
     from accelerate.utils import DynamoBackend, is_compiled_module
@@ -258,12 +265,19 @@ class StageRun:
         chosen = [self.metrics, CopyConfigToCheckpoints(self.config_file), DivergenceGuard()]
         return [*chosen, *([samples] if samples else []), *(extra or [])]
 
-    def attach(self, trainer: Trainer, flops_per_token: float = 0.0, peak_tflops: float | None = None) -> None:
+    def attach(
+        self,
+        trainer: Trainer,
+        flops_per_token: float = 0.0,
+        peak_tflops: float | None = None,
+        fixed_shapes: bool = False,
+    ) -> None:
         """Put the throughput callback first, so that the loggers (TensorBoard, metrics.jsonl) see its values, and
-        turn `train.torch_compile` into regional compilation (`compile_decoder_layers`)."""
+        turn `train.torch_compile` into regional compilation (`compile_decoder_layers`; `fixed_shapes`: every
+        training batch has the same shape)."""
         throughput = ThroughputCallback(flops_per_token, peak_flops(peak_tflops), self.language_model)
         trainer.callback_handler.callbacks.insert(0, throughput)
-        compile_decoder_layers(trainer)
+        compile_decoder_layers(trainer, fixed_shapes)
 
     def evaluate_before(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float] | None:
         """Evaluation at step 0 (skipped when resuming: the record is already in metrics.jsonl)."""
