@@ -58,6 +58,9 @@ def fixture_file(name: str, folder: Path) -> Path:
         return write_jsonl(
             folder / "train_2M_CN.json", [{"instruction": "翻译成英文", "input": "你好", "output": "Hello"}]
         )
+    if name == "belle_conversations":
+        turns = [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "\n你好！"}]
+        return write_jsonl(folder / "train_3.5M_CN.json", [{"id": "1", "conversations": turns}])
     if name == "firefly":
         return write_jsonl(
             folder / "firefly-train-1.1M.jsonl", [{"kind": "Couplet", "input": "上联：春", "target": "下联：秋"}]
@@ -78,6 +81,10 @@ def fixture_file(name: str, folder: Path) -> Path:
     if name == "cvalues":
         row = {"prompt": "问", "pos_resp": "好答", "neg_resp": "坏答", "pos_type": "拒绝为主", "neg_type": "风险回复"}
         return write_jsonl(folder / "train.jsonl", [row])
+    if name == "preference_qa":
+        return write_jsonl(
+            folder / "train.jsonl", [{"question": "问", "response_chosen": "好答", "response_rejected": "坏答"}]
+        )
     if name == "text":
         path = folder / "corpus.txt"
         path.write_text(f"{WIKI}\n\n{NOVEL}\n", encoding="utf-8")
@@ -96,6 +103,9 @@ EXPECTED = {
     "belle": [
         {"messages": [{"role": "user", "content": "翻译成英文\n你好"}, {"role": "assistant", "content": "Hello"}]}
     ],
+    "belle_conversations": [  # the reply's opening newline stripped (data/sources.py)
+        {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+    ],
     "firefly": [{"messages": [{"role": "user", "content": "上联：春"}, {"role": "assistant", "content": "下联：秋"}]}],
     "tigerbot_sft": [
         {"messages": [{"role": "user", "content": "写一句诗"}, {"role": "assistant", "content": "床前明月光"}]}
@@ -103,6 +113,7 @@ EXPECTED = {
     "rlhf_reward_zh": [{"prompt": "问", "chosen": "好答", "rejected": "坏答"}],
     "zhihu_rlhf_3k": [{"prompt": "问", "chosen": "好答", "rejected": "坏答"}],
     "cvalues": [{"prompt": "问", "chosen": "好答", "rejected": "坏答"}],
+    "preference_qa": [{"prompt": "问", "chosen": "好答", "rejected": "坏答"}],
     "text": [{"text": WIKI}, {"text": NOVEL}],
     "jsonl": [{"text": WIKI}],
 }
