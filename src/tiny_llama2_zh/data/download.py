@@ -34,6 +34,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiny_llama2_zh.data.hashing import file_sha256
 from tiny_llama2_zh.data.sources import CORPORA, Corpus, get_corpus
 from tiny_llama2_zh.errors import UsageError
 
@@ -75,12 +76,6 @@ def hub_endpoint() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ hashing
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_blob_sha1(path: Path) -> str:

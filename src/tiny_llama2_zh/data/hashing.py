@@ -1,6 +1,7 @@
-"""Content hashes shared by every data step: deterministic splits and exact deduplication."""
+"""Content hashes shared by every data step: deterministic splits, exact deduplication, file checksums."""
 
 import hashlib
+from pathlib import Path
 
 
 def is_validation(text: str, validation_per_mille: int) -> bool:
@@ -22,3 +23,12 @@ class ExactDuplicates:
             return True
         self._seen.add(digest)
         return False
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB blocks (shard manifests, downloads from the hub)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tiny_llama2_zh.data.cleaning import Cleaner, CleaningOptions
-from tiny_llama2_zh.data.hashing import ExactDuplicates, is_validation
+from tiny_llama2_zh.data.hashing import ExactDuplicates, file_sha256, is_validation
 from tiny_llama2_zh.data.pretokenized import (
     MANIFEST_FORMAT,
     Manifest,
@@ -269,12 +269,6 @@ def _read_lines(path: Path) -> Iterator[str]:
         yield from (line for line in lines if line.strip())
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finished_shard(bin_path: Path, fingerprint: str, inputs_hash: str) -> tuple[Manifest | None, str | None]:
@@ -298,7 +292,7 @@ def _finished_shard(bin_path: Path, fingerprint: str, inputs_hash: str) -> tuple
             f"made from other inputs or options (inputs hash {manifest.inputs_hash}, now {inputs_hash}: sources, "
             "their files, cleaning options, split or docs_per_shard changed)"
         )
-    if manifest.sha256 != _file_sha256(bin_path):
+    if manifest.sha256 != file_sha256(bin_path):
         return None, "its bytes do not match the SHA-256 in its manifest (corrupted)"
     return manifest, None
 

@@ -88,20 +88,23 @@ def _keeps_tasks(stage: str, evaluation: dict) -> list[Goal]:
     return goals
 
 
-def _judged(stage: str, before: dict, after: dict) -> list[Goal]:
-    """The independent judge's verdict on sampled replies (`train.rl.open_ended_judge`: review, the share read as
-    positive) rises by JUDGE_RISE: the reward model's score went up for the behaviour wanted, not around it."""
+def _replies_improve(stage: str, score_goal: str, before: dict, after: dict) -> list[Goal]:
+    """Sampled replies (`train.rl.held_out_metrics`) before and after a stage: the reward model's mean score rises,
+    and where an independent judge read them (`train.rl.open_ended_judge`: review, the share read as positive), its
+    verdict rises by JUDGE_RISE: the score went up for the behaviour wanted, not around it."""
+    score = f"{before['eval_score']:+.3f} -> {after['eval_score']:+.3f}"
+    goals = [Goal(stage, score_goal, score, after["eval_score"] > before["eval_score"])]
     key = "eval_judge_positive"
-    if key not in before or key not in after:
-        return []
-    return [
-        Goal(
-            stage,
-            f"replies an independent judge reads as positive rise >= {JUDGE_RISE * 100:.0f} points",
-            f"{percent(before[key])} -> {percent(after[key])}",
-            after[key] >= before[key] + JUDGE_RISE,
+    if key in before and key in after:
+        goals.append(
+            Goal(
+                stage,
+                f"replies an independent judge reads as positive rise >= {JUDGE_RISE * 100:.0f} points",
+                f"{percent(before[key])} -> {percent(after[key])}",
+                after[key] >= before[key] + JUDGE_RISE,
+            )
         )
-    ]
+    return goals
 
 
 def _above_chance(accuracy: float, chance: float, questions: int) -> bool:
@@ -162,15 +165,7 @@ def evaluate_goals(run_dir: str | Path, grpo_task: str | None = None) -> list[Go
     ppo = _read(run_dir / "ppo" / "summary.json")
     before, after = ppo.get("initial") or {}, ppo.get("final") or {}
     if "eval_score" in before and "eval_score" in after:
-        goals.append(
-            Goal(
-                "ppo",
-                "reward-model score of held-out replies rises",
-                f"{before['eval_score']:+.3f} -> {after['eval_score']:+.3f}",
-                after["eval_score"] > before["eval_score"],
-            )
-        )
-        goals += _judged("ppo", before, after)
+        goals += _replies_improve("ppo", "reward-model score of held-out replies rises", before, after)
         target = _ppo_target_kl(run_dir)
         goals.append(
             Goal(
@@ -197,16 +192,8 @@ def evaluate_goals(run_dir: str | Path, grpo_task: str | None = None) -> list[Go
     compared = _read(run_dir / "eval" / "policies.json").get("rows", [])
     policies = {Path(row["model"]).parent.name: row for row in compared}
     if "sft" in policies and "dpo" in policies:
-        sft_replies, dpo_replies = policies["sft"], policies["dpo"]
-        goals.append(
-            Goal(
-                "dpo",
-                "reward-model score of sampled replies above the SFT model's",
-                f"{sft_replies['eval_score']:+.3f} -> {dpo_replies['eval_score']:+.3f}",
-                dpo_replies["eval_score"] > sft_replies["eval_score"],
-            )
-        )
-        goals += _judged("dpo", sft_replies, dpo_replies)
+        goal = "reward-model score of sampled replies above the SFT model's"
+        goals += _replies_improve("dpo", goal, policies["sft"], policies["dpo"])
     goals += _keeps_tasks("dpo", evaluation)
 
     # GRPO: headroom on its task (pass@k well above pass@1), and greedy accuracy that uses it
