@@ -151,8 +151,7 @@ def sft_loss(policy: PreTrainedModel, examples: list[tuple[list[int], int]], pad
     labels = torch.tensor(
         [[-100] * start + ids[start:] + [-100] * (width - len(ids)) for ids, start in examples], device=device
     )
-    logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    return policy(input_ids=ids, attention_mask=mask, labels=labels).loss  # the model's own (fused) shifted loss
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
