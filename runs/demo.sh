@@ -30,7 +30,7 @@ tinyllm data tasks --output "$out/tasks" --tasks sentiment,addition,review
 
 # 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
 tinyllm sft --config configs/sft/demo.yaml "model.init_from=$out/pretrain/final" \
-  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/review/sft-train.jsonl]" \
+  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/review/sft-train.jsonl]" \
   "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl,$out/tasks/review/sft-test.jsonl]" \
   "train.output_dir=$out/sft" train.seed=1337
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO_ROOT
-from tiny_llama2_zh.config import load_config
+from tiny_llama2_zh.config import ConfigError, load_config
 from tiny_llama2_zh.data.conversations import load_conversations
 from tiny_llama2_zh.loading import load_model
 from tiny_llama2_zh.tokenizer import ROLE_TOKENS, load_tokenizer, train_bpe_tokenizer
@@ -111,6 +111,40 @@ def test_packed_and_padded_batches_give_the_same_loss_per_example(tiny_model_dir
 
     # the same labelled tokens, in another order: compare the sorted per-token losses
     torch.testing.assert_close(token_losses(packed).sort().values, token_losses(padded).sort().values)
+
+
+def test_the_conversation_mean_weighs_every_reply_alike_whatever_its_length(tiny_model_dir, tmp_path):
+    """loss_mean_over: conversations -- the mean over rows of each row's mean reply-token loss (DAPO's sample-level
+    loss), through the model's fused loss, equal to that mean computed by hand from the plain logits; and unlike the
+    token mean, where the long reply outweighs the one-token ones."""
+    from tiny_llama2_zh.train.sft import conversation_weights
+
+    model, _, batch = trainer_batch(tiny_model_dir, tmp_path, CONVERSATIONS, packing=False)
+    weights = conversation_weights(batch["labels"])
+    torch.testing.assert_close(weights.sum(dim=1), torch.full((4,), 0.25))  # every row weighs a quarter
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    logits = model(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    labelled = labels != -100
+    by_hand = torch.stack([token_losses[row][labelled[row]].mean() for row in range(4)]).mean()
+    token_mean = token_losses[labelled].mean()
+    for chunk_rows in (None, 5):  # the plain path and the fused chunked one
+        model.fused_loss_chunk_rows = chunk_rows
+        loss = model(**inputs, labels=batch["labels"], loss_weights=weights).loss
+        torch.testing.assert_close(loss, by_hand)
+    assert not torch.isclose(by_hand, token_mean)  # the replies' lengths differ (1 to 8 tokens): so do the means
+
+
+def test_the_conversation_mean_trains_and_needs_the_models_own_loss(tiny_model_dir, tmp_path):
+    summary = sft(recipe(tiny_model_dir, tmp_path / "conversations", "loss_mean_over=conversations"))
+    assert summary["final_validation_loss"] < summary["initial_validation_loss"]
+    with pytest.raises(ConfigError, match="fused_loss_chunk_rows"):
+        sft(
+            recipe(
+                tiny_model_dir, tmp_path / "refused", "loss_mean_over=conversations", "model.fused_loss_chunk_rows=0"
+            )
+        )
 
 
 def test_bad_conversations_are_skipped_counted_and_located(small_tokenizer, tmp_path):

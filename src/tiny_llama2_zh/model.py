@@ -462,7 +462,9 @@ class TinyLlama2Model(TinyLlama2PreTrainedModel):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, labels)) / normalizer, computed in row chunks.
+    """sum(cross_entropy(hidden @ weight.T, labels) / normalizer), computed in row chunks. `normalizer` is a scalar
+    (the mean over labelled rows: their count) or one divisor per row (per-token weights: `TinyLlama2ForCausalLM`'s
+    `loss_weights`).
 
     The plain path materialises the (tokens, vocab) logits, their log-softmax and that log-softmax's gradient: three
     tensors of tokens x vocab floats (4 GB for a 64,798-token vocabulary at 16 x 1024 tokens), and on a CPU a
@@ -488,7 +490,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, normalizer, chunk_rows: int, compute_grad: bool = True):
-        # hidden: (N, d), weight: (V, d), labels: (N,), normalizer: scalar tensor
+        # hidden: (N, d), weight: (V, d), labels: (N,), normalizer: scalar or (N,) tensor
         device_type = hidden.device.type
         compute_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -509,17 +511,17 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rows = hidden[start : start + chunk_rows].to(compute_dtype)  # (n, d)
                 n = rows.shape[0]
                 targets = labels[start : start + chunk_rows]  # (n,)
-                valid = targets != -100
+                divisor = normalizer if normalizer.dim() == 0 else normalizer[start : start + n]
+                row_scale = ((targets != -100) / divisor)[:, None]  # (n, 1): 0 for ignored rows
                 safe_targets = targets.clamp(min=0)[:, None]  # (n, 1)
                 logits = torch.mm(rows, weight_c.T, out=logits_buffer[:n])  # (n, V)
                 log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[:n])
-                total -= (log_probs.gather(1, safe_targets).squeeze(1) * valid).sum()
+                total -= (log_probs.gather(1, safe_targets) * row_scale).sum()
                 if needs_grad:
-                    # d(loss)/d(logits) = (softmax - one_hot(target)) * row_scale, row_scale = valid / normalizer
+                    # d(loss)/d(logits) = (softmax - one_hot(target)) * row_scale
                     probs = log_probs.exp_()
                     probs.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=probs.dtype))
                     grad_logits = probs.to(compute_dtype)  # (n, V) unscaled; a no-op in float32
-                    row_scale = (valid / normalizer)[:, None]  # (n, 1)
                     if grad_hidden is not None:
                         grad_hidden[start : start + n] = (grad_logits @ weight_c) * row_scale
                     if grad_weight is not None:
@@ -530,7 +532,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                             grad_weight += (grad_logits.T @ scaled_rows).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total / normalizer
+        return total
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -583,6 +585,9 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,  # (B, T); shifted inside, -100 is ignored
+        # (B, T) beside labels: the loss becomes sum(weight * token loss), normalised by the caller (SFT's
+        # per-conversation mean: 1 / (reply tokens x conversations)); None: the mean over labelled tokens
+        loss_weights: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,  # >0: only the last n positions get logits (generation needs one)
@@ -600,7 +605,7 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if labels is not None and self.fused_loss_chunk_rows and not logits_to_keep:
             return CausalLMOutputWithPast(
-                loss=self._fused_loss(hidden_states, labels, kwargs.get("num_items_in_batch")),
+                loss=self._fused_loss(hidden_states, labels, kwargs.get("num_items_in_batch"), loss_weights),
                 past_key_values=outputs.past_key_values,
                 hidden_states=outputs.hidden_states,
             )
@@ -608,7 +613,12 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)  # (B, T, vocab)
         loss = None
-        if labels is not None:
+        if labels is not None and loss_weights is not None:
+            token_losses = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
+            )  # (B*(T-1),)
+            loss = (token_losses * loss_weights[:, 1:].flatten()).sum()
+        elif labels is not None:
             # transformers' shared causal-LM loss: shifts labels, ignores -100, and honours num_items_in_batch
             # so that gradient accumulation averages over tokens, not micro-batches.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -619,12 +629,19 @@ class TinyLlama2ForCausalLM(TinyLlama2PreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
         )
 
-    def _fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    def _fused_loss(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch, loss_weights: torch.Tensor | None
+    ) -> torch.Tensor:
         """The loss transformers' ForCausalLMLoss computes (shifted labels, -100 ignored, sum over
-        num_items_in_batch when the Trainer passes it, else the mean), through LinearCrossEntropy."""
+        num_items_in_batch when the Trainer passes it, else the mean), or with loss_weights sum(weight * token
+        loss), through LinearCrossEntropy."""
         hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])  # (B*(T-1), dim)
         targets = labels[:, 1:].reshape(-1).to(hidden.device)  # (B*(T-1),)
-        if num_items_in_batch is None:
+        if loss_weights is not None:
+            weights = loss_weights[:, 1:].reshape(-1).to(hidden.device, torch.float32)  # (B*(T-1),)
+            targets = targets.masked_fill(weights == 0, -100)
+            normalizer = 1 / weights.masked_fill(weights == 0, 1)  # a divisor per row
+        elif num_items_in_batch is None:
             normalizer = (targets != -100).sum().clamp(min=1).float()
         else:
             normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)

@@ -10,8 +10,9 @@ adapter folder that `tinyllm lora merge` turns into one.
 """
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -27,6 +28,9 @@ from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
 from tiny_llama2_zh.train.runner import StageRun, trainer_eval_loss, training_arguments, trl_defaults
 
 SAMPLE_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？"]
+
+
+LossMean = Literal["tokens", "conversations"]
 
 
 @dataclass
@@ -49,8 +53,29 @@ class ModelLossSFTTrainer(SFTTrainer):
     or token accuracy). Everything else (data preparation, assistant-only labels, packing, PEFT, evaluation) is
     TRL's."""
 
+    loss_mean_over: LossMean = "tokens"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        if self.loss_mean_over == "tokens":
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        # "conversations": each row's reply tokens share one row's weight, so a one-token label and a 40-token
+        # review count alike; the Trainer then divides by the gradient-accumulation steps (loss_is_scaled_for_ga)
+        outputs = model(**inputs, loss_weights=conversation_weights(inputs["labels"]))
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+def conversation_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) loss weights aligned with labels: 1 / (the row's labelled tokens x the rows that have any), so the
+    loss is the mean over rows of each row's mean token loss. The token mean (transformers' and TRL's) lets long
+    replies outweigh short ones by their length: in the demo's SFT mix the reviews' ~37-token replies took 76 % of
+    the loss and the sentiment labels' ~4 tokens 16 %, though sentiment was half the rows. This is DAPO's
+    "sample-level" loss (Yu et al. 2025, section 3.3), which suits a mix of short and long answers; with packing a
+    row holds several conversations and they share its weight."""
+    targets = labels[:, 1:] != -100  # (B, T-1): the model shifts labels the same way
+    per_row = targets.sum(dim=1, keepdim=True)  # (B, 1)
+    rows = (per_row > 0).sum().clamp(min=1)
+    weights = targets / (per_row.clamp(min=1) * rows)
+    return torch.cat([torch.zeros_like(weights[:, :1]), weights], dim=1)  # (B, T), position 0 is never a target
 
 
 @dataclass
@@ -68,6 +93,9 @@ class SFTRecipeConfig:
     data: SFTDataOptions
     # Any option of TRL's SFTConfig (TrainingArguments plus max_length, packing, assistant_only_loss, ...)
     train: dict[str, Any]
+    # the loss's mean: over every reply token of the batch (transformers' and TRL's), or over conversations, each
+    # the mean of its own reply's tokens (`conversation_weights`; needs model.fused_loss_chunk_rows > 0)
+    loss_mean_over: LossMean = "tokens"
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
     sample_max_new_tokens: int = 48
     peak_tflops: float | None = None
@@ -125,6 +153,8 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
         return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], options)[0]
 
     samples = SamplesCallback(config.sample_prompts, reply, run.output_dir / "samples.jsonl")
+    if config.loss_mean_over != "tokens" and not config.model.fused_loss_chunk_rows:
+        raise ConfigError("loss_mean_over: conversations needs the model's own loss (model.fused_loss_chunk_rows > 0)")
     trainer_class = ModelLossSFTTrainer if config.model.fused_loss_chunk_rows else SFTTrainer
     trainer = trainer_class(
         model=model,
@@ -135,6 +165,9 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
         peft_config=lora,
         callbacks=run.callbacks(samples, callbacks),
     )
+    if isinstance(trainer, ModelLossSFTTrainer) and config.loss_mean_over != "tokens":
+        trainer.loss_mean_over = config.loss_mean_over
+        trainer.loss_is_scaled_for_ga = False
     parameters = count_trainable(trainer.model)
     print(f"parameters: {parameters['trainable']:,} trainable of {parameters['total']:,}")
     run.attach(trainer, flops_per_token(model.config, args.max_length), config.peak_tflops)
