@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -53,6 +54,9 @@ from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
 from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
+
 
 @dataclass
 class PrepareOptions:
@@ -61,7 +65,8 @@ class PrepareOptions:
     tokenizer: str | None = None  # needed for pretraining sources
     workers: int = 2
     docs_per_shard: int = 100_000
-    batch_size: int = 512
+    # documents per encode call: with 512, SentencePiece's threads reached ~75 % of its batch speed, with 4096 ~all
+    batch_size: int = 4096
     validation_per_mille: int = 5
     strict: bool = False
     text_field: str = "text"  # the field the generic `jsonl` source reads
@@ -232,7 +237,7 @@ def _init_worker(tokenizer_dir: str, threads_per_worker: bool) -> None:
     _worker_tokenizer = tokenizer.backend_tokenizer
 
 
-def sentencepiece_processor(tokenizer_dir: Path, tokenizer):
+def sentencepiece_processor(tokenizer_dir: Path, tokenizer) -> "SentencePieceProcessor | None":
     """SentencePiece's own processor when the folder carries the SentencePiece model it was converted from
     (`tinyllm tokenizer convert-chatglm3` keeps it as tokenizer.model), else None.
 
@@ -288,7 +293,7 @@ class SentencePieceBatches:
     `in_flight` batches are queued, so memory stays bounded by a few batches beyond the shard's lines.
     """
 
-    def __init__(self, processor, bos: int, eos: int, threads: int, in_flight: int = 3):
+    def __init__(self, processor: "SentencePieceProcessor", bos: int, eos: int, threads: int, in_flight: int = 3):
         import sentencepiece as spm
 
         self.processor, self.bos, self.eos, self.in_flight = processor, bos, eos, in_flight
