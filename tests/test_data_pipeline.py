@@ -312,13 +312,13 @@ def test_demo_tasks_have_checkable_answers_and_disjoint_splits(tmp_path):
 def test_sentencepiece_fast_path_gives_the_fast_tokenizers_ids(
     chatglm3_model_file, demo_corpus, small_tokenizer, tmp_path
 ):
-    from tiny_llama2_zh.data.prepare import sentencepiece_encoder
+    from tiny_llama2_zh.data.prepare import sentencepiece_processor
     from tiny_llama2_zh.data.pretokenized import write_token_file
     from tiny_llama2_zh.tokenizer import convert_chatglm3, load_tokenizer
 
     folder = tmp_path / "chatglm3"
     tokenizer = convert_chatglm3(chatglm3_model_file, folder)
-    assert sentencepiece_encoder(folder, tokenizer) is not None
+    assert sentencepiece_processor(folder, tokenizer) is not None
     lines = (demo_corpus / "validation.jsonl").read_text(encoding="utf-8").splitlines()
     corpus = tmp_path / "cleaned.jsonl"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -338,4 +338,68 @@ def test_sentencepiece_fast_path_gives_the_fast_tokenizers_ids(
 
     shutil.copytree(small_tokenizer, mismatched)
     shutil.copyfile(chatglm3_model_file, mismatched / "tokenizer.model")
-    assert sentencepiece_encoder(mismatched, load_tokenizer(mismatched)) is None
+    assert sentencepiece_processor(mismatched, load_tokenizer(mismatched)) is None
+
+
+# Texts where a tokenizer pipeline could go wrong: empty and whitespace-only documents (kept: the JSONL line is not
+# blank), whitespace SentencePiece collapses or keeps, specials written as plain text, rare characters, and one
+# document far longer than a batch's others. Special-token strings are SentencePiece's literal pieces in its path
+# (it never matches control symbols in text), so they are compared with SentencePiece's own encode only.
+PIPELINE_EDGE_TEXTS = [
+    "",
+    " ",
+    "   \t  ",
+    "\n\n",
+    " leading and trailing spaces  ",
+    "Hello  world\n\t x 😀",
+    "𠀀𪚥 rare characters，ＡＢＣ１２３ full-width",
+    "line one\r\nline two\u2028line three\u3000end",
+]
+SPECIAL_TOKEN_TEXTS = ["<s>a</s>", "<|user|>你好<|assistant|>", "[gMASK]sop 开始", "a<unk>b<pad>"]
+
+
+def test_sentencepiece_shards_hold_sentencepieces_own_ids_for_every_document(
+    chatglm3_model_file, demo_corpus, tmp_path
+):
+    """The SentencePiece path of `tokenize_to_shards` (batches, threads, shards) writes exactly
+    bos + SentencePiece's own `encode(text)` + eos for every document, in order, byte-identical for any number of
+    workers; for text without special-token strings these are also the fast tokenizer's ids."""
+    import sentencepiece as spm
+
+    from tiny_llama2_zh.data.prepare import tokenize_to_shards
+    from tiny_llama2_zh.tokenizer import convert_chatglm3
+
+    folder = tmp_path / "chatglm3"
+    tokenizer = convert_chatglm3(chatglm3_model_file, folder)
+    processor = spm.SentencePieceProcessor(model_file=str(chatglm3_model_file))
+    with (demo_corpus / "train.jsonl").open(encoding="utf-8") as lines:
+        corpus = [json.loads(line)["text"] for _, line in zip(range(1500), lines)]
+    very_long = "\n".join(corpus[:400])  # ~100 k characters in one document
+    texts = corpus[:300] + PIPELINE_EDGE_TEXTS + [very_long] + SPECIAL_TOKEN_TEXTS + corpus[300:]
+    cleaned = tmp_path / "cleaned.jsonl"
+    jsonl = [json.dumps({"text": text}, ensure_ascii=False) for text in texts]
+    # blank JSONL lines are not documents; they are skipped, as before
+    cleaned.write_text("\n".join(jsonl[:10]) + "\n\n  \n" + "\n".join(jsonl[10:]) + "\n", encoding="utf-8")
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    expected = [token for text in texts for token in [bos, *processor.encode(text), eos]]
+    plain = [text for text in texts if text not in SPECIAL_TOKEN_TEXTS]
+    assert [processor.encode(text) for text in plain] == [tokenizer.encode(t, add_special_tokens=False) for t in plain]
+
+    shards = {}
+    for workers, batch_size in [(1, 64), (2, 7), (2, 4096)]:
+        output = tmp_path / f"out-{workers}-{batch_size}"
+        options = PrepareOptions(
+            output_dir=str(output),
+            sources=[("jsonl", [str(cleaned)])],
+            tokenizer=str(folder),
+            workers=workers,
+            batch_size=batch_size,
+            docs_per_shard=500,
+        )
+        documents, tokens, count = tokenize_to_shards(options, cleaned, output, "train", tokenizer)
+        assert (documents, tokens, count) == (len(texts), len(expected), 4)
+        shards[workers, batch_size] = [p.read_bytes() for p in sorted(output.glob("train-*.bin"))]
+        written = np.concatenate([np.asarray(read_tokens(p)) for p in sorted(output.glob("train-*.bin"))])
+        assert written.dtype == np.uint16 and written.tolist() == expected
+    assert shards[1, 64] == shards[2, 7] == shards[2, 4096]

@@ -115,9 +115,14 @@ def add_data_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="output folder (shards, cleaned text, reports)")
     parser.add_argument("--tokenizer", help="tokenizer folder (required for pretraining sources)")
-    parser.add_argument("--workers", type=int, default=2, help="tokenizer worker processes (default: 2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="tokenizer workers (default: 2): SentencePiece threads if the folder has tokenizer.model, else processes",
+    )
     parser.add_argument("--docs-per-shard", type=int, default=100_000, help="documents per .bin shard")
-    parser.add_argument("--batch-size", type=int, default=512, help="documents per tokenizer batch (default: 512)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="documents per tokenizer batch (default: 4096)")
     parser.add_argument("--validation-per-mille", type=int, default=5, help="held out per thousand (default: 5)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     parser.add_argument("--min-chars", type=int, default=20, help="drop documents shorter than this (default: 20)")

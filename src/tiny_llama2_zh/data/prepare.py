@@ -6,9 +6,11 @@ Pretraining sources go through two stages, each restartable:
    sources), split into train/validation by a hash of the text, written as `cleaned/{train,validation}.jsonl`
    with `cleaned/report.json`. Written under temporary names and renamed when complete; a finished stage whose
    options match is not run again.
-2. tokenize: the cleaned text in shards of `docs_per_shard` documents, each encoded in batches by worker
-   processes (`multiprocessing.Pool.imap` keeps the order) and streamed to `train-00000.bin` + manifest, every
-   document framed as bos + tokens + eos. Memory is bounded by one shard's batches in flight. A shard is
+2. tokenize: the cleaned text in shards of `docs_per_shard` documents, each encoded in batches and streamed to
+   `train-00000.bin` + manifest, every document framed as bos + tokens + eos: by SentencePiece's threaded C++
+   batch encoder in this process when the tokenizer folder carries its SentencePiece model, else by worker
+   processes running the `tokenizers` library (`multiprocessing.Pool.imap` keeps the order). Memory is bounded
+   by one shard's lines and the batches in flight. A shard is
    written to a temporary name and renamed when complete; on restart, finished shards are verified against
    their manifest (size, SHA-256, tokenizer, and the hash of the inputs and options that made them) and kept;
    a shard made from other inputs is rebuilt, and shards beyond this run's count are removed, each with a
@@ -26,9 +28,13 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -48,6 +54,9 @@ from tiny_llama2_zh.data.sources import BadRecords, get_source, read_records
 from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
+
 
 @dataclass
 class PrepareOptions:
@@ -56,7 +65,8 @@ class PrepareOptions:
     tokenizer: str | None = None  # needed for pretraining sources
     workers: int = 2
     docs_per_shard: int = 100_000
-    batch_size: int = 512
+    # documents per encode call: with 512, SentencePiece's threads reached ~75 % of its batch speed, with 4096 ~all
+    batch_size: int = 4096
     validation_per_mille: int = 5
     strict: bool = False
     text_field: str = "text"  # the field the generic `jsonl` source reads
@@ -212,30 +222,30 @@ def _remove(paths) -> None:
         Path(path).unlink(missing_ok=True)
 
 
-_worker_encode = None
+_worker_tokenizer = None  # the `tokenizers` library's Tokenizer, in each worker process
 _worker_bos = 1
 _worker_eos = 2
 
 
 def _init_worker(tokenizer_dir: str, threads_per_worker: bool) -> None:
-    global _worker_encode, _worker_bos, _worker_eos
+    global _worker_tokenizer, _worker_bos, _worker_eos
     if not threads_per_worker:
         # the processes already fill the cores; Rust threads inside each would only contend for them
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(tokenizer_dir)
     _worker_bos, _worker_eos = framing_tokens(tokenizer)
-    _worker_encode = sentencepiece_encoder(Path(tokenizer_dir), tokenizer) or (
-        lambda texts: [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-    )
+    _worker_tokenizer = tokenizer.backend_tokenizer
 
 
-def sentencepiece_encoder(tokenizer_dir: Path, tokenizer) -> Callable[[list[str]], list[list[int]]] | None:
-    """SentencePiece's own encoder when the folder carries the SentencePiece model it was converted from
+def sentencepiece_processor(tokenizer_dir: Path, tokenizer) -> "SentencePieceProcessor | None":
+    """SentencePiece's own processor when the folder carries the SentencePiece model it was converted from
     (`tinyllm tokenizer convert-chatglm3` keeps it as tokenizer.model), else None.
 
     For ChatGLM3's model it is about 5x faster per core than the `tokenizers` library (benchmarks/
     tokenize_throughput.py), and its ids are the fast tokenizer's by construction (tests compare them on the
-    corpus). A folder whose model disagrees with its tokenizer.json on a probe text is not trusted.
+    corpus), except where a text contains a special token's string ("<|user|>"): SentencePiece never matches
+    control symbols in text and spells it out. A folder whose model disagrees with its tokenizer.json on a probe
+    text is not trusted.
     """
     model_file = tokenizer_dir / "tokenizer.model"
     if not model_file.is_file():
@@ -246,22 +256,101 @@ def sentencepiece_encoder(tokenizer_dir: Path, tokenizer) -> Callable[[list[str]
     probe = ["床前明月光，疑是地上霜。", "Hello  world\n\t 😀", " 混合 English 2024年"]
     if processor.encode(probe) != [tokenizer.encode(text, add_special_tokens=False) for text in probe]:
         return None
-    return processor.encode
+    return processor
+
+
+def _framed(encoded: list, bos: int, eos: int) -> np.ndarray:
+    """bos + ids + eos for every document of a batch (as `write_token_file` frames them), as one int64 array."""
+    bos_array = np.array([bos], dtype=np.int64)
+    eos_array = np.array([eos], dtype=np.int64)
+    pieces = []
+    for ids in encoded:
+        pieces.append(bos_array)
+        pieces.append(np.asarray(ids, dtype=np.int64))
+        pieces.append(eos_array)
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
 
 
 def _encode_batch(lines: list[str]) -> np.ndarray:
-    """Token ids of a batch of JSONL lines ({"text": ...}), each document framed as bos + ids + eos (as
-    `write_token_file` does), as one int64 array. The worker parses the JSON and encodes: the main process only
-    moves lines."""
-    encoded = _worker_encode([json.loads(line)["text"] for line in lines])
-    bos = np.array([_worker_bos], dtype=np.int64)
-    eos = np.array([_worker_eos], dtype=np.int64)
-    pieces = []
-    for ids in encoded:
-        pieces.append(bos)
-        pieces.append(np.asarray(ids, dtype=np.int64))
-        pieces.append(eos)
-    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+    """Token ids of a batch of JSONL lines ({"text": ...}), each document framed as bos + ids + eos, as one int64
+    array. The worker parses the JSON and encodes: the main process only moves lines."""
+    texts = [json.loads(line)["text"] for line in lines]
+    encoded = [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return _framed(encoded, _worker_bos, _worker_eos)
+
+
+class SentencePieceBatches:
+    """Framed token ids of batches of JSONL lines, in order, encoded in this process by SentencePiece's C++ batch
+    encoder on `threads` threads of one persistent `sentencepiece.ThreadPool`.
+
+    Why not worker processes: with SentencePiece the encoder is ~4x faster than the `tokenizers` library, and the
+    process pipeline's own costs (pickling lines out and int64 arrays back, a Python list of ints per document,
+    a main process competing with the workers for the cores) held it to 43 % of SentencePiece's batch speed
+    (README, benchmarks/tokenize_throughput.py). Here the encoder hands back one int32 buffer per document
+    (`return_type="numpy"`) with bos/eos added in C++ (`add_bos`/`add_eos`, when the model's own ids are the
+    framing ids), and the C++ threads run without the GIL (sentencepiece_pybind.cc releases it) on a background
+    thread, so that the main thread parses the next batch's JSON and writes the previous one meanwhile. At most
+    `in_flight` batches are queued, so memory stays bounded by a few batches beyond the shard's lines.
+    """
+
+    def __init__(self, processor: "SentencePieceProcessor", bos: int, eos: int, threads: int, in_flight: int = 3):
+        import sentencepiece as spm
+
+        self.processor, self.bos, self.eos, self.in_flight = processor, bos, eos, in_flight
+        self.native_framing = processor.bos_id() == bos and processor.eos_id() == eos
+        self.thread_pool = spm.ThreadPool(max(1, threads))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentencepiece")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """bos + ids + eos of every text, concatenated (int32, or int64 when framed in Python)."""
+        arrays = self.processor.encode(
+            texts,
+            return_type="numpy",
+            add_bos=self.native_framing,
+            add_eos=self.native_framing,
+            thread_pool=self.thread_pool,
+        )
+        if not self.native_framing:
+            return _framed(arrays, self.bos, self.eos)
+        return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
+
+    def __call__(self, line_batches: Iterable[list[str]]) -> Iterator[np.ndarray]:
+        pending: deque[Future] = deque()
+        for lines in line_batches:
+            pending.append(self.executor.submit(self.encode, [json.loads(line)["text"] for line in lines]))
+            if len(pending) >= self.in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _batch_encoder(options: PrepareOptions, tokenizer) -> Iterator[Callable[[Iterable[list[str]]], Iterator]]:
+    """A function from batches of JSONL lines to their framed ids, in order: SentencePiece in this process when
+    the folder carries its model (`SentencePieceBatches`), else `options.workers` processes running the
+    `tokenizers` library (where that library's own batch speed is what this pipeline reaches)."""
+    processor = sentencepiece_processor(Path(options.tokenizer), tokenizer)
+    if processor is not None:
+        batches = SentencePieceBatches(processor, *framing_tokens(tokenizer), threads=options.workers)
+        try:
+            yield batches
+        finally:
+            batches.close()
+        return
+    # fork: workers inherit the imported libraries instead of importing torch and transformers again (seconds
+    # each); they only run the tokenizer, and the tokenizers library turns its own threads off after a fork.
+    start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(start_method).Pool(
+        options.workers, _init_worker, (options.tokenizer, options.workers == 1)
+    )
+    try:
+        yield lambda batches: pool.imap(_encode_batch, batches)
+    finally:
+        pool.close()
+        pool.join()
 
 
 def _read_lines(path: Path) -> Iterator[str]:
@@ -304,14 +393,7 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
     inputs_hash = _shard_inputs_hash(options, cleaned, split, fingerprint, tokenizer)
     dtype = token_dtype(len(tokenizer))
     documents = tokens = shards = 0
-    # fork: workers inherit the imported libraries instead of importing torch and transformers again (seconds
-    # each); they only run the tokenizer, and the tokenizers library turns its own threads off after a fork.
-    start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(start_method).Pool(
-        options.workers, _init_worker, (options.tokenizer, options.workers == 1)
-    )
-    progress = tqdm(desc=f"tokenize {split}", unit="doc")
-    try:
+    with _batch_encoder(options, tokenizer) as encode, tqdm(desc=f"tokenize {split}", unit="doc") as progress:
         for index, shard in enumerate(batched(_read_lines(cleaned), options.docs_per_shard)):
             bin_path = output_dir / f"{split}-{index:05d}.bin"
             manifest, reason = _finished_shard(bin_path, fingerprint, inputs_hash)
@@ -319,7 +401,7 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
                 if reason is not None:
                     progress.write(f"{bin_path}: rebuilding: {reason}")
                 manifest = _write_shard(
-                    pool, shard, bin_path, options, tokenizer, fingerprint, inputs_hash, dtype, progress
+                    encode, shard, bin_path, options, tokenizer, fingerprint, inputs_hash, dtype, progress
                 )
             else:
                 progress.update(len(shard))
@@ -328,10 +410,6 @@ def tokenize_to_shards(options: PrepareOptions, cleaned: Path, output_dir: Path,
             shards += 1
             elapsed = progress.format_dict["elapsed"] or 1e-9
             progress.set_postfix(tokens=f"{tokens:,}", tokens_per_s=f"{tokens / elapsed:,.0f}")
-    finally:
-        pool.close()
-        pool.join()
-        progress.close()
     _remove_surplus_shards(output_dir, split, shards)
     return documents, tokens, shards
 
@@ -352,7 +430,7 @@ def _remove_surplus_shards(output_dir: Path, split: str, count: int) -> None:
 
 
 def _write_shard(
-    pool, shard, bin_path: Path, options, tokenizer, fingerprint: str, inputs_hash: str, dtype, progress
+    encode, shard, bin_path: Path, options, tokenizer, fingerprint: str, inputs_hash: str, dtype, progress
 ) -> Manifest:
     batches = list(batched(shard, options.batch_size))
     temporary = bin_path.with_name(bin_path.name + ".tmp")
@@ -360,7 +438,7 @@ def _write_shard(
     num_tokens = 0
     try:
         with temporary.open("wb") as out:
-            for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
+            for batch, ids in zip(batches, encode(batches)):
                 data = ids.astype(dtype).tobytes()
                 out.write(data)
                 digest.update(data)
