@@ -508,3 +508,26 @@ def test_sampled_generation_is_reproducible_from_its_seed_and_leaves_the_global_
     assert torch.equal(torch.get_rng_state(), state)
     assert generate_text(model, tokenizer, "今天", options) == first
     assert generate_text(model, tokenizer, "今天", SamplingOptions(24, 0.8, 0.9, 20, 1.3, seed=2)) != first
+
+
+# ------------------------------------------------------------------------------------------------- reuse and compile
+@pytest.mark.parametrize("method", [None, "int8-weight"], ids=["float32", "int8"])
+def test_the_compiled_step_gives_the_eager_step_s_logits_and_generate_s_tokens(method):
+    """`compile=True`: batch-1 steps run the inductor-compiled static step (attention over the whole cache,
+    masked; written as products and sums), larger batches the eager one. Same tokens as model.generate, logits
+    equal to the eager decoder's within float rounding, for a float and an int8 model."""
+    model = random_model(num_key_value_heads=2)
+    if method:
+        model = quantized_copy(model, method)
+    eager = LeanDecoder(model, max_batch=len(PROMPTS))
+    compiled = LeanDecoder(model, max_batch=len(PROMPTS), compile=True)
+    assert compiled.compiled and not eager.compiled
+    for decoder in (eager, compiled):
+        decoder.prefill(0, PROMPTS[2])
+    for token in range(10, 20):
+        expected = eager.step(torch.tensor([token]))
+        torch.testing.assert_close(compiled.step(torch.tensor([token])), expected, rtol=1e-4, atol=1e-4)
+    compiled.reset()
+    expected = [reference(model, prompt, 30) for prompt in PROMPTS]
+    assert [greedy_generate(compiled, [prompt], 30, [EOS])[0] for prompt in PROMPTS] == expected
+    assert greedy_generate(compiled, PROMPTS, 30, [EOS]) == expected  # batched: eager steps, same decoder
