@@ -178,7 +178,7 @@ CLAIMED_MET = (
 
 @pytest.mark.slow
 def test_full_demo_learns_and_meets_the_goals_the_readme_claims(tmp_path):
-    """The README's demo as shipped (about 12 minutes on 2 cores): pretraining loss falls far below ln(vocab), SFT
+    """The README's demo as shipped (about 15 minutes on 2 cores): pretraining loss falls far below ln(vocab), SFT
     beats the trivial baselines, and every goal the README claims as met is met."""
     from tiny_llama2_zh.eval.goals import evaluate_goals
 
