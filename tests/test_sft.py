@@ -145,6 +145,7 @@ def test_the_conversation_mean_trains_and_needs_the_models_own_loss(tiny_model_d
                 tiny_model_dir, tmp_path / "refused", "loss_mean_over=conversations", "model.fused_loss_chunk_rows=0"
             )
         )
+    assert not (tmp_path / "refused" / "run").exists()  # refused before the run writes anything
 
 
 def test_bad_conversations_are_skipped_counted_and_located(small_tokenizer, tmp_path):

@@ -119,6 +119,8 @@ def sft_arguments(config: SFTRecipeConfig) -> SFTConfig:
 
 def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict | None:
     args = sft_arguments(config)
+    if config.loss_mean_over != "tokens" and not config.model.fused_loss_chunk_rows:
+        raise ConfigError("loss_mean_over: conversations needs the model's own loss (model.fused_loss_chunk_rows > 0)")
     init_from = check_model_folder(config.model.init_from)
     tokenizer = init_tokenizer(init_from, config.model.tokenizer)
     lora = peft_config(config.model.lora) if config.model.lora else None
@@ -153,8 +155,6 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
         return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], options)[0]
 
     samples = SamplesCallback(config.sample_prompts, reply, run.output_dir / "samples.jsonl")
-    if config.loss_mean_over != "tokens" and not config.model.fused_loss_chunk_rows:
-        raise ConfigError("loss_mean_over: conversations needs the model's own loss (model.fused_loss_chunk_rows > 0)")
     trainer_class = ModelLossSFTTrainer if config.model.fused_loss_chunk_rows else SFTTrainer
     trainer = trainer_class(
         model=model,
@@ -165,7 +165,7 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
         peft_config=lora,
         callbacks=run.callbacks(samples, callbacks),
     )
-    if isinstance(trainer, ModelLossSFTTrainer) and config.loss_mean_over != "tokens":
+    if config.loss_mean_over != "tokens":  # refused above unless the trainer is ModelLossSFTTrainer
         trainer.loss_mean_over = config.loss_mean_over
         trainer.loss_is_scaled_for_ga = False
     parameters = count_trainable(trainer.model)
