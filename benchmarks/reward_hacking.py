@@ -95,7 +95,8 @@ def commands(
             "ppo", "--config", str(configs / "ppo" / "demo.yaml"), f"model.policy={sft}",
             f"model.reward_model={reward / 'final'}", f"data.prompts=[{sentiment / 'sft-train.jsonl'}]",
             f"data.validation=[{sentiment / 'sft-test.jsonl'}]", f"train.output_dir={ppo}", f"train.seed={seed}",
-            *short, *extra["ppo"],
+            # plain PPO: the demo's PPO-ptx would train sentiment's own replies back in, hiding the lesson
+            "ppo.ptx_coef=0", *short, *extra["ppo"],
         ],
         "eval tasks": [
             "eval", "tasks", *policies, "--data", str(output / "tasks"), "--limit", str(limit),

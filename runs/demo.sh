@@ -39,14 +39,15 @@ tinyllm reward --config configs/reward/demo.yaml "model.init_from=$out/sft/final
   "data.train=[$out/tasks/review/preference-train.jsonl]" \
   "data.validation=[$out/tasks/review/preference-test.jsonl]" "train.output_dir=$out/reward" train.seed=1337
 
-# 8. PPO (written here) against that reward model, KL-penalised to the SFT model.
+# 8. PPO (written here) against that reward model, KL-penalised to the SFT model, with PPO-ptx's SFT loss on the other tasks.
 tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.reward_model=$out/reward/final" \
   "data.prompts=[$out/tasks/review/sft-train.jsonl]" "data.validation=[$out/tasks/review/sft-test.jsonl]" \
+  "data.ptx=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl]" \
   "train.output_dir=$out/ppo" train.seed=1337
 
-# 9. DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).
+# 9. DPO on the same pairs and the tasks' (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.train=[$out/tasks/review/preference-train.jsonl]" \
+  "data.train=[$out/tasks/review/preference-train.jsonl,$out/tasks/review/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
   "data.validation=[$out/tasks/review/preference-test.jsonl]" "train.output_dir=$out/dpo" train.seed=1337
 
 # 10. GRPO with checkable rewards (the task's own answer checker) on addition prompts.

@@ -209,6 +209,7 @@ def recipe(policy_dir, reward_dir, tmp_path, *extra) -> PPORecipeConfig:
         f"model.reward_model={reward_dir}",
         f"data.prompts={prompts}",
         f"data.validation={prompts}",
+        f"data.ptx={prompts}",  # the demo recipe's PPO-ptx, on the toy conversations
         "ppo.rollout_batch_size=8",
         "ppo.mini_batch_size=4",
         "ppo.ppo_epochs=1",
@@ -276,14 +277,14 @@ def test_ptx_loss_is_the_sft_loss_of_the_replies_and_pulls_the_policy_toward_the
 
     # with ptx the policy learns the ptx conversations' replies, which plain PPO does not
     with pytest.raises(ConfigError, match=r"data\.ptx"):
-        ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "none", "ppo.ptx_coef=1.0"))
+        ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "none", "ppo.ptx_coef=1.0", "data.ptx="))
     sft_file = tmp_path / "sft" / "toy" / "sft-train.jsonl"
     sft_file.parent.mkdir(parents=True)
     conversations = [{"messages": [{"role": "user", "content": r["prompt"][0]["content"]}, {"role": "assistant",
                                    "content": r["reference"]}]} for r in rows]  # fmt: skip
     sft_file.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
     losses = {}
-    for name, extra in (("plain", []), ("ptx", [f"data.ptx={sft_file}", "ppo.ptx_coef=1.0"])):
+    for name, extra in (("plain", ["ppo.ptx_coef=0"]), ("ptx", [f"data.ptx={sft_file}", "ppo.ptx_coef=1.0"])):
         ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / name, "train.learning_rate=1e-2", *extra))
         trained = AutoModelForCausalLM.from_pretrained(tmp_path / name / "run" / "final")
         losses[name] = float(sft_loss(trained, examples, tokenizer.pad_token_id))

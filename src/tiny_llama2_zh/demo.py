@@ -58,6 +58,19 @@ PAIR_TASKS = ("review",)
 # RLHF prompts: the task the reward model judges; its replies are judged again by a classifier that is not the
 # reward model (train/rl.open_ended_judge), which is what would show reward hacking
 PPO_TASKS = ("review",)
+# PPO-ptx's SFT conversations (configs/ppo/demo.yaml: ppo.ptx_coef): the tasks PPO does not reward, addition twice.
+# Measured on 3 seeds' SFT and reward models (200 held-out rows each): plain PPO on the reviews took sentiment down
+# 2.0-3.5 points on every seed; 0.3 x the SFT loss of sentiment and addition kept sentiment (within 0.5 points) but
+# lost 1.6 points of addition on two seeds; addition twice: 1.6 on one; 0.5 x with addition twice: sentiment
+# -1.0, +2.0, +0.5 and addition -1.1, +5.8, 0.0 points, the reviews still +14 to +17 points positive
+PTX_MIX = ("sentiment", "addition", "addition")
+# DPO's pairs: the reviews twice, and the checkable tasks' pairs (the right label or sum over a wrong one) once
+# each, with the SFT loss of every chosen reply beside DPO's (configs/dpo/demo.yaml: loss_type [sigmoid, sft], RPO,
+# Pang et al. 2024) -- DPO's version of PPO-ptx. Measured on 3 seeds: DPO on the reviews alone lost 1.5 points of
+# sentiment on one seed and 2-3 of addition on two, and its reviews moved +6 points positive on one; the task pairs
+# without the SFT loss lost more addition (-3.2, -3.6, -12.5); with it: sentiment -1.5, 0.0, -1.0, addition -0.5,
+# +3.2, -2.1 and the reviews +12.5, +14.1, +10.9 points positive (twice the SFT loss: +7.8 on one seed)
+DPO_MIX = ("review", "review", "sentiment", "addition")
 GRPO_TASK = "addition"  # exactly checkable answers where SFT leaves headroom (issue 19): digit-by-digit sums
 ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
 STATE_FILE = "demo_state.json"
@@ -148,15 +161,17 @@ STAGES: tuple[Stage, ...] = (
     ),
     _train(
         "ppo",
-        "PPO (written here) against that reward model, KL-penalised to the SFT model.",
+        "PPO (written here) against that reward model, KL-penalised to the SFT model, with PPO-ptx's SFT loss on the "
+        "other tasks.",
         f"model.policy={OUT}/sft/final model.reward_model={OUT}/reward/final "
-        f"data.prompts={_files(PPO_TASKS, 'sft-train.jsonl')} data.validation={_files(PPO_TASKS, 'sft-test.jsonl')}",
+        f"data.prompts={_files(PPO_TASKS, 'sft-train.jsonl')} data.validation={_files(PPO_TASKS, 'sft-test.jsonl')} "
+        f"data.ptx={_files(PTX_MIX, 'sft-train.jsonl')}",
     ),
     _train(
         "dpo",
-        "DPO on the same pairs (no reward model in the loop; it only scores DPO's replies afterwards).",
+        "DPO on the same pairs and the tasks' (no reward model in the loop; it only scores DPO's replies afterwards).",
         f"model.init_from={OUT}/sft/final model.reward_model={OUT}/reward/final "
-        f"data.train={_files(PAIR_MIX, 'preference-train.jsonl')} "
+        f"data.train={_files(DPO_MIX, 'preference-train.jsonl')} "
         f"data.validation={_files(PAIR_TASKS, 'preference-test.jsonl')}",
     ),
     _train(
