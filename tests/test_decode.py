@@ -406,6 +406,20 @@ def test_an_int8_dynamic_model_decodes_from_its_int8_weights_with_float_activati
     assert greedy_generate(decoder, PROMPTS[:2], 20, [EOS]) == [reference(reference_model, p, 20) for p in PROMPTS[:2]]
 
 
+def test_the_float_matrix_gives_the_float_product_at_every_batch_size_from_its_batched_layout():
+    """One row runs torch.mm on the transposed weight; several rows run oneDNN on its packed copy (where torch
+    has oneDNN), which must give the same product to float32 rounding."""
+    from tiny_llama2_zh.infer.decode import FloatMatrix, _onednn_available
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 64)
+    matrix = FloatMatrix(weight)
+    for rows in (1, 3, FloatMatrix.PACKING_BATCH, 33):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(matrix(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    assert (matrix._packed is not None) == _onednn_available()
+
+
 def test_the_int8_kernel_equals_the_dequantised_product_at_every_batch_size():
     from tiny_llama2_zh.infer.decode import Int8Matrix
 
