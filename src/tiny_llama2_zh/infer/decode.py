@@ -113,6 +113,24 @@ def _int8_product(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> 
     return (products * scale).sum(-1)
 
 
+@torch.library.custom_op("tiny_llama2_zh::materialize", mutates_args=())
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """x itself, as an opaque operation: inductor cannot inline what computes x into the kernel that reads it.
+
+    In the compiled step (`compile=True`) the input of an int8 product is a pointwise result (the RMSNorm of the
+    residual, SwiGLU's silu(gate) * up); inductor inlines pointwise producers into their consumer, so the product's
+    kernel recomputed the norm (residual add, weight, scale) once for every output row: for the 24m head, 64,798
+    times. Passing the input through this call makes inductor write it to a buffer first, which the product kernel
+    then reads. Measured on this project's machine (one thread, under load): norm then int8 head product, compiled,
+    3.59 ms inlined against 1.57 ms materialized."""
+    return x.clone()
+
+
+@_materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @functools.cache
 def _compiled_int8_product() -> Callable | None:
     """The int8 product compiled by inductor (shapes dynamic: one kernel for every matrix and batch size), or
@@ -155,7 +173,7 @@ class Int8Matrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
         if torch.compiler.is_compiling() and x.shape[0] <= self.SMALL_BATCH:
-            return _int8_product(x, self.qdata, self.scale)  # fused into the compiled step (`compile=True`)
+            return _int8_product(_materialize(x), self.qdata, self.scale)  # in the compiled step (`compile=True`)
         kernel = _compiled_int8_product() if x.shape[0] <= self.SMALL_BATCH else None
         if kernel is not None and x.dtype == torch.float32:
             return kernel(x, self.qdata, self.scale)
