@@ -420,6 +420,23 @@ def test_the_float_matrix_gives_the_float_product_at_every_batch_size_from_its_b
     assert (matrix._packed is not None) == _onednn_available()
 
 
+def test_greedy_tokens_are_torch_argmax_s_first_maximum_with_ties_nan_and_a_ragged_last_chunk():
+    from tiny_llama2_zh.infer.decode import greedy_tokens
+
+    torch.manual_seed(0)
+    for width in (5, 128, 300, 1000):
+        for trial in range(40):
+            logits = torch.randn(3, width)
+            if trial % 3 == 0:  # ties: the first maximum wins, also across chunks and in the last, short one
+                logits[:, [1, width // 2, width - 1]] = 100.0
+            if trial % 4 == 0:
+                logits[:, -2:] = 1000.0
+            if trial % 5 == 0:
+                logits[1, width // 3] = float("nan")
+            assert torch.equal(greedy_tokens(logits), logits.argmax(-1)), (width, trial)
+            assert torch.equal(greedy_tokens(logits, chunk=7), logits.argmax(-1)), (width, trial)
+
+
 def test_the_int8_kernel_equals_the_dequantised_product_at_every_batch_size():
     from tiny_llama2_zh.infer.decode import Int8Matrix
 
