@@ -418,6 +418,10 @@ def test_the_float_matrix_gives_the_float_product_at_every_batch_size_from_its_b
         x = torch.randn(rows, 64)
         torch.testing.assert_close(matrix(x), x @ weight.T, rtol=1e-5, atol=1e-5)
     assert (matrix._packed is not None) == _onednn_available()
+    half = FloatMatrix(weight.bfloat16())  # other dtypes keep torch.mm, and no copy is made
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(half(x), x @ weight.bfloat16().T)
+    assert half._packed is None
 
 
 def test_greedy_tokens_are_torch_argmax_s_first_maximum_with_ties_nan_and_a_ragged_last_chunk():

@@ -91,8 +91,15 @@ class FloatMatrix:
         self.in_features, self.out_features = self.weight_t.shape
         self._packed: torch.Tensor | None = None  # oneDNN's layout, made on the first product of several rows
 
+    @staticmethod
+    def _runs_onednn(x: torch.Tensor) -> bool:
+        """Whether x's product runs oneDNN's (see the class docstring): several float32 rows, eagerly, on a CPU."""
+        if x.shape[0] == 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+            return False
+        return not torch.compiler.is_compiling() and _onednn_available()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
-        if x.shape[0] == 1 or x.dtype != torch.float32 or torch.compiler.is_compiling() or not _onednn_available():
+        if not self._runs_onednn(x):
             return torch.mm(x, self.weight_t)
         if self._packed is None:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), self.PACKING_BATCH)
