@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from tiny_llama2_zh.export.gguf import export_gguf  # noqa: E402
-from tiny_llama2_zh.infer.decode import LeanDecoder, greedy_generate  # noqa: E402
+from tiny_llama2_zh.infer.decode import LeanDecoder, greedy_generate, greedy_tokens  # noqa: E402
 from tiny_llama2_zh.loading import load_model, save_model_folder  # noqa: E402
 from tiny_llama2_zh.model import TinyLlama2ForCausalLM  # noqa: E402
 from tiny_llama2_zh.presets import preset_config  # noqa: E402
@@ -147,7 +147,7 @@ def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8, compi
         tokens = torch.full((rows,), 5)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            tokens = decoder.step(tokens).argmax(-1)
+            tokens = greedy_tokens(decoder.step(tokens))
         return time.perf_counter() - start
 
     prompt_decoder = LeanDecoder(model, max_batch=1, max_len=len(prompt))

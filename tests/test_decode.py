@@ -406,6 +406,41 @@ def test_an_int8_dynamic_model_decodes_from_its_int8_weights_with_float_activati
     assert greedy_generate(decoder, PROMPTS[:2], 20, [EOS]) == [reference(reference_model, p, 20) for p in PROMPTS[:2]]
 
 
+def test_the_float_matrix_gives_the_float_product_at_every_batch_size_from_its_batched_layout():
+    """One row runs torch.mm on the transposed weight; several rows run oneDNN on its packed copy (where torch
+    has oneDNN), which must give the same product to float32 rounding."""
+    from tiny_llama2_zh.infer.decode import FloatMatrix, _onednn_available
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 64)
+    matrix = FloatMatrix(weight)
+    for rows in (1, 3, FloatMatrix.PACKING_BATCH, 33):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(matrix(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    assert (matrix._packed is not None) == _onednn_available()
+    half = FloatMatrix(weight.bfloat16())  # other dtypes keep torch.mm, and no copy is made
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(half(x), x @ weight.bfloat16().T)
+    assert half._packed is None
+
+
+def test_greedy_tokens_are_torch_argmax_s_first_maximum_with_ties_nan_and_a_ragged_last_chunk():
+    from tiny_llama2_zh.infer.decode import greedy_tokens
+
+    torch.manual_seed(0)
+    for width in (5, 128, 300, 1000):
+        for trial in range(40):
+            logits = torch.randn(3, width)
+            if trial % 3 == 0:  # ties: the first maximum wins, also across chunks and in the last, short one
+                logits[:, [1, width // 2, width - 1]] = 100.0
+            if trial % 4 == 0:
+                logits[:, -2:] = 1000.0
+            if trial % 5 == 0:
+                logits[1, width // 3] = float("nan")
+            assert torch.equal(greedy_tokens(logits), logits.argmax(-1)), (width, trial)
+            assert torch.equal(greedy_tokens(logits, chunk=7), logits.argmax(-1)), (width, trial)
+
+
 def test_the_int8_kernel_equals_the_dequantised_product_at_every_batch_size():
     from tiny_llama2_zh.infer.decode import Int8Matrix
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from tiny_llama2_zh.infer.decode import LeanDecoder, sample_token
+from tiny_llama2_zh.infer.decode import LeanDecoder, greedy_tokens, sample_token
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class Engine:
     def _step(self) -> None:
         tokens = torch.tensor([running.next_token for running in self._rows], device=self.decoder.device)
         logits = self.decoder.step(tokens)
-        greedy = logits.argmax(-1).tolist()
+        greedy = greedy_tokens(logits).tolist()
         for row, running in enumerate(self._rows):
             if running.next_token is not None:
                 self._accept(running, logits[row], greedy[row])
