@@ -48,10 +48,11 @@ TASKS = ("sentiment", "addition", "review")
 # addition 2.1 % exact; conversation mean: 80.5 % and 1.6 %; and addition x6: 83.5 % and 9.4 %; and 900 steps:
 # 85.5 % and 19.3 % (pass@8 53.6 %: the headroom GRPO needs).
 SFT_MIX = ("sentiment", "sentiment", *("addition",) * 6, "review")
-# Reward-model and DPO pairs: review, a positive review over a negative one. Not sentiment's right label over the
-# wrong one: there the reward model can only be as good a classifier as the SFT model already is (80.5 % vs 81.5 %
-# held out, seed 1337), so PPO against it moved nothing (KL 0.04 nats, score -0.544 -> -0.545) and DPO lost 7
-# points of accuracy; and the policy's reply is one confident label, with nothing for RL to explore. Not addition:
+# Reward-model pairs (and DPO's held-out pairs): review, a positive review over a negative one. Not sentiment's
+# right label over the wrong one: there the reward model can only be as good a classifier as the SFT model already
+# is (80.5 % vs 81.5 % held out, seed 1337), so PPO against it moved nothing (KL 0.04 nats, score -0.544 -> -0.545)
+# and DPO on those pairs alone lost 7 points of accuracy (DPO_MIX below mixes them in, with an SFT loss); and the
+# policy's reply is one confident label, with nothing for RL to explore. Not addition:
 # GRPO's exact checker is a better reward than a model (the demo reward model ranked near misses at chance).
 PAIR_MIX = ("review",)
 PAIR_TASKS = ("review",)
@@ -69,7 +70,7 @@ PTX_MIX = ("sentiment", "addition", "addition")
 # Pang et al. 2024) -- DPO's version of PPO-ptx. Measured on 3 seeds: DPO on the reviews alone lost 1.5 points of
 # sentiment on one seed and 2-3 of addition on two, and its reviews moved +6 points positive on one; the task pairs
 # without the SFT loss lost more addition (-3.2, -3.6, -12.5); with it: sentiment -1.5, 0.0, -1.0, addition -0.5,
-# +3.2, -2.1 and the reviews +12.5, +14.1, +10.9 points positive (twice the SFT loss: +7.8 on one seed)
+# +3.2, -2.1 and the reviews +12.5, +14.0, +10.9 points positive (twice the SFT loss: +7.8 on one seed)
 DPO_MIX = ("review", "review", "sentiment", "addition")
 GRPO_TASK = "addition"  # exactly checkable answers where SFT leaves headroom (issue 19): digit-by-digit sums
 ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
