@@ -407,17 +407,21 @@ def test_an_int8_dynamic_model_decodes_from_its_int8_weights_with_float_activati
 
 
 def test_the_float_matrix_gives_the_float_product_at_every_batch_size_from_its_batched_layout():
-    """One row runs torch.mm on the transposed weight; several rows run oneDNN on its packed copy (where torch
-    has oneDNN), which must give the same product to float32 rounding."""
+    """One row runs a bmm over the transposed weight's blocks of output columns (the last padded when the blocks
+    do not divide the outputs); several rows run oneDNN on its packed copy (where torch has oneDNN), which must
+    give the same product to float32 rounding."""
     from tiny_llama2_zh.infer.decode import FloatMatrix, _onednn_available
 
     torch.manual_seed(0)
     weight = torch.randn(40, 64)
-    matrix = FloatMatrix(weight)
-    for rows in (1, 3, FloatMatrix.PACKING_BATCH, 33):
-        x = torch.randn(rows, 64)
-        torch.testing.assert_close(matrix(x), x @ weight.T, rtol=1e-5, atol=1e-5)
-    assert (matrix._packed is not None) == _onednn_available()
+    for blocks in (1, 2, 3):
+        matrix = FloatMatrix(weight, blocks=blocks)
+        assert matrix.weight_blocks.shape == (blocks, 64, -(-40 // blocks))
+        torch.testing.assert_close(matrix.weight(), weight, rtol=0, atol=0)
+        for rows in (1, 3, FloatMatrix.PACKING_BATCH, 33):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(matrix(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+        assert (matrix._packed is not None) == _onednn_available()
     half = FloatMatrix(weight.bfloat16())  # other dtypes keep torch.mm, and no copy is made
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(half(x), x @ weight.bfloat16().T)

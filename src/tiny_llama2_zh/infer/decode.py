@@ -13,10 +13,11 @@ What is left of a batch-1 step is reading the weights: with ChatGLM3's 64,798-to
 75 MB, read once per token, so the speed of a step is the speed of a matrix-vector product over memory. How a
 product is called decides that speed (benchmarks/llamacpp_bench.py measures it): `F.linear(x, W)` with the weight
 as stored, (out, in), reached about 3 GB/s for the head on this project's 2-core machine (BLAS's "transposed"
-matrix-vector path), `torch.mm(x, W.T.contiguous())` 26 GB/s, close to the machine's copy bandwidth. So the
-decoder keeps every float matrix transposed, (in, out) contiguous (`FloatMatrix`): one copy of the weights, made
-once when it is built (llama.cpp likewise stores its own layout, GGUF, rather than PyTorch's). Products of several
-rows (batched decoding, prefill) are bound by arithmetic instead, and run oneDNN's matmul on a packed copy made on
+matrix-vector path), `torch.mm(x, W.T.contiguous())` 18-26 GB/s on one thread's worth of memory reads, and the
+same product cut into one block of output columns per thread, run as one `torch.bmm`, 26-28 GB/s. So the decoder
+keeps every float matrix transposed and cut into blocks (`FloatMatrix`): one copy of the weights, made once when
+it is built (llama.cpp likewise stores its own layout, GGUF, rather than PyTorch's). Products of several rows
+(batched decoding, prefill) are bound by arithmetic instead, and run oneDNN's matmul on a packed copy made on
 first use (`FloatMatrix`).
 
 Quantised folders (`tinyllm quantize`) decode here too, from their integer weights (`Int8Matrix`): int8 (or int4
@@ -71,9 +72,14 @@ def _onednn_available() -> bool:
 
 
 class FloatMatrix:
-    """y = x @ W.T for a float weight W (out, in), kept transposed and contiguous: torch.mm(x, W^T) streams the
-    matrix row by row, where F.linear's call on the stored layout takes BLAS's slow matrix-vector path (see the
-    module docstring).
+    """y = x @ W.T for a float weight W (out, in), kept transposed and cut by output columns into one block per
+    thread, (blocks, in, out / blocks), each block contiguous: one row's product is `torch.bmm` of the row against
+    every block, which streams each block row by row (where F.linear's call on the stored layout takes BLAS's slow
+    matrix-vector path, see the module docstring) and runs the blocks on the threads in parallel (ATen's CPU bmm
+    splits the batch across threads). torch.mm on the whole transposed matrix gets no such split: on this
+    project's 2-core machine, 2 threads, the 24m head (64,798 x 288) took 4.2 ms with torch.mm (18 GB/s) and
+    2.6 ms as two blocks (28 GB/s), the machine's two-core read bandwidth (`bw` in benchmarks/llamacpp_bench.py);
+    one core alone reads ~20 GB/s. The block count is the thread count when the decoder is built.
 
     Products of several float32 rows (a batch of sequences decoding together, a prompt's prefill) run oneDNN's
     matmul on a copy of the weight in oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the
@@ -81,15 +87,22 @@ class FloatMatrix:
     is bound by arithmetic rather than memory, and MKL's sgemm, torch.mm's kernel, takes a slower code path on AMD
     CPUs: on this project's AMD EPYC (Zen 4) machine, one thread, the 24m head (64,798 x 288) took 5.4 ms for 8
     rows with oneDNN against 11.9 ms with torch.mm, 46 against 88 ms for 128 rows, the same for 2 rows (measured
-    under load). One row stays torch.mm's: there oneDNN's product was slower (8.3 against 5.5 ms). The copy costs
+    under load). One row stays on the blocks: there oneDNN's product was slower (8.3 against 5.5 ms). The copy costs
     the weight's size again in memory once a batch or a prompt of more than one token has run."""
 
     PACKING_BATCH = 8  # the row count oneDNN chooses its blocked layout for (any count runs on it)
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight_t = weight.detach().t().contiguous()  # (in, out)
-        self.in_features, self.out_features = self.weight_t.shape
+    def __init__(self, weight: torch.Tensor, blocks: int | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.blocks = max(1, min(blocks or torch.get_num_threads(), self.out_features))
+        per_block = -(-self.out_features // self.blocks)  # the last block padded with zero columns
+        padded = F.pad(weight.detach(), (0, 0, 0, per_block * self.blocks - self.out_features))
+        self.weight_blocks = padded.view(self.blocks, per_block, self.in_features).transpose(1, 2).contiguous()
         self._packed: torch.Tensor | None = None  # oneDNN's layout, made on the first product of several rows
+
+    def weight(self) -> torch.Tensor:
+        """W itself, (out, in), rebuilt from the blocks (a copy)."""
+        return self.weight_blocks.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
 
     @staticmethod
     def _runs_onednn(x: torch.Tensor) -> bool:
@@ -99,15 +112,23 @@ class FloatMatrix:
         return not torch.compiler.is_compiling() and _onednn_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
-        if not self._runs_onednn(x):
-            return torch.mm(x, self.weight_t)
-        if self._packed is None:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), self.PACKING_BATCH)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        if self._runs_onednn(x):
+            if self._packed is None:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().contiguous(), self.PACKING_BATCH)
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        rows = x.shape[0]
+        if torch.compiler.is_compiling():
+            # inductor turns a bmm of one row into loops of its own, which ran the compiled 24m step at half the
+            # speed; a product per block (an external BLAS call each, as torch.mm) kept its speed
+            y = torch.cat([torch.mm(x, block) for block in self.weight_blocks.unbind(0)], dim=1)
+        else:
+            y = torch.bmm(x.expand(self.blocks, rows, self.in_features), self.weight_blocks)  # (blocks, rows, per)
+            y = y.transpose(0, 1).reshape(rows, -1)  # (rows, blocks * per): a view for one row
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
     @property
     def nbytes(self) -> int:
-        return self.weight_t.nbytes
+        return self.weight_blocks.nbytes
 
 
 def _int8_product(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
