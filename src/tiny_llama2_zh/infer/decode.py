@@ -116,19 +116,33 @@ class FloatMatrix:
             if self._packed is None:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().contiguous(), self.PACKING_BATCH)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-        rows = x.shape[0]
-        if torch.compiler.is_compiling():
-            # inductor turns a bmm of one row into loops of its own, which ran the compiled 24m step at half the
-            # speed; a product per block (an external BLAS call each, as torch.mm) kept its speed
-            y = torch.cat([torch.mm(x, block) for block in self.weight_blocks.unbind(0)], dim=1)
-        else:
-            y = torch.bmm(x.expand(self.blocks, rows, self.in_features), self.weight_blocks)  # (blocks, rows, per)
-            y = y.transpose(0, 1).reshape(rows, -1)  # (rows, blocks * per): a view for one row
-        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+        if torch.compiler.is_compiling():  # in the compiled step (`compile=True`)
+            return _blocked_product(x, self.weight_blocks, self.out_features)
+        return _blocked_product_eager(x, self.weight_blocks, self.out_features)
 
     @property
     def nbytes(self) -> int:
         return self.weight_blocks.nbytes
+
+
+def _blocked_product_eager(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (rows, in) times the blocks (blocks, in, per): one torch.bmm, the blocks on the threads in parallel."""
+    blocks, in_features, _ = weight_blocks.shape
+    y = torch.bmm(x.expand(blocks, x.shape[0], in_features), weight_blocks)  # (blocks, rows, per)
+    y = y.transpose(0, 1).reshape(x.shape[0], -1)  # (rows, blocks * per): a view for one row
+    return y if y.shape[1] == out_features else y[:, :out_features].contiguous()
+
+
+@torch.library.custom_op("tiny_llama2_zh::blocked_product", mutates_args=())
+def _blocked_product(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`_blocked_product_eager` as an opaque operation in the compiled step: inductor lowers a bmm of one row to
+    loops of its own, which ran the compiled 24m float32 step at about half the eager step's speed."""
+    return _blocked_product_eager(x, weight_blocks, out_features).clone()
+
+
+@_blocked_product.register_fake
+def _(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 def _int8_product(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
