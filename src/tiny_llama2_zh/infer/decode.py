@@ -78,8 +78,8 @@ class FloatMatrix:
     matrix-vector path, see the module docstring) and runs the blocks on the threads in parallel (ATen's CPU bmm
     splits the batch across threads). torch.mm on the whole transposed matrix gets no such split: on this
     project's 2-core machine, 2 threads, the 24m head (64,798 x 288) took 4.2 ms with torch.mm (18 GB/s) and
-    2.6 ms as two blocks (28 GB/s), the machine's two-core read bandwidth (`bw` in benchmarks/llamacpp_bench.py);
-    one core alone reads ~20 GB/s. The block count is the thread count when the decoder is built.
+    2.6 ms as two blocks (28 GB/s; a plain sum over the matrix split across the two cores read 34 GB/s, one core
+    alone ~20). The block count is the thread count when the decoder is built.
 
     Products of several float32 rows (a batch of sequences decoding together, a prompt's prefill) run oneDNN's
     matmul on a copy of the weight in oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the
