@@ -94,7 +94,8 @@ class FloatMatrix:
 
     def __init__(self, weight: torch.Tensor, blocks: int | None = None) -> None:
         self.out_features, self.in_features = weight.shape
-        self.blocks = max(1, min(blocks or torch.get_num_threads(), self.out_features))
+        threads = torch.get_num_threads() if weight.device.type == "cpu" else 1  # a GPU runs one product whole
+        self.blocks = max(1, min(blocks or threads, self.out_features))
         per_block = -(-self.out_features // self.blocks)  # the last block padded with zero columns
         padded = F.pad(weight.detach(), (0, 0, 0, per_block * self.blocks - self.out_features))
         self.weight_blocks = padded.view(self.blocks, per_block, self.in_features).transpose(1, 2).contiguous()
