@@ -422,7 +422,7 @@ def test_the_float_matrix_gives_the_float_product_at_every_batch_size_from_its_b
             x = torch.randn(rows, 64)
             torch.testing.assert_close(matrix(x), x @ weight.T, rtol=1e-5, atol=1e-5)
         assert (matrix._packed is not None) == _onednn_available()
-    half = FloatMatrix(weight.bfloat16())  # other dtypes keep torch.mm, and no copy is made
+    half = FloatMatrix(weight.bfloat16())  # other dtypes run the blocks at every row count: no packed copy
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(half(x), x @ weight.bfloat16().T)
     assert half._packed is None
