@@ -18,8 +18,17 @@ from tiny_llama2_zh.data.tasks.addition import (
     operands,
     sum_without_carries,
 )
+from tiny_llama2_zh.data.tasks.numerals import (
+    NUMERALS_PROMPT,
+    chinese_numeral,
+    numerals_examples,
+    numerals_metrics,
+    slips,
+    without_zeros,
+)
 from tiny_llama2_zh.data.tasks.review import REVIEW_PROMPT, review_metrics
 from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT, sentiment_examples
+from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.eval.tasks import load_task_data
 
 
@@ -31,7 +40,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def built(tmp_path_factory) -> tuple[Path, dict]:
     """Addition, sentiment and review, built once through the CLI (segmentation's People's Daily parse is slow)."""
     folder = tmp_path_factory.mktemp("tasks")
-    assert main(["data", "tasks", "--output", str(folder), "--tasks", "addition,sentiment,review"]) == 0
+    assert main(["data", "tasks", "--output", str(folder), "--tasks", "addition,numerals,sentiment,review"]) == 0
     return folder, json.loads((folder / "stats.json").read_text(encoding="utf-8"))
 
 
@@ -106,6 +115,64 @@ def test_addition_metrics_checkers_and_no_carry_baseline():
     assert 0.1 < exact < 0.4  # right exactly when no column carries: neither zero nor the task solved
 
 
+# ---------------------------------------------------------------------------------------------- numerals
+def test_chinese_numerals_follow_the_written_standard_for_zeros_tens_twos_and_wan():
+    written = {
+        0: "零", 7: "七", 10: "十", 15: "十五", 20: "二十", 100: "一百", 101: "一百零一", 110: "一百一十",
+        115: "一百一十五", 305: "三百零五", 1000: "一千", 1001: "一千零一", 1005: "一千零五", 1010: "一千零一十",
+        1050: "一千零五十", 1100: "一千一百", 1500: "一千五百", 2018: "二千零一十八", 2222: "二千二百二十二",
+        10_000: "一万", 100_000: "十万", 150_000: "十五万", 100_010: "十万零一十", 100_500: "十万零五百",
+        1_000_500: "一百万零五百", 1_010_000: "一百零一万", 10_001_000: "一千万一千", 10_050_000: "一千零五万",
+        20_180_305: "二千零一十八万零三百零五", 30_000_005: "三千万零五", 99_999_999: "九千九百九十九万九千九百九十九",
+    }  # fmt: skip
+    assert {number: chinese_numeral(number) for number in written} == written
+    assert without_zeros(305) == "三百五" and without_zeros(1050) == "一千五十" and without_zeros(1500) == "一千五百"
+    assert without_zeros(100_500) == "十万五百"
+    with pytest.raises(UsageError, match="0 to 99999999"):
+        chinese_numeral(100_000_000)
+
+
+def test_numerals_examples_are_distinct_zero_rich_and_their_slips_are_wrong():
+    examples = list(numerals_examples())
+    assert len(examples) == 4000 and examples == list(numerals_examples())  # deterministic
+    numbers = [int(example.split_key) for example in examples]
+    assert len(set(numbers)) == len(numbers) and {len(str(n)) for n in numbers} == {3, 4, 5, 6, 7, 8}
+    assert all(e.prompt == NUMERALS_PROMPT.format(number=n) for e, n in zip(examples, numbers))
+    assert all(e.answer == chinese_numeral(n) for e, n in zip(examples, numbers))
+    with_zero = sum("零" in e.answer for e in examples) / len(examples)
+    assert 0.5 < with_zero < 0.9  # zeros inside a number are common, not rare as for uniformly drawn digits
+    assert slips(305) == [
+        "三百一十五",
+        "三百五",
+        "三百零六",
+        "三百零四",
+        "三百零零五",
+        "三零五",
+        "二百零五",
+        "四百零五",
+    ]
+    assert all(e.wrong_answer in slips(n) and e.wrong_answer != e.answer for e, n in zip(examples, numbers))
+
+
+def test_numerals_metrics_checkers_and_no_zero_baseline(built):
+    task = TASKS["numerals"]
+    metrics = numerals_metrics(["三百零五", "一千五百", "十五"], ["三百零五\n", "一千五", "15"])
+    assert metrics["exact"] == pytest.approx(1 / 3) and metrics["not_a_numeral"] == 1
+    assert metrics["char_similarity"] == pytest.approx((1 + 6 / 7 + 0) / 3)
+    assert task.correct("一千零五", " 一千零五 ") == 1.0 and task.correct("一千零五", "一千五") == 0.0
+    assert task.partial("一千零五", "一千五") == pytest.approx(6 / 7)
+    assert task.well_formed("一千零五", "一千五") == 1.0 and task.well_formed("一千零五", "1005") == 0.0
+    assert task.answer_problem("三百零五") is None and "Chinese numerals" in task.answer_problem("305")
+    prompts = [NUMERALS_PROMPT.format(number=n) for n in (305, 1500, 1050)]
+    replies, method = task.baseline(["三百零五", "一千五百", "一千零五十"], [], prompts)
+    assert replies == ["三百五", "一千五百", "一千五十"] and "no 零" in method
+    assert task.baseline(["三百零五"], []) is None  # it needs the prompts
+    folder, stats = built
+    train = {row["messages"][0]["content"] for row in read_jsonl(folder / "numerals" / "sft-train.jsonl")}
+    test = {row["messages"][0]["content"] for row in read_jsonl(folder / "numerals" / "sft-test.jsonl")}
+    assert not train & test and 3700 <= len(train) <= 3900 and stats["numerals"]["test"] == len(test)
+
+
 # --------------------------------------------------------------------------------------------- sentiment
 def test_sentiment_preference_pairs_are_label_balanced_and_sft_keeps_every_example(built):
     folder, stats = built
@@ -158,8 +225,14 @@ def test_review_judge_reads_plain_praise_and_complaints_and_eval_tasks_leaves_re
 # -------------------------------------------------------------------------------------------------- CLI
 def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_path, capsys):
     folder, stats = built
-    assert set(stats) == {"addition", "sentiment", "review"}
-    assert sorted(path.name for path in folder.iterdir()) == ["addition", "review", "sentiment", "stats.json"]
+    assert set(stats) == {"addition", "numerals", "sentiment", "review"}
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "addition",
+        "numerals",
+        "review",
+        "sentiment",
+        "stats.json",
+    ]
     assert main(["data", "tasks", "--output", str(tmp_path / "x"), "--tasks", "addition,poetry"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'poetry'" in err and "pinyin" in err and not (tmp_path / "x").exists()
@@ -167,6 +240,6 @@ def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_
 
 def test_default_tasks_are_the_demos_and_pinyin_is_built_when_named(tmp_path):
     assert set(DEFAULT_TASKS) == set(demo.TASKS) and "pinyin" not in DEFAULT_TASKS and "pinyin" in TASKS
-    assert demo.GRPO_TASK == "addition" and set(demo.SFT_MIX) <= set(DEFAULT_TASKS)
+    assert demo.GRPO_TASK == "numerals" and set(demo.SFT_MIX) <= set(DEFAULT_TASKS)
     counts = build_tasks(tmp_path, names=["pinyin"])
     assert set(counts) == {"pinyin"} and counts["pinyin"]["train"] > 1000
