@@ -25,13 +25,13 @@ tinyllm pretrain --config configs/pretrain/demo.yaml "data.tokenizer=$out/tokeni
 tinyllm generate --model "$out/pretrain/final" --prompt '中国经济' --temperature 0.8 --top-p 0.9 --max-new-tokens 60 \
   --seed 1337
 
-# 5. Tasks: sentiment labels of real reviews and generated numerals (305 -> 三百零五: checkable answers), and writing a review (pairs: a positive review over a negative one), split by prompt (numerals by value, reviews as sentiment's).
-tinyllm data tasks --output "$out/tasks" --tasks sentiment,numerals,review
+# 5. Tasks: sentiment labels of real reviews and generated additions (checkable answers), and writing a review (pairs: a positive review over a negative one), split by prompt (addition by value, reviews as sentiment's).
+tinyllm data tasks --output "$out/tasks" --tasks sentiment,addition,review
 
 # 6. Supervised fine-tuning on them with TRL's SFTTrainer (assistant-only loss, packing).
 tinyllm sft --config configs/sft/demo.yaml "model.init_from=$out/pretrain/final" \
-  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/numerals/sft-train.jsonl,$out/tasks/review/sft-train.jsonl]" \
-  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/numerals/sft-test.jsonl,$out/tasks/review/sft-test.jsonl]" \
+  "data.train=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/review/sft-train.jsonl]" \
+  "data.validation=[$out/tasks/sentiment/sft-test.jsonl,$out/tasks/addition/sft-test.jsonl,$out/tasks/review/sft-test.jsonl]" \
   "train.output_dir=$out/sft" train.seed=1337
 
 # 7. A reward model (TRL's RewardTrainer) on the review pairs: which of two reviews the shop would rather show.
@@ -42,17 +42,17 @@ tinyllm reward --config configs/reward/demo.yaml "model.init_from=$out/sft/final
 # 8. PPO (written here) against that reward model, KL-penalised to the SFT model, with PPO-ptx's SFT loss on the other tasks.
 tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.reward_model=$out/reward/final" \
   "data.prompts=[$out/tasks/review/sft-train.jsonl]" "data.validation=[$out/tasks/review/sft-test.jsonl]" \
-  "data.ptx=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/numerals/sft-train.jsonl,$out/tasks/numerals/sft-train.jsonl]" \
+  "data.ptx=[$out/tasks/sentiment/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl,$out/tasks/addition/sft-train.jsonl]" \
   "train.output_dir=$out/ppo" train.seed=1337
 
 # 9. DPO on the same pairs and the tasks' (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.train=[$out/tasks/review/preference-train.jsonl,$out/tasks/review/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/numerals/preference-train.jsonl]" \
+  "data.train=[$out/tasks/review/preference-train.jsonl,$out/tasks/review/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
   "data.validation=[$out/tasks/review/preference-test.jsonl]" "train.output_dir=$out/dpo" train.seed=1337
 
-# 10. GRPO with checkable rewards (the task's own answer checker) on numerals prompts.
+# 10. GRPO with checkable rewards (the task's own answer checker) on addition prompts.
 tinyllm grpo --config configs/grpo/demo.yaml "model.init_from=$out/sft/final" \
-  "data.prompts=$out/tasks/numerals/sft-train.jsonl" "data.validation=$out/tasks/numerals/sft-test.jsonl" \
+  "data.prompts=$out/tasks/addition/sft-train.jsonl" "data.validation=$out/tasks/addition/sft-test.jsonl" \
   "train.output_dir=$out/grpo" train.seed=1337
 
 # 11. Quantisation: int8 (torchao weight-only, torch.ao dynamic) and int4 against float32: size, perplexity, accuracy, speed.
@@ -66,7 +66,7 @@ tinyllm export check --model "$out/sft/final" --output "$out/export" --prompts "
 # 13. Held-out accuracy of every model against trivial and bag-of-words baselines; multiple choice: the idioms and the demo tasks' held-out pairs; the policies side by side on PPO's held-out prompts (reward-model score, KL to SFT, reviews an independent classifier reads as positive).
 tinyllm eval tasks --model "$out/pretrain/final" --model "$out/sft/final" --model "$out/ppo/final" --model \
   "$out/dpo/final" --model "$out/grpo/final" --data "$out/tasks" --limit 200 --output "$out/eval" --samples 8 \
-  --sample-task numerals --seed 1337
+  --sample-task addition --seed 1337
 tinyllm eval mc --idioms --tasks-dir "$out/tasks" --limit 300 --model "$out/pretrain/final" --model "$out/sft/final" \
   --model "$out/ppo/final" --model "$out/dpo/final" --model "$out/grpo/final" --output "$out/eval"
 tinyllm eval policies --model "$out/sft/final" --model "$out/ppo/final" --model "$out/dpo/final" --model \

@@ -240,6 +240,6 @@ def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_
 
 def test_default_tasks_are_the_demos_and_pinyin_is_built_when_named(tmp_path):
     assert set(DEFAULT_TASKS) == set(demo.TASKS) and "pinyin" not in DEFAULT_TASKS and "pinyin" in TASKS
-    assert demo.GRPO_TASK == "numerals" and set(demo.SFT_MIX) <= set(DEFAULT_TASKS)
+    assert demo.GRPO_TASK == "addition" and set(demo.SFT_MIX) <= set(DEFAULT_TASKS)
     counts = build_tasks(tmp_path, names=["pinyin"])
     assert set(counts) == {"pinyin"} and counts["pinyin"]["train"] > 1000

@@ -35,51 +35,44 @@ from tiny_llama2_zh.recipes import PACKAGE_DIR
 
 OUT, CONFIGS = "{out}", "{configs}"  # placeholders in the command lines: the demo folder, the shipped recipes
 DEMO_VOCAB_SIZE = 4096
-# The demo's tasks: sentiment (real reviews, a label to learn), numerals (305 -> 三百零五, generated, exactly
-# checkable: GRPO's) and review (write a product review: the preference for positive ones is what the reward model,
-# PPO and DPO learn).
+# The demo's tasks: sentiment (real reviews, a label to learn), addition (generated, exactly checkable: GRPO's) and
+# review (write a product review: the preference for positive ones is what the reward model, PPO and DPO learn).
 # Word segmentation is in the registry (`tinyllm data tasks --tasks segmentation`) but not here: the demo model
 # reached 5 % word F1 after SFT (the trivial baseline: 35 %), and its preference pairs were judged better by the
 # SFT model's own log-probabilities (97.5 %) than any reward model could add to.
-# Addition (a+b of 2-digit numbers) was GRPO's task before numerals and stays in the registry: its SFT accuracy
-# swung 19-99 % across seeds (carrying is learnt all at once, or not) and GRPO sharpened replies without learning to
-# carry (seed 1337: 19.3 -> 22.9 %, no setting tried did better); numerals are learnt by degrees
-# (data/tasks/numerals.py).
-TASKS = ("sentiment", "numerals", "review")
-# The SFT mix, in rows: sentiment twice, numerals once, review once (26.7k, 3.8k and 13.3k rows). The SFT loss is
-# the mean over conversations (configs/sft/demo.yaml: loss_mean_over), so a row weighs the same whatever its reply's
-# length; with the token mean the reviews' long replies took 76 % of the loss. Numerals once, not more: measured from
-# one pretrained model, seed 1337, 900 steps, 184 held-out numbers: numerals three times left GRPO nothing to do
-# (96.2 % exact, pass@8 99.5 %); once: 52.2 %, pass@8 62.5 %, and GRPO then took it to 64.1 %.
-SFT_MIX = ("sentiment", "sentiment", "numerals", "review")
+TASKS = ("sentiment", "addition", "review")
+# The SFT mix, in rows: sentiment twice, addition six times, review once (26.7k, 22.8k and 13.3k rows). The SFT loss
+# is the mean over conversations (configs/sft/demo.yaml: loss_mean_over), so a row weighs the same whatever its
+# reply's length; with the token mean the reviews' long replies took 76 % of the loss and addition 8 %. Measured
+# from one pretrained model, seed 1337, 200 held-out rows: token mean, addition x3, 600 steps: sentiment 77.0 %,
+# addition 2.1 % exact; conversation mean: 80.5 % and 1.6 %; and addition x6: 83.5 % and 9.4 %; and 900 steps:
+# 85.5 % and 19.3 % (pass@8 53.6 %: the headroom GRPO needs).
+SFT_MIX = ("sentiment", "sentiment", *("addition",) * 6, "review")
 # Reward-model pairs (and DPO's held-out pairs): review, a positive review over a negative one. Not sentiment's
 # right label over the wrong one: there the reward model can only be as good a classifier as the SFT model already
 # is (80.5 % vs 81.5 % held out, seed 1337), so PPO against it moved nothing (KL 0.04 nats, score -0.544 -> -0.545)
 # and DPO on those pairs alone lost 7 points of accuracy (DPO_MIX below mixes them in, with an SFT loss); and the
-# policy's reply is one confident label, with nothing for RL to explore. Not a checkable task's right answer over a
-# slip: GRPO's exact checker is a better reward than a model (the demo reward model ranked addition's near misses at
-# chance).
+# policy's reply is one confident label, with nothing for RL to explore. Not addition:
+# GRPO's exact checker is a better reward than a model (the demo reward model ranked near misses at chance).
 PAIR_MIX = ("review",)
 PAIR_TASKS = ("review",)
 # RLHF prompts: the task the reward model judges; its replies are judged again by a classifier that is not the
 # reward model (train/rl.open_ended_judge), which is what would show reward hacking
 PPO_TASKS = ("review",)
-# PPO-ptx's SFT conversations (configs/ppo/demo.yaml: ppo.ptx_coef): the tasks PPO does not reward, the generated
-# one twice (numerals now; the measurements below were taken with addition in its place). Measured on 3 seeds' SFT
-# and reward models (200 held-out rows each): plain PPO on the reviews took sentiment down 2.0-3.5 points on every
-# seed; 0.3 x the SFT loss of sentiment and addition kept sentiment (within 0.5 points) but
+# PPO-ptx's SFT conversations (configs/ppo/demo.yaml: ppo.ptx_coef): the tasks PPO does not reward, addition twice.
+# Measured on 3 seeds' SFT and reward models (200 held-out rows each): plain PPO on the reviews took sentiment down
+# 2.0-3.5 points on every seed; 0.3 x the SFT loss of sentiment and addition kept sentiment (within 0.5 points) but
 # lost 1.6 points of addition on two seeds; addition twice: 1.6 on one; 0.5 x with addition twice: sentiment
 # -1.0, +2.0, +0.5 and addition -1.1, +5.8, 0.0 points, the reviews still +14 to +17 points positive
-PTX_MIX = ("sentiment", "numerals", "numerals")
-# DPO's pairs: the reviews twice, and the checkable tasks' pairs (the right label or numeral over a wrong one) once each
-# (measured below with addition where numerals are now), with the SFT loss of every chosen reply beside DPO's
-# (configs/dpo/demo.yaml: loss_type [sigmoid, sft], RPO, Pang et al. 2024) -- DPO's version of PPO-ptx. Measured on 3
-# seeds: DPO on the reviews alone lost 1.5 points of sentiment on one seed and 2-3 of addition on two, and its reviews
-# moved +6 points positive on one; the task pairs without the SFT loss lost more addition (-3.2, -3.6, -12.5); with it:
-# sentiment -1.5, 0.0, -1.0, addition -0.5, +3.2, -2.1 and the reviews +12.5, +14.0, +10.9 points positive (twice the
-# SFT loss: +7.8 on one seed)
-DPO_MIX = ("review", "review", "sentiment", "numerals")
-GRPO_TASK = "numerals"  # exactly checkable answers where SFT leaves headroom (issue 19): numerals' zeros and 万
+PTX_MIX = ("sentiment", "addition", "addition")
+# DPO's pairs: the reviews twice, and the checkable tasks' pairs (the right label or sum over a wrong one) once
+# each, with the SFT loss of every chosen reply beside DPO's (configs/dpo/demo.yaml: loss_type [sigmoid, sft], RPO,
+# Pang et al. 2024) -- DPO's version of PPO-ptx. Measured on 3 seeds: DPO on the reviews alone lost 1.5 points of
+# sentiment on one seed and 2-3 of addition on two, and its reviews moved +6 points positive on one; the task pairs
+# without the SFT loss lost more addition (-3.2, -3.6, -12.5); with it: sentiment -1.5, 0.0, -1.0, addition -0.5,
+# +3.2, -2.1 and the reviews +12.5, +14.0, +10.9 points positive (twice the SFT loss: +7.8 on one seed)
+DPO_MIX = ("review", "review", "sentiment", "addition")
+GRPO_TASK = "addition"  # exactly checkable answers where SFT leaves headroom (issue 19): digit-by-digit sums
 ALIGNED = ("sft", "ppo", "dpo", "grpo")  # the policies compared side by side
 STATE_FILE = "demo_state.json"
 DEFAULT_SEED = 1337  # the seed of every library default here (train/runner.py's project defaults, `generate`)
@@ -150,9 +143,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "tasks",
-        "Tasks: sentiment labels of real reviews and generated numerals (305 -> 三百零五: checkable answers), and "
-        "writing a review (pairs: a positive review over a negative one), split by prompt (numerals by value, reviews "
-        "as sentiment's).",
+        "Tasks: sentiment labels of real reviews and generated additions (checkable answers), and writing a review "
+        "(pairs: a positive review over a negative one), split by prompt (addition by value, reviews as sentiment's).",
         (f"data tasks --output {OUT}/tasks --tasks {','.join(TASKS)}",),
         folder="tasks",
     ),
@@ -185,7 +177,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     _train(
         "grpo",
-        "GRPO with checkable rewards (the task's own answer checker) on numerals prompts.",
+        "GRPO with checkable rewards (the task's own answer checker) on addition prompts.",
         f"model.init_from={OUT}/sft/final data.prompts={OUT}/tasks/{GRPO_TASK}/sft-train.jsonl "
         f"data.validation={OUT}/tasks/{GRPO_TASK}/sft-test.jsonl",
     ),

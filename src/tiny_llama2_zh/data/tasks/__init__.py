@@ -10,7 +10,7 @@ one entry in `TASKS`.
 - segmentation (segmentation.py): a People's Daily 1998 sentence -> its words separated by spaces.
 - pinyin (pinyin.py): a word -> its pinyin with tone marks (too hard for the demo model: built when named).
 - addition (addition.py): a+b of 2-digit numbers -> the sum, generated with exact answers, held out by value.
-- numerals (numerals.py): 305 -> 三百零五, generated with exact answers, held out by value.
+- numerals (numerals.py): 305 -> 三百零五, generated with exact answers, held out by value (built when named).
 - review (review.py): "write a product review" -> a review; the pairs prefer positive reviews (RLHF's classic).
 
 `build_tasks` writes each task as SFT conversations (`sft-train.jsonl`, `sft-test.jsonl`: chat `messages`) and as
@@ -36,7 +36,7 @@ TASKS: dict[str, Task] = {
     for task in (sentiment.TASK, segmentation.TASK, pinyin.TASK, addition.TASK, numerals.TASK, review.TASK)
 }
 # What `tinyllm data tasks` builds unless told (--tasks): the demo's tasks, the ones its 1.3M-parameter model can learn
-DEFAULT_TASKS = ("sentiment", "numerals", "review")  # the demo's; the others are built when named
+DEFAULT_TASKS = ("sentiment", "addition", "review")  # the demo's; the others are built when named
 
 
 def check_task_names(names: Sequence[str]) -> list[str]:
