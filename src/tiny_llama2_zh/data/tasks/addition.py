@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.base import Example, Task, pick, share
+from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share
 from tiny_llama2_zh.errors import UsageError
 
 ADDITION_PROMPT = "计算下面的加法，只回答得数。\n算式：{expression}"
@@ -151,14 +151,14 @@ def sum_without_carries(a: int, b: int) -> int:
     return total
 
 
-def addition_baseline(
-    references: Sequence[str], train_references: Sequence[str], prompts: Sequence[str] = ()
-) -> tuple[list[str], str] | None:
-    if len(prompts) != len(references):
-        return None  # it reads the operands from the rows' prompts
-    pairs = [operands(prompt) for prompt in prompts]
-    replies = [str(sum_without_carries(*pair)) if pair else "" for pair in pairs]
-    return replies, "column addition without carries (each place's digit sum mod 10)"
+def _sum_without_carries_reply(prompt: str) -> str:
+    pair = operands(prompt)
+    return str(sum_without_carries(*pair)) if pair else ""
+
+
+addition_baseline = baseline_from_prompts(
+    _sum_without_carries_reply, "column addition without carries (each place's digit sum mod 10)"
+)
 
 
 TASK = Task(

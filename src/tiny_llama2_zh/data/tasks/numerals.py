@@ -29,7 +29,7 @@ import difflib
 import re
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.base import Example, Task, pick, share
+from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share
 from tiny_llama2_zh.errors import UsageError
 
 NUMERALS_PROMPT = "把下面的阿拉伯数字写成汉字，只回答汉字。\n数字：{number}"
@@ -171,17 +171,14 @@ def numerals_answer_problem(answer: str) -> str | None:
     return None
 
 
-def numerals_baseline(
-    references: Sequence[str], train_references: Sequence[str], prompts: Sequence[str] = ()
-) -> tuple[list[str], str] | None:
-    if len(prompts) != len(references):
-        return None  # it reads the numbers from the rows' prompts
-    replies = []
-    for prompt in prompts:
-        found = NUMBER_IN_PROMPT.search(prompt)
-        number = int(found.group(1)) if found else None
-        replies.append(without_zeros(number) if number is not None and number <= LARGEST else "")
-    return replies, "each nonzero digit with its unit, no 零 (305 -> 三百五)"
+def _without_zeros_reply(prompt: str) -> str:
+    found = NUMBER_IN_PROMPT.search(prompt)
+    return without_zeros(int(found.group(1))) if found and int(found.group(1)) <= LARGEST else ""
+
+
+numerals_baseline = baseline_from_prompts(
+    _without_zeros_reply, "each nonzero digit with its unit, no 零 (305 -> 三百五)"
+)
 
 
 TASK = Task(
