@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share
+from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share, whole_numbers
 from tiny_llama2_zh.errors import UsageError
 
 ADDITION_PROMPT = "计算下面的加法，只回答得数。\n算式：{expression}"
@@ -38,11 +38,11 @@ DEFAULT_DIGITS = (2, 2)
 def _operand(key: str, min_digits: int, max_digits: int) -> int:
     """A number of min_digits..max_digits digits (each count equally likely, then each value of that count)."""
     digits = pick(f"{key} digits", range(min_digits, max_digits + 1))
-    return pick(f"{key} value", range(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
+    return pick(f"{key} value", whole_numbers(digits, digits))
 
 
 def _distinct_pairs(min_digits: int, max_digits: int) -> int:
-    values = 10**max_digits - (10 ** (min_digits - 1) if min_digits > 1 else 0)
+    values = len(whole_numbers(min_digits, max_digits))
     return values * values
 
 

@@ -94,6 +94,11 @@ def baseline_from_prompts(reply: Callable[[str], str], method: str) -> Baseline:
     return baseline
 
 
+def whole_numbers(min_digits: int, max_digits: int) -> range:
+    """The whole numbers written with min_digits..max_digits digits (one digit includes 0)."""
+    return range(10 ** (min_digits - 1) if min_digits > 1 else 0, 10**max_digits)
+
+
 def share(count: float, total: float) -> float:
     """count / total, 0 for no rows (an empty evaluation scores nothing rather than failing)."""
     return count / total if total else 0.0

@@ -29,7 +29,7 @@ import difflib
 import re
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share
+from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share, whole_numbers
 from tiny_llama2_zh.errors import UsageError
 
 NUMERALS_PROMPT = "把下面的阿拉伯数字写成汉字，只回答汉字。\n数字：{number}"
@@ -112,7 +112,7 @@ def numerals_examples(
     slip (chosen by hash)."""
     if not 1 <= min_digits <= max_digits <= len(str(LARGEST)):
         raise UsageError(f"numerals need 1 <= min_digits <= max_digits <= 8, got {min_digits}..{max_digits}")
-    available = 10**max_digits - (10 ** (min_digits - 1) if min_digits > 1 else 0)
+    available = len(whole_numbers(min_digits, max_digits))
     if count > available // 2:
         raise UsageError(
             f"{count:,} numerals examples would be most of the {available:,} numbers of {min_digits} to "
@@ -173,7 +173,8 @@ def numerals_answer_problem(answer: str) -> str | None:
 
 def _without_zeros_reply(prompt: str) -> str:
     found = NUMBER_IN_PROMPT.search(prompt)
-    return without_zeros(int(found.group(1))) if found and int(found.group(1)) <= LARGEST else ""
+    number = int(found.group(1)) if found else None
+    return without_zeros(number) if number is not None and number <= LARGEST else ""
 
 
 numerals_baseline = baseline_from_prompts(
