@@ -148,6 +148,63 @@ def test_the_conversation_mean_trains_and_needs_the_models_own_loss(tiny_model_d
     assert not (tmp_path / "refused" / "run").exists()  # refused before the run writes anything
 
 
+def test_each_step_is_a_random_draw_sorted_longest_first():
+    """LengthSortedSteps' sampler: every row once per pass, in steps of `step_rows` rows that are a random
+    permutation's consecutive rows, each step sorted longest first (the micro-batches then pad little)."""
+    from tiny_llama2_zh.train.runner import _StepSortedSampler
+
+    lengths = [3, 40, 5, 38, 4, 41, 2, 39, 6, 37]
+    sampler = _StepSortedSampler(lengths, step_rows=4)
+    torch.manual_seed(0)
+    order = list(sampler)
+    torch.manual_seed(0)
+    drawn = torch.randperm(len(lengths)).tolist()
+    assert sorted(order) == list(range(len(lengths)))
+    for start in range(0, len(lengths), 4):
+        step = order[start : start + 4]
+        assert set(step) == set(drawn[start : start + 4])  # the same rows as the random draw
+        assert [lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True)
+
+
+def test_length_sorted_micro_batches_train_what_one_batch_trains(tiny_model_dir, tmp_path):
+    """A step of 8 conversations as one batch, or as 4 micro-batches of 2 sorted by length (the demo's SFT
+    splits its 32 into 4): the same rows, the same conversation-mean loss, so the same trained weights."""
+    finals = {}
+    for batch, accumulation in ((8, 1), (2, 4)):
+        run = tmp_path / f"{batch}x{accumulation}"
+        sft(
+            recipe(
+                tiny_model_dir,
+                run,
+                "loss_mean_over=conversations",
+                "train.max_steps=2",
+                f"train.per_device_train_batch_size={batch}",
+                f"train.gradient_accumulation_steps={accumulation}",
+                "train.learning_rate=0.01",
+                # updates linear in the gradient, unclipped: Adam's first step is the gradient's sign, and clipping
+                # would hide a gradient of the wrong scale
+                "train.optim=sgd",
+                "train.max_grad_norm=0",
+            )
+        )
+        finals[batch] = AutoModelForCausalLM.from_pretrained(run / "run" / "final").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    for name, weight in finals[8].items():
+        torch.testing.assert_close(finals[2][name], weight, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(finals[8][name], initial[name]) for name in initial)  # it trained
+
+
+@pytest.mark.parametrize("mean", ["tokens", "conversations"])
+def test_the_final_validation_loss_is_the_periodic_evaluations_measure(tiny_model_dir, tmp_path, mean):
+    """The records before and after training and the Trainer's periodic evaluations are one curve: after the last
+    step both measure the same model on the same rows, with the recipe's own loss mean."""
+    sft(recipe(tiny_model_dir, tmp_path, f"loss_mean_over={mean}", "train.eval_steps=3"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    periodic = next(r for r in records if r.get("step") == 3 and "eval_loss" in r and not r.get("final"))
+    final = next(r for r in records if r.get("final"))
+    assert final["eval_loss"] == pytest.approx(periodic["eval_loss"], rel=1e-5)
+
+
 def test_bad_conversations_are_skipped_counted_and_located(small_tokenizer, tmp_path):
     bad = [
         [{"role": "user", "content": "你好"}, {"role": "bot", "content": "嗨"}],

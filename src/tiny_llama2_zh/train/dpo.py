@@ -40,7 +40,13 @@ from tiny_llama2_zh.loading import check_model_folder, init_tokenizer, same_toke
 from tiny_llama2_zh.tensors import eval_mode
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
 from tiny_llama2_zh.train.rl import held_out_metrics, open_ended_judge, prompt_ids, reward_model_function
-from tiny_llama2_zh.train.runner import HeldOutEvaluation, StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import (
+    HeldOutEvaluation,
+    LengthSortedSteps,
+    StageRun,
+    training_arguments,
+    trl_defaults,
+)
 
 
 @dataclass
@@ -119,8 +125,10 @@ def reward_prompt_rows(rows: list[dict], limit: int) -> list[dict]:
     ]
 
 
-class HeldOutPairsDPOTrainer(HeldOutEvaluation, DPOTrainer):
+class HeldOutPairsDPOTrainer(HeldOutEvaluation, LengthSortedSteps, DPOTrainer):
     """TRL's DPOTrainer whose evaluation is the implicit-reward report on the held-out pairs (per source)."""
+
+    length_columns = ("prompt_ids", "chosen_ids", "rejected_ids")
 
     def __init__(self, *args, held_out: list[TokenizedPair], reference, eval_batch_size: int = 64, **kwargs):
         super().__init__(*args, **kwargs)

@@ -35,7 +35,13 @@ from tiny_llama2_zh.eval.preferences import (
 )
 from tiny_llama2_zh.loading import check_model_folder, init_tokenizer
 from tiny_llama2_zh.presets import flops_per_token
-from tiny_llama2_zh.train.runner import HeldOutEvaluation, StageRun, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import (
+    HeldOutEvaluation,
+    LengthSortedSteps,
+    StageRun,
+    training_arguments,
+    trl_defaults,
+)
 
 
 @dataclass
@@ -76,10 +82,12 @@ def reward_arguments(config: RewardRecipeConfig) -> RewardConfig:
     )
 
 
-class HeldOutPairsRewardTrainer(HeldOutEvaluation, RewardTrainer):
+class HeldOutPairsRewardTrainer(HeldOutEvaluation, LengthSortedSteps, RewardTrainer):
     """TRL's RewardTrainer whose evaluation is the held-out pair report (accuracy and margin per source, the
     pairwise loss), the same function that scores the model before and after training, instead of TRL's
     batch-averaged metrics."""
+
+    length_columns = ("chosen_ids", "rejected_ids")
 
     def __init__(self, *args, held_out: list[TokenizedPair], eval_batch_size: int = 64, **kwargs):
         super().__init__(*args, **kwargs)

@@ -25,7 +25,13 @@ from tiny_llama2_zh.loading import check_model_folder, init_tokenizer
 from tiny_llama2_zh.presets import flops_per_token
 from tiny_llama2_zh.train.callbacks import SamplesCallback
 from tiny_llama2_zh.train.lora import LoraOptions, count_trainable, peft_config
-from tiny_llama2_zh.train.runner import StageRun, trainer_eval_loss, training_arguments, trl_defaults
+from tiny_llama2_zh.train.runner import (
+    LengthSortedSteps,
+    StageRun,
+    trainer_eval_loss,
+    training_arguments,
+    trl_defaults,
+)
 
 SAMPLE_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？"]
 
@@ -43,7 +49,11 @@ class SFTModelOptions:
     fused_loss_chunk_rows: int = 256
 
 
-class ModelLossSFTTrainer(SFTTrainer):
+class LengthSortedSFTTrainer(LengthSortedSteps, SFTTrainer):
+    """TRL's SFTTrainer whose optimizer steps split into length-sorted micro-batches (`LengthSortedSteps`)."""
+
+
+class ModelLossSFTTrainer(LengthSortedSFTTrainer):
     """TRL's SFTTrainer with the loss computed by the model itself, through transformers' `Trainer.compute_loss`
     (labels, `num_items_in_batch`, the model's `LinearCrossEntropy`), instead of TRL's chunked log-prob head.
 
@@ -155,7 +165,7 @@ def sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None)
         return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], options)[0]
 
     samples = SamplesCallback(config.sample_prompts, reply, run.output_dir / "samples.jsonl")
-    trainer_class = ModelLossSFTTrainer if config.model.fused_loss_chunk_rows else SFTTrainer
+    trainer_class = ModelLossSFTTrainer if config.model.fused_loss_chunk_rows else LengthSortedSFTTrainer
     trainer = trainer_class(
         model=model,
         args=args,
