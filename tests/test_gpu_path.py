@@ -114,8 +114,12 @@ def test_sft_with_packing_in_bf16_with_compiled_layers_matches_float32_eager(mod
     from tiny_llama2_zh.train.sft import sft
 
     # one micro-batch per step (the demo recipe's 4 would put every packed row of this small set in each step)
-    steps = ["train.max_steps=4", "train.packing=true", "model.fused_loss_chunk_rows=16"]
-    steps.append("train.gradient_accumulation_steps=1")
+    steps = [
+        "train.max_steps=4",
+        "train.packing=true",
+        "model.fused_loss_chunk_rows=16",
+        "train.gradient_accumulation_steps=1",
+    ]
     reference = sft(sft_recipe(model_dir, tmp_path / "eager", *steps))
     counters.clear()
     compiled = sft(sft_recipe(model_dir, tmp_path / "compiled", *steps, *GPU_OPTIONS))

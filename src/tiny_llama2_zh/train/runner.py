@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from tiny_llama2_zh.config import ConfigError, check_library_options, save_config
 from tiny_llama2_zh.eval.perplexity import perplexity
@@ -369,13 +370,11 @@ class LengthSortedSteps:
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if dataset is None or not hasattr(dataset, "__len__"):  # a stream: read in its own order, as transformers does
+        if dataset is None or not has_length(dataset):  # a stream: read in its own order, as transformers does
             return super()._get_train_sampler(train_dataset)
         step_rows = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
-        lengths = [0] * len(dataset)
-        for column in self.length_columns:
-            lengths = [total + len(ids) for total, ids in zip(lengths, dataset[column], strict=True)]
-        return _StepSortedSampler(lengths, step_rows)
+        columns = [dataset[column] for column in self.length_columns]
+        return _StepSortedSampler([sum(map(len, row)) for row in zip(*columns, strict=True)], step_rows)
 
 
 class _StepSortedSampler(torch.utils.data.Sampler[int]):
@@ -406,8 +405,9 @@ def trainer_eval_loss(trainer: Trainer) -> dict[str, float]:
     with eval_mode(trainer.model), torch.no_grad():
         for batch in trainer.get_eval_dataloader():
             batch = trainer._prepare_inputs(batch)
-            total += float(trainer.compute_loss(trainer.model, batch)) * len(batch["input_ids"])
-            rows += len(batch["input_ids"])
+            batch_rows = len(batch["input_ids"])
+            total += float(trainer.compute_loss(trainer.model, batch)) * batch_rows
+            rows += batch_rows
     if not rows:
         raise ConfigError("the validation data holds no rows to evaluate")
     return {"eval_loss": total / rows}
