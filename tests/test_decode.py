@@ -1,5 +1,6 @@
 """The lean decode loop (infer/decode.py) and the serving engine: the same tokens and logits as the model itself."""
 
+import shutil
 import threading
 
 import pytest
@@ -50,24 +51,39 @@ def reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return output[0, len(prompt) :].tolist()
 
 
+NATIVE = pytest.mark.parametrize("native", [True, False], ids=["C step", "PyTorch ops"])
+
+
+def decoder_for(model, native: bool, **options) -> LeanDecoder:
+    """A LeanDecoder with or without its C step; with it, the step must really run in C wherever a C compiler is
+    installed (skipped, saying so, where none is)."""
+    if native and not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler (cc, gcc) here: the decoder's C step cannot be built")
+    decoder = LeanDecoder(model, native=native, **options)
+    assert decoder.native == native, "the C decode step did not build: see the warning logged above"
+    return decoder
+
+
+@NATIVE
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_greedy_tokens_equal_model_generate_alone_and_batched(kv_heads):
+def test_greedy_tokens_equal_model_generate_alone_and_batched(kv_heads, native):
     model = random_model(num_key_value_heads=kv_heads)
     expected = [reference(model, prompt, 30) for prompt in PROMPTS]
     assert len({tuple(tokens) for tokens in expected}) == len(PROMPTS)  # the prompts lead to different replies
-    decoder = LeanDecoder(model, max_batch=len(PROMPTS))
+    decoder = decoder_for(model, native, max_batch=len(PROMPTS))
     alone = [greedy_generate(decoder, [prompt], 30, [EOS])[0] for prompt in PROMPTS]
     assert alone == expected
     # one batch of four prompts of different lengths: per-row positions and masks, rows leaving as they finish
     assert greedy_generate(decoder, PROMPTS, 30, [EOS]) == expected
 
 
-def test_logits_match_the_model_forward_in_prefill_and_in_each_step():
+@NATIVE
+def test_logits_match_the_model_forward_in_prefill_and_in_each_step(native):
     model = random_model()
     sequence = [1, *range(10, 40)]
     with torch.no_grad():
         full = model(torch.tensor([sequence])).logits[0]  # (T, vocab)
-    decoder = LeanDecoder(model, max_batch=2)
+    decoder = decoder_for(model, native, max_batch=2)
     prefill = decoder.prefill(0, sequence[:12], all_logits=True)
     torch.testing.assert_close(prefill, full[:12], rtol=1e-4, atol=1e-5)
     decoder.prefill(1, sequence[:5])  # a second row at other positions, stepping alongside
@@ -77,12 +93,13 @@ def test_logits_match_the_model_forward_in_prefill_and_in_each_step():
     assert decoder.lengths[:2] == [len(sequence), 5 + len(sequence) - 12]
 
 
-def test_a_sequence_joining_and_leaving_a_running_batch_keeps_every_row_exact():
+@NATIVE
+def test_a_sequence_joining_and_leaving_a_running_batch_keeps_every_row_exact(native):
     """Continuous batching: B joins while A is mid-reply, A leaves (its row is reused by C); all stay exact."""
     model = random_model()
     a, b, c = PROMPTS[0], PROMPTS[2], PROMPTS[3]
     expected = {name: reference(model, p, 12) for name, p in {"a": a, "b": b, "c": c}.items()}
-    decoder = LeanDecoder(model, max_batch=2)
+    decoder = decoder_for(model, native, max_batch=2)
     got: dict[str, list[int]] = {"a": [], "b": [], "c": []}
     rows: list[str] = []  # the sequence in each decoder row
 
@@ -105,6 +122,30 @@ def test_a_sequence_joining_and_leaving_a_running_batch_keeps_every_row_exact():
         if not got["c"] and len(rows) < 2:  # C takes the freed row
             join("c", c)
     assert got == expected
+
+
+def test_without_a_working_c_compiler_the_decoder_warns_once_and_decodes_with_pytorch(monkeypatch, tmp_path, caplog):
+    from tiny_llama2_zh.infer import native
+
+    model = random_model()
+    expected = [reference(model, prompt, 12) for prompt in PROMPTS[:2]]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built before
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    native.native_library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            decoder = LeanDecoder(model, max_batch=2)
+        assert not decoder.native
+        assert "C decode step could not be built" in caplog.text
+        assert greedy_generate(decoder, PROMPTS[:2], 12, [EOS]) == expected
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.setenv(native.SWITCH, "0")  # switched off: no build, no warning
+        native.native_library.cache_clear()
+        caplog.clear()
+        assert not LeanDecoder(model, max_batch=2).native and not caplog.text
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        native.native_library.cache_clear()
 
 
 def test_sampling_is_reproducible_per_generator_and_top_p_narrows_it():
@@ -366,18 +407,19 @@ def quantized_copy(model: TinyLlama2ForCausalLM, method: str) -> TinyLlama2ForCa
     return apply_method(copy, method, 16)
 
 
+@NATIVE
 @pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
-def test_a_weight_only_quantised_model_decodes_from_its_integers_as_its_own_forward(method):
+def test_a_weight_only_quantised_model_decodes_from_its_integers_as_its_own_forward(method, native):
     """`tinyllm serve` refused quantised folders; the decoder now reads their integers and scales (no float copy)
     and computes what the quantised model's own forward computes (weight-only: float activations)."""
     model = quantized_copy(random_model(hidden_size=64), method)
-    decoder = LeanDecoder(model, max_batch=len(PROMPTS))
+    decoder = decoder_for(model, native, max_batch=len(PROMPTS))
     assert decoder.head.qdata.dtype == torch.int8  # the integers themselves, not a dequantised float copy
     sequence = [1, *range(10, 40)]
     with torch.no_grad():
         full = model(torch.tensor([sequence])).logits[0]
     torch.testing.assert_close(decoder.prefill(0, sequence[:12], all_logits=True), full[:12], rtol=1e-4, atol=1e-4)
-    for position in range(12, 20):  # steps: the compiled int8 kernel (batch 1)
+    for position in range(12, 20):  # batch-1 steps: the C step's int8 products, or the compiled int8 kernel
         torch.testing.assert_close(
             decoder.step(torch.tensor([sequence[position]]))[0], full[position], rtol=1e-4, atol=1e-4
         )
@@ -386,10 +428,11 @@ def test_a_weight_only_quantised_model_decodes_from_its_integers_as_its_own_forw
     assert greedy_generate(decoder, PROMPTS, 20, [EOS]) == expected
 
 
-def test_an_int8_dynamic_model_decodes_from_its_int8_weights_with_float_activations():
+@NATIVE
+def test_an_int8_dynamic_model_decodes_from_its_int8_weights_with_float_activations(native):
     model = random_model(hidden_size=64)
     quantized = quantized_copy(model, "int8-dynamic")
-    decoder = LeanDecoder(quantized, max_batch=2)
+    decoder = decoder_for(quantized, native, max_batch=2)
     head = quantized.lm_head.weight()
     assert torch.equal(decoder.head.qdata, head.int_repr())
     # float activations against the dequantised weights: the float model with the int8 values put in
@@ -577,23 +620,23 @@ def test_generate_and_chat_reuse_one_decoder_per_model_until_its_weights_change(
     assert generate_text(model, tokenizer, "今天天气", options) == expected
 
 
-@pytest.mark.parametrize("method", [None, "int8-weight"], ids=["float32", "int8"])
-def test_the_compiled_step_gives_the_eager_step_s_logits_and_generate_s_tokens(method):
-    """`compile=True`: batch-1 steps run the inductor-compiled static step (attention over the whole cache,
-    masked; written as products and sums), larger batches the eager one. Same tokens as model.generate, logits
-    equal to the eager decoder's within float rounding, for a float and an int8 model."""
-    model = random_model(num_key_value_heads=2)
+@pytest.mark.parametrize("method", [None, "int8-weight", "int4-weight"], ids=["float32", "int8", "int4"])
+def test_the_c_step_gives_the_pytorch_step_s_logits_for_rows_at_different_positions(method):
+    """The C step (infer/native_step.c) against the PyTorch operations it replaces, on the same weights: four rows
+    at four positions (grouped-query attention over each row's own prefix), a row leaving and one joining, float32
+    and integer weights (int4 in groups of 16 inputs)."""
+    model = random_model(num_key_value_heads=2, hidden_size=64)
     if method:
         model = quantized_copy(model, method)
-    eager = LeanDecoder(model, max_batch=len(PROMPTS))
-    compiled = LeanDecoder(model, max_batch=len(PROMPTS), compile=True)
-    assert compiled.compiled and not eager.compiled
-    for decoder in (eager, compiled):
-        decoder.prefill(0, PROMPTS[2])
-    for token in range(10, 20):
-        expected = eager.step(torch.tensor([token]))
-        torch.testing.assert_close(compiled.step(torch.tensor([token])), expected, rtol=1e-4, atol=1e-4)
-    compiled.reset()
-    expected = [reference(model, prompt, 30) for prompt in PROMPTS]
-    assert [greedy_generate(compiled, [prompt], 30, [EOS])[0] for prompt in PROMPTS] == expected
-    assert greedy_generate(compiled, PROMPTS, 30, [EOS]) == expected  # batched: eager steps, same decoder
+    in_c, in_torch = (decoder_for(model, native, max_batch=len(PROMPTS)) for native in (True, False))
+    for decoder in (in_c, in_torch):
+        for row, prompt in enumerate(PROMPTS):
+            decoder.prefill(row, prompt)
+    for step in range(12):
+        if step == 6:  # row 1 leaves (the last row moves into it), a new one joins at the end
+            for decoder in (in_c, in_torch):
+                decoder.release(1)
+                decoder.prefill(3, PROMPTS[1][:3])
+        tokens = torch.tensor([10 + step, 20 + step, 30 + step, 40 + step])
+        torch.testing.assert_close(in_c.step(tokens), in_torch.step(tokens), rtol=1e-4, atol=1e-4)
+    assert in_c.lengths == in_torch.lengths

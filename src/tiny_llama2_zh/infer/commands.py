@@ -135,12 +135,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads for the model (default: 0 = torch's default; 1 is often fastest for the small models)",
     )
     parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the one-request decode step with torch.compile at startup (needs a C++ compiler; takes "
-        "seconds to minutes once; steps about twice as fast for small models, little change for large ones)",
-    )
-    parser.add_argument(
         "--allow-host",
         action="append",
         default=[],
@@ -189,5 +183,4 @@ def run_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         allow_hosts=args.allow_host,
         allow_origins=args.allow_origin,
-        compile=args.compile,
     )

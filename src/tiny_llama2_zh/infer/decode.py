@@ -9,26 +9,27 @@ q/k/v, rotary from a precomputed table, the new key/value written into a preallo
 llama.cpp's static cache, without paging), attention over the cached prefix, one matmul for SwiGLU's gate and up;
 then the tied head on the last position only.
 
-What is left of a batch-1 step is reading the weights: with ChatGLM3's 64,798-token vocabulary the float32 head is
-75 MB, read once per token, so the speed of a step is the speed of a matrix-vector product over memory. How a
-product is called decides that speed (benchmarks/llamacpp_bench.py measures it): `F.linear(x, W)` with the weight
-as stored, (out, in), reached about 3 GB/s for the head on this project's 2-core machine (BLAS's "transposed"
-matrix-vector path), `torch.mm(x, W.T.contiguous())` 18-26 GB/s on one thread's worth of memory reads, and the
-same product cut into one block of output columns per thread, run as one `torch.bmm`, 26-28 GB/s. So the decoder
-keeps every float matrix transposed and cut into blocks (`FloatMatrix`): one copy of the weights, made once when
-it is built (llama.cpp likewise stores its own layout, GGUF, rather than PyTorch's). Products of several rows
-(batched decoding, prefill) are bound by arithmetic instead, and run oneDNN's matmul on a packed copy made on
-first use (`FloatMatrix`).
+A step runs in C where it can (`infer/native.py`, `native_step.c`): the whole step, every layer and the head, in
+one call and one OpenMP thread team, reading the weights and cache held here. In PyTorch a batch-1 step of a small
+model is ~90 dispatched operations whose thread fork/join and bookkeeping cost more than their arithmetic; in C
+what is left is reading the weights, so a step runs at the speed of memory: with ChatGLM3's 64,798-token
+vocabulary the 24m float32 head is 75 MB read once per token (benchmarks/llamacpp_bench.py measures the step beside
+llama.cpp's). The C library is built on first use with the system's C compiler; without one (or with
+`TINY_LLAMA2_ZH_NATIVE=0`, or `LeanDecoder(native=False)`) the same step runs as PyTorch operations, correct and
+slower.
+
+Weights are kept as the model stores them, (out, in) rows (`FloatMatrix`: the C dot products stream them front
+to back; in PyTorch one row's product is a `torch.bmm` over a blocked copy of the transposed weight made on first
+use, as `F.linear`'s matrix-vector path on the stored layout was slow). Products of several rows in PyTorch (a
+prompt's prefill) are bound by arithmetic, and run oneDNN's matmul on a packed copy made on first use.
 
 Quantised folders (`tinyllm quantize`) decode here too, from their integer weights (`Int8Matrix`): int8 (or int4
 held one per byte) values with a float32 scale per output channel or per group of inputs, as torchao and torch.ao
-store them. At batch sizes up to `Int8Matrix.SMALL_BATCH` the product is one fused kernel that reads the int8
-values, converts and sums them in registers (torch.compile's inductor, compiled once per process and kept in
-inductor's on-disk cache): it reads a quarter of float32's bytes, and at the 24m shape the int8 weights (25 MB)
-fit the machine's 32 MB L3 cache, which float32's (100 MB) do not. Activations stay float32 (weight-only
-quantisation, as torchao's Int8WeightOnlyConfig and llama.cpp's q8_0 matrix-vector products compute with float
-scales). Larger batches (a prompt's prefill) dequantise the weights and run one float matmul. Where inductor cannot
-compile (no C++ compiler) the small-batch product falls back to that too, with a warning.
+store them. The C step converts the values to float in registers, reading a quarter of float32's bytes (at the 24m
+shape the int8 weights, 25 MB, fit the machine's 32 MB L3 cache, which float32's do not). Activations stay float32
+(weight-only quantisation, as torchao's Int8WeightOnlyConfig computes). A prompt's prefill (many rows, bound by
+arithmetic) multiplies a float copy made for that product; without the C library, decoding steps use a float
+copy made once and kept (float32's speed, and its memory beside the integers).
 
 The decoder holds `max_batch` cache rows. Rows 0..n-1 are the running batch; each row has its own length, so
 sequences with different prompt lengths decode together (per-row positions, masked attention), a new sequence
@@ -37,16 +38,8 @@ last row into its place so the running rows stay a prefix (their cache slices ar
 
 The arithmetic is model.py's, read from the model's modules (RMSNorm in float32, "rotate half" rotary with the
 sign folded into the sin table, grouped-query attention, SwiGLU, tied lm_head): greedy decoding of a float model
-gives the same tokens as `model.generate` (tests/test_decode.py). The weights are read when the decoder is built
-(q/k/v and gate/up concatenated once); a model changed afterwards needs a new decoder.
-
-`compile=True` (`tinyllm serve --compile`, the benchmarks' --compile) runs batch-1 steps as one program that
-torch.compile's inductor generates in C++ over the static cache (`LeanDecoder._static_step`): fixed shapes, the
-position a tensor, attention over the whole cache with a mask and written as products and sums that inductor
-fuses. It removes the step's per-operation Python and dispatch, which is most of a step for small models (the
-demo model's step twice as fast, float32 and int8); for 24m with ChatGLM3's vocabulary a step is bound by reading
-the 75 MB head and compiling changes little. Compiling costs seconds to minutes once per process (inductor keeps
-its kernels in an on-disk cache across processes), so one-off `generate` and `chat` decode eagerly.
+gives the same tokens as `model.generate`, in C and in PyTorch (tests/test_decode.py). The weights are read when
+the decoder is built (q/k/v and gate/up concatenated once); a model changed afterwards needs a new decoder.
 """
 
 import functools
@@ -60,6 +53,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from tiny_llama2_zh.errors import UsageError
+from tiny_llama2_zh.infer.native import NativeStep, native_library, native_product, native_product_runs
 
 logger = logging.getLogger(__name__)
 
@@ -94,36 +88,46 @@ class FloatMatrix:
 
     def __init__(self, weight: torch.Tensor, blocks: int | None = None) -> None:
         self.out_features, self.in_features = weight.shape
+        self.rows = weight.detach().contiguous()  # (out, in): W itself, the C step's layout (no copy when stored so)
         threads = torch.get_num_threads() if weight.device.type == "cpu" else 1  # a GPU runs one product whole
         self.blocks = max(1, min(blocks or threads, self.out_features))
-        per_block = -(-self.out_features // self.blocks)  # the last block padded with zero columns
-        padded = F.pad(weight.detach(), (0, 0, 0, per_block * self.blocks - self.out_features))
-        self.weight_blocks = padded.view(self.blocks, per_block, self.in_features).transpose(1, 2).contiguous()
+        self._weight_blocks: torch.Tensor | None = None  # the blocked copy, made on the first product that needs it
         self._packed: torch.Tensor | None = None  # oneDNN's layout, made on the first product of several rows
+        self.native = True  # one-row products by the C library where it is built (infer/native.py)
+
+    @property
+    def weight_blocks(self) -> torch.Tensor:
+        """W transposed and cut by output columns into `blocks` contiguous blocks, (blocks, in, out / blocks), the
+        last padded with zero columns: made on first use (where the C step runs one-row products, never)."""
+        if self._weight_blocks is None:
+            per_block = -(-self.out_features // self.blocks)
+            padded = F.pad(self.rows, (0, 0, 0, per_block * self.blocks - self.out_features))
+            self._weight_blocks = padded.view(self.blocks, per_block, self.in_features).transpose(1, 2).contiguous()
+        return self._weight_blocks
 
     def weight(self) -> torch.Tensor:
-        """W itself, (out, in), rebuilt from the blocks (a copy)."""
-        return self.weight_blocks.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
+        """W itself, (out, in)."""
+        return self.rows
 
     @staticmethod
     def _runs_onednn(x: torch.Tensor) -> bool:
         """Whether x's product runs oneDNN's (see the class docstring): several float32 rows, eagerly, on a CPU."""
         if x.shape[0] == 1 or x.dtype != torch.float32 or x.device.type != "cpu":
             return False
-        return not torch.compiler.is_compiling() and _onednn_available()
+        return _onednn_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
         if self._runs_onednn(x):
             if self._packed is None:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().contiguous(), self.PACKING_BATCH)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-        if torch.compiler.is_compiling():  # in the compiled step (`compile=True`)
-            return _blocked_product(x, self.weight_blocks, self.out_features)
+        if native_product_runs(x, self):
+            return native_product(self, x)
         return _blocked_product_eager(x, self.weight_blocks, self.out_features)
 
     @property
     def nbytes(self) -> int:
-        return self.weight_blocks.nbytes
+        return self.rows.nbytes
 
 
 def _blocked_product_eager(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -134,69 +138,12 @@ def _blocked_product_eager(x: torch.Tensor, weight_blocks: torch.Tensor, out_fea
     return y if y.shape[1] == out_features else y[:, :out_features].contiguous()
 
 
-@torch.library.custom_op("tiny_llama2_zh::blocked_product", mutates_args=())
-def _blocked_product(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """`_blocked_product_eager` as an opaque operation in the compiled step: inductor lowers a bmm of one row to
-    loops of its own, which ran the compiled 24m float32 step at about half the eager step's speed. Its result is
-    a new tensor (bmm's output or a copy of it), never a view of an input, so it is returned as it is."""
-    return _blocked_product_eager(x, weight_blocks, out_features)
-
-
-@_blocked_product.register_fake
-def _(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
-def _int8_product(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) float times int8 values (out, in) with scales (out, groups): sum over each group of inputs,
-    times the group's scale, summed over groups. Written as a broadcast product and sums so that inductor makes it
-    one reduction kernel that reads every int8 value once (a matmul on `qdata.float()` would first write the
-    float32 matrix)."""
-    rows, groups = x.shape[0], scale.shape[1]
-    out_features, in_features = qdata.shape
-    grouped_x = x.view(rows, 1, groups, in_features // groups)
-    products = (grouped_x * qdata.view(1, out_features, groups, in_features // groups)).sum(-1)  # (rows, out, G)
-    return (products * scale).sum(-1)
-
-
-@torch.library.custom_op("tiny_llama2_zh::materialize", mutates_args=())
-def _materialize(x: torch.Tensor) -> torch.Tensor:
-    """x itself, as an opaque operation: inductor cannot inline what computes x into the kernel that reads it.
-
-    In the compiled step (`compile=True`) the input of an int8 product is a pointwise result (the RMSNorm of the
-    residual, SwiGLU's silu(gate) * up); inductor inlines pointwise producers into their consumer, so the product's
-    kernel recomputed the norm (residual add, weight, scale) once for every output row: for the 24m head, 64,798
-    times. Passing the input through this call makes inductor write it to a buffer first, which the product kernel
-    then reads. Measured on this project's machine (one thread, under load): norm then int8 head product, compiled,
-    3.59 ms inlined against 1.57 ms materialized."""
-    return x.clone()
-
-
-@_materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@functools.cache
-def _compiled_int8_product() -> Callable | None:
-    """The int8 product compiled by inductor (shapes dynamic: one kernel for every matrix and batch size), or
-    None where it cannot be compiled (then Int8Matrix dequantises)."""
-    try:
-        compiled = torch.compile(_int8_product, dynamic=True)
-        with torch.inference_mode():  # compile now, on a small problem, so that a failure shows here
-            compiled(torch.ones(2, 64), torch.ones(3, 64, dtype=torch.int8), torch.ones(3, 2))
-        return compiled
-    except Exception as error:  # no C++ compiler, an unsupported platform: correct, only slower
-        logger.warning("int8 decode kernel unavailable (%s); quantised weights are dequantised per call", error)
-        return None
-
-
 class Int8Matrix:
     """y = x @ (values * scales).T for integer weights (out, in) held one per int8 (int8, or int4 in -8..7) with a
     float32 scale per output channel and group of inputs (out, groups), zero points 0 (symmetric quantisation, as
     every `tinyllm quantize` method stores). See the module docstring for the kernels."""
 
-    SMALL_BATCH = 16  # rows up to which the fused int8 kernel runs; beyond it, dequantise and matmul
+    SMALL_BATCH = 16  # rows up to which the C library multiplies the integers; beyond it, dequantise and matmul
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
         self.qdata = qdata.contiguous()  # (out, in) int8
@@ -204,6 +151,8 @@ class Int8Matrix:
         self.out_features, self.in_features = qdata.shape
         if self.in_features % self.scale.shape[1]:
             raise ValueError(f"{self.scale.shape[1]} scale groups do not divide {self.in_features} inputs")
+        self.native = True  # products of up to SMALL_BATCH rows by the C library where it is built
+        self._float: FloatMatrix | None = None  # without the C library: the dequantised weight, made on first use
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) the integers stand for."""
@@ -218,12 +167,14 @@ class Int8Matrix:
         return values.view(*ids.shape, self.in_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
-        if torch.compiler.is_compiling() and x.shape[0] <= self.SMALL_BATCH:
-            return _int8_product(_materialize(x), self.qdata, self.scale)  # in the compiled step (`compile=True`)
-        kernel = _compiled_int8_product() if x.shape[0] <= self.SMALL_BATCH else None
-        if kernel is not None and x.dtype == torch.float32:
-            return kernel(x, self.qdata, self.scale)
-        return torch.mm(x, self.dequantized().t().to(x.dtype))
+        if x.shape[0] > self.SMALL_BATCH:  # a prompt's prefill: bound by arithmetic, on a float copy made for it
+            return torch.mm(x, self.dequantized().t().to(x.dtype))
+        if native_product_runs(x, self):
+            return native_product(self, x)
+        if self._float is None:  # PyTorch only: decode from a float copy, kept (float32's speed and memory)
+            self._float = FloatMatrix(self.dequantized())
+            self._float.native = False
+        return self._float(x)
 
     @property
     def nbytes(self) -> int:
@@ -296,7 +247,11 @@ class LeanDecoder:
     """
 
     def __init__(
-        self, model: PreTrainedModel, max_batch: int = 8, max_len: int | None = None, compile: bool = False
+        self,
+        model: PreTrainedModel,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        native: bool = True,
     ) -> None:
         config = model.config
         self.config = config
@@ -346,31 +301,28 @@ class LeanDecoder:
         self.rows = 0  # rows 0..rows-1 are running
         self._row_index = torch.arange(max_batch, device=self.device)
         self._positions = torch.arange(self.max_len, device=self.device)
-        self._compiled_step = self._compile_step() if compile else None
+        if not native:  # PyTorch's operations only, products included (tests and benchmarks compare the two)
+            for matrix in self._matrices():
+                matrix.native = False
+        self._native_step = self._bind_native_step() if native else None
 
-    def _compile_step(self) -> Callable | None:
-        """The batch-1 step compiled whole by inductor (`_static_step`), compiled now on a dummy token so that the
-        cost is paid at construction and a failure shows here; None (eager steps, with a warning) where it cannot
-        compile. cpp_wrapper: inductor's host code is C++ too, so a step makes one call from Python instead of
-        one per kernel. Only batch 1 is compiled: there the per-token Python overhead is largest relative to the
-        arithmetic (for the demo model most of a step), and one graph keeps the compile time to one (~15 s for
-        the demo model, more than a minute for 24m on a busy 2-core machine); larger batches spread that
-        overhead over their rows and stay eager."""
-        compiled = torch.compile(self._static_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-        try:
-            with torch.inference_mode():
-                compiled(torch.zeros(1, dtype=torch.long, device=self.device), self._positions[:1])
-        except Exception as error:  # no C++ compiler, an unsupported platform: correct, only slower
-            logger.warning("compiled decode step unavailable (%s); decoding eagerly", error)
+    def _matrices(self) -> list["Matrix"]:
+        """The head and every layer's matrices: what a step reads."""
+        return [self.head, *(m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+
+    def _bind_native_step(self) -> NativeStep | None:
+        """The C step (infer/native.py) over this decoder's weights and cache, where it applies: a CPU, float32
+        activations, float32 or int8 weights, and a C compiler to build it; else None (PyTorch's operations)."""
+        floats = [m.rows.dtype for m in self._matrices() if isinstance(m, FloatMatrix)]
+        if self.device.type != "cpu" or self.dtype != torch.float32 or any(d != torch.float32 for d in floats):
             return None
-        finally:
-            self.reset()
-        return compiled
+        library = native_library()
+        return NativeStep(self, library) if library is not None else None
 
     @property
-    def compiled(self) -> bool:
-        """Whether batch-1 steps run the compiled step (`compile=True` and it compiled)."""
-        return self._compiled_step is not None
+    def native(self) -> bool:
+        """Whether steps run the C step (infer/native.py)."""
+        return self._native_step is not None
 
     def _embedding_of(self, module: nn.Module, model: PreTrainedModel) -> torch.Tensor | Int8Matrix:
         """The input embedding: the float table itself (never copied), or the integer rows of a quantised one (for
@@ -396,8 +348,7 @@ class LeanDecoder:
     @property
     def weight_bytes(self) -> int:
         """Bytes of the matrices a decode step reads (the head and every layer's), as the decoder stores them."""
-        matrices = [self.head, *(m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))]
-        return sum(matrix.nbytes for matrix in matrices)
+        return sum(matrix.nbytes for matrix in self._matrices())
 
     # ------------------------------------------------------------------------------------------- the maths
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -414,22 +365,11 @@ class LeanDecoder:
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """One query per row (q: (B, H, hd)) against its cached keys and values (B, KV, T, hd), grouped-query
-        attention without repeating the cache; returns (B, H * hd). Eager: torch's fused SDPA kernel. Compiled:
-        the same softmax(q k / sqrt(d)) v written as products and sums, which inductor fuses into the step's C++
-        (the fused SDPA kernel stays an opaque call with ~50 us of setup for a single query)."""
-        batch = q.shape[0]
-        if not torch.compiler.is_compiling():
-            out = F.scaled_dot_product_attention(
-                q[:, :, None], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.groups > 1
-            )  # (B, H, 1, hd)
-            return out.reshape(batch, -1)
-        grouped = q.view(batch, self.n_kv_heads, self.groups, 1, self.head_dim)
-        scores = (grouped * keys[:, :, None]).sum(-1) * self.scale  # (B, KV, G, T)
-        if mask is not None:
-            scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        out = (weights[..., None] * values[:, :, None]).sum(-2)  # (B, KV, G, hd)
-        return out.reshape(batch, -1)
+        attention without repeating the cache; returns (B, H * hd): torch's fused SDPA kernel."""
+        out = F.scaled_dot_product_attention(
+            q[:, :, None], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.groups > 1
+        )  # (B, H, 1, hd)
+        return out.reshape(q.shape[0], -1)
 
     def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         gate, up = layer.gate_up(self._norm(x, layer.post_norm)).chunk(2, dim=-1)
@@ -480,8 +420,8 @@ class LeanDecoder:
         lengths = self.lengths[:batch]
         if max(lengths) >= self.max_len:
             raise ValueError(f"a row is full: the cache holds {self.max_len} positions")
-        if self._compiled_step is not None and batch == 1:
-            logits = self._compiled_step(tokens, torch.as_tensor(lengths, device=self.device))
+        if self._native_step is not None:
+            logits = self._native_step(tokens, torch.as_tensor(lengths))
         else:
             logits = self._eager_step(tokens, lengths)
         for row in range(batch):
@@ -501,16 +441,6 @@ class LeanDecoder:
         mask = (self._positions[:span][None] <= positions[:, None])[:, None, None]  # (B, 1, 1, span): attend
         rotary = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
         return self._layers_step(tokens, rotary, positions, mask, span)
-
-    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The step with every shape fixed by the batch size alone: positions are a tensor, attention runs over
-        the whole cache (masked beyond each row's length). This is the function `compile=True` hands to
-        torch.compile: one graph per batch size, whatever the positions, so the whole step (embedding, every
-        layer, the head) runs as one generated C++ program without returning to Python, the CPU counterpart of
-        replaying a CUDA graph over a static cache (as gpt-fast and vLLM do on GPUs)."""
-        mask = (self._positions[None] <= positions[:, None])[:, None, None]  # (B, 1, 1, max_len)
-        rotary = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
-        return self._layers_step(tokens, rotary, positions, mask, self.max_len)
 
     def _layers_step(
         self,

@@ -167,8 +167,7 @@ class Engine:
     """Owns the model on a background thread; `submit` requests from any thread.
 
     `max_batch` requests decode together; up to `queue_size` more wait for a row; beyond that `submit` raises
-    QueueFull. `compile`: a lone request's steps run the decoder's compiled step (`LeanDecoder(compile=True)`,
-    compiled here, before the engine starts)."""
+    QueueFull."""
 
     def __init__(
         self,
@@ -176,14 +175,13 @@ class Engine:
         tokenizer: PreTrainedTokenizerFast,
         max_batch: int = 8,
         queue_size: int = 32,
-        compile: bool = False,
     ) -> None:
         if queue_size < 0:
             raise ValueError(f"queue_size must be 0 or more, got {queue_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
-        self.decoder = LeanDecoder(model, max_batch=max_batch, compile=compile)
+        self.decoder = LeanDecoder(model, max_batch=max_batch)
         self.max_batch = max_batch
         self.queue_size = queue_size
         self._lock = threading.Condition()  # guards the four fields below; the engine thread waits on it

@@ -46,14 +46,12 @@ def generate_text(
     return tokenizer.decode(output, skip_special_tokens=True)
 
 
-def lean_decoder(
-    model: PreTrainedModel, max_batch: int = 1, max_len: int | None = None, compile: bool = False
-) -> LeanDecoder | None:
+def lean_decoder(model: PreTrainedModel, max_batch: int = 1, max_len: int | None = None) -> LeanDecoder | None:
     """A LeanDecoder for `model`, or None when it cannot read it (then `model.generate` decodes)."""
     if type(model).__name__ != "TinyLlama2ForCausalLM":  # also the class of a folder loaded as remote code
         return None
     try:
-        return LeanDecoder(model, max_batch=max_batch, max_len=max_len, compile=compile)
+        return LeanDecoder(model, max_batch=max_batch, max_len=max_len)
     except UsageError:
         return None
 

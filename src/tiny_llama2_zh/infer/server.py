@@ -265,7 +265,6 @@ def create_app(
     bound_hosts: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
     allow_origins: Sequence[str] = (),
-    compile: bool = False,
 ) -> FastAPI:
     """The server for the model folder `model_dir`, answering to `model_name`. The engine thread starts here and
     stops with the app's lifespan (uvicorn runs it; `app.state.engine.stop()` for callers that do not).
@@ -273,14 +272,13 @@ def create_app(
     Host headers accepted: the loopback names, `bound_hosts` (the address the server binds) and the address a
     client connected to, all with the server's port, and `allow_hosts` (a name: any port; name:port: that one).
     Origin headers accepted: the server's own (http:// + an accepted Host) and `allow_origins`, which also get CORS
-    headers (their pages may send JSON and read the answers). `compile`: the engine's decoder compiles its
-    batch-1 step (`LeanDecoder(compile=True)`) before the server answers."""
+    headers (their pages may send JSON and read the answers)."""
     from tiny_llama2_zh.loading import load_model
 
     allowed_hosts = tuple(_allowed_host(host) for host in allow_hosts)
     allowed_origins = frozenset(_allowed_origin(origin) for origin in allow_origins)
     model, tokenizer = load_model(model_dir, device or "cpu")
-    engine = Engine(model, tokenizer, max_batch=max_batch, queue_size=queue_size, compile=compile).start()
+    engine = Engine(model, tokenizer, max_batch=max_batch, queue_size=queue_size).start()
     context = engine.context
     chat_stop_ids = frozenset(turn_end_ids(tokenizer))
     plain_stop_ids = frozenset({tokenizer.eos_token_id})
@@ -621,7 +619,6 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allow_hosts: Sequence[str] = (),
     allow_origins: Sequence[str] = (),
-    compile: bool = False,
 ) -> None:
     """`tinyllm serve`: run the app under uvicorn until Ctrl-C."""
     import uvicorn
@@ -636,7 +633,6 @@ def serve(
         bound_hosts=(host,),
         allow_hosts=allow_hosts,
         allow_origins=allow_origins,
-        compile=compile,
     )
     print(f"serving {model_dir} as '{model_name}' on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2)
