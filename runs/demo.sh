@@ -47,7 +47,7 @@ tinyllm ppo --config configs/ppo/demo.yaml "model.policy=$out/sft/final" "model.
 
 # 9. DPO on the same pairs and the tasks' (no reward model in the loop; it only scores DPO's replies afterwards).
 tinyllm dpo --config configs/dpo/demo.yaml "model.init_from=$out/sft/final" "model.reward_model=$out/reward/final" \
-  "data.train=[$out/tasks/review/preference-train.jsonl,$out/tasks/review/preference-train.jsonl,$out/tasks/sentiment/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
+  "data.train=[$out/tasks/review/preference-train.jsonl,$out/tasks/review/preference-train.jsonl,$out/tasks/addition/preference-train.jsonl]" \
   "data.validation=[$out/tasks/review/preference-test.jsonl]" "train.output_dir=$out/dpo" train.seed=1337
 
 # 10. GRPO with checkable rewards (the task's own answer checker) on addition prompts.

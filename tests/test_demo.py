@@ -172,6 +172,7 @@ CLAIMED_MET = (
     ("dpo", "implicit-reward pair accuracy >= SFT log-prob baseline + 5 points"),
     ("dpo", "reward-model score of sampled replies above the SFT model's"),
     ("dpo", "replies an independent judge reads as positive rise >= 10 points"),
+    ("dpo", "sentiment accuracy >= SFT - 1 point"),
     ("grpo", "addition: SFT pass@8 - pass@1 >= 20 points"),
     ("eval", "a multiple-choice benchmark where the SFT model is above chance (2 standard errors)"),
 )

@@ -66,14 +66,16 @@ def _onednn_available() -> bool:
 
 
 class FloatMatrix:
-    """y = x @ W.T for a float weight W (out, in), kept transposed and cut by output columns into one block per
-    thread, (blocks, in, out / blocks), each block contiguous: one row's product is `torch.bmm` of the row against
-    every block, which streams each block row by row (where F.linear's call on the stored layout takes BLAS's slow
-    matrix-vector path, see the module docstring) and runs the blocks on the threads in parallel (ATen's CPU bmm
-    splits the batch across threads). torch.mm on the whole transposed matrix gets no such split: on this
-    project's 2-core machine, 2 threads, the 24m head (64,798 x 288) took 4.2 ms with torch.mm (18 GB/s) and
-    2.6 ms as two blocks (28 GB/s; a plain sum over the matrix split across the two cores read 34 GB/s, one core
-    alone ~20). The block count is the thread count when the decoder is built.
+    """y = x @ W.T for a float weight W (out, in), kept as stored, (out, in) rows: the layout the C library's
+    products stream front to back (infer/native_step.c), which runs one-row products wherever it is built.
+
+    In PyTorch alone, one row's product runs on a copy made on first use, transposed and cut by output columns
+    into one block per thread, (blocks, in, out / blocks), each block contiguous: `torch.bmm` of the row against
+    every block streams each block row by row (F.linear's call on the stored layout takes BLAS's slow
+    matrix-vector path, about 3 GB/s) and runs the blocks on the threads in parallel (ATen's CPU bmm splits the
+    batch across threads; torch.mm on the whole transposed matrix gets no such split: on this project's 2-core
+    machine, 2 threads, the 24m head (64,798 x 288) took 4.2 ms with torch.mm and 2.6 ms as two blocks). The block
+    count is the thread count when the matrix is built.
 
     Products of several float32 rows (a batch of sequences decoding together, a prompt's prefill) run oneDNN's
     matmul on a copy of the weight in oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the
@@ -81,8 +83,8 @@ class FloatMatrix:
     is bound by arithmetic rather than memory, and MKL's sgemm, torch.mm's kernel, takes a slower code path on AMD
     CPUs: on this project's AMD EPYC (Zen 4) machine, one thread, the 24m head (64,798 x 288) took 5.4 ms for 8
     rows with oneDNN against 11.9 ms with torch.mm, 46 against 88 ms for 128 rows, the same for 2 rows (measured
-    under load). One row stays on the blocks: there oneDNN's product was slower (8.3 against 5.5 ms). The copy costs
-    the weight's size again in memory once a batch or a prompt of more than one token has run."""
+    under load). One row stays off it: there oneDNN's product was slower (8.3 against 5.5 ms). The copy costs the
+    weight's size again in memory once a prompt of more than one token has run (the C step runs batched decoding)."""
 
     PACKING_BATCH = 8  # the row count oneDNN chooses its blocked layout for (any count runs on it)
 
