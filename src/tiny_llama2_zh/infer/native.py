@@ -6,7 +6,8 @@ extension toolchain and no ninja, only `cc`.
 (`$XDG_CACHE_HOME/tiny-llama2-zh/native/`, named by a hash of the source, the compiler's version and the CPU's
 flags, so that an edit, a new compiler or another machine builds afresh) and returns it, or None with one warning
 where there is no compiler or the build fails: the decoder then runs its PyTorch step, correct and slower.
-`TINY_LLAMA2_ZH_NATIVE=0` turns the C step off (the benchmarks compare both).
+`TINY_LLAMA2_ZH_NATIVE=0` turns the C step off everywhere (`LeanDecoder(native=False)` for one decoder, as the
+benchmarks do to compare both).
 
 The library is linked against the OpenMP runtime PyTorch already loaded (libgomp, by its soname), so the C step
 and PyTorch's own operations share one thread team rather than two teams spinning against each other on few cores.
