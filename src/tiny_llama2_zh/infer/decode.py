@@ -96,6 +96,7 @@ class FloatMatrix:
         self._weight_blocks: torch.Tensor | None = None  # the blocked copy, made on the first product that needs it
         self._packed: torch.Tensor | None = None  # oneDNN's layout, made on the first product of several rows
         self.native = True  # one-row products by the C library where it is built (infer/native.py)
+        self._native = None  # the C library's view of it (native.matrix_struct), made on first use
 
     @property
     def weight_blocks(self) -> torch.Tensor:
@@ -121,18 +122,18 @@ class FloatMatrix:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
         if self._runs_onednn(x):
             if self._packed is None:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().contiguous(), self.PACKING_BATCH)
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.rows, self.PACKING_BATCH)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
         if native_product_runs(x, self):
             return native_product(self, x)
-        return _blocked_product_eager(x, self.weight_blocks, self.out_features)
+        return _blocked_product(x, self.weight_blocks, self.out_features)
 
     @property
     def nbytes(self) -> int:
         return self.rows.nbytes
 
 
-def _blocked_product_eager(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+def _blocked_product(x: torch.Tensor, weight_blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (rows, in) times the blocks (blocks, in, per): one torch.bmm, the blocks on the threads in parallel."""
     blocks, in_features, _ = weight_blocks.shape
     y = torch.bmm(x.expand(blocks, x.shape[0], in_features), weight_blocks)  # (blocks, rows, per)
@@ -154,6 +155,7 @@ class Int8Matrix:
         if self.in_features % self.scale.shape[1]:
             raise ValueError(f"{self.scale.shape[1]} scale groups do not divide {self.in_features} inputs")
         self.native = True  # products of up to SMALL_BATCH rows by the C library where it is built
+        self._native = None  # the C library's view of it (native.matrix_struct), made on first use
         self._float: FloatMatrix | None = None  # without the C library: the dequantised weight, made on first use
 
     def dequantized(self) -> torch.Tensor:

@@ -176,18 +176,25 @@ def _pointer(tensor: torch.Tensor, keep: list[torch.Tensor]) -> int:
     return tensor.data_ptr()
 
 
-def matrix_struct(m: object, keep: list[torch.Tensor]) -> Matrix:
-    """The C view of a decoder matrix: a FloatMatrix's float32 (out, in) rows, or an Int8Matrix's values and
-    scales (out, groups)."""
+def matrix_struct(m: object) -> Matrix:
+    """The C view of a decoder matrix (a FloatMatrix's float32 (out, in) rows, or an Int8Matrix's values and
+    scales (out, groups)), made once and kept on the matrix, whose own attributes hold the tensors it points into.
+    Its products (`native_product`) and the C step's layers (`NativeStep`) read the same one."""
     from tiny_llama2_zh.infer.decode import Int8Matrix
 
+    if m._native is not None:
+        return m._native
+    keep: list[torch.Tensor] = []  # the matrix holds them
     if isinstance(m, Int8Matrix):
-        return Matrix(
+        struct = Matrix(
             _pointer(m.qdata, keep), _pointer(m.scale, keep), m.out_features, m.in_features, m.scale.shape[1], 1
         )
-    if m.rows.dtype != torch.float32:
+    elif m.rows.dtype != torch.float32:
         raise ValueError(f"the C step multiplies float32 or int8 weights, not {m.rows.dtype}")
-    return Matrix(_pointer(m.rows, keep), None, m.out_features, m.in_features, 1, 0)
+    else:
+        struct = Matrix(_pointer(m.rows, keep), None, m.out_features, m.in_features, 1, 0)
+    m._native = struct
+    return struct
 
 
 def native_product_runs(x: torch.Tensor, matrix: object) -> bool:
@@ -202,9 +209,7 @@ def native_product_runs(x: torch.Tensor, matrix: object) -> bool:
 
 def native_product(matrix: object, x: torch.Tensor) -> torch.Tensor:
     """x (rows, in) times the matrix, (rows, out), by the C library on PyTorch's thread count."""
-    struct = getattr(matrix, "_native", None)
-    if struct is None:
-        struct = matrix._native = matrix_struct(matrix, [])  # its tensors are the matrix's own attributes
+    struct = matrix_struct(matrix)
     x = x.contiguous()
     y = torch.empty(x.shape[0], struct.out)
     native_library().tl_product(ctypes.byref(struct), x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
@@ -219,11 +224,9 @@ class NativeStep:
         from tiny_llama2_zh.infer.decode import Int8Matrix
 
         self.library = library
-        self._keep: list[torch.Tensor] = []
+        self._keep: list[torch.Tensor] = []  # the tensors the structures point into, beside the matrices' own
         keep = self._keep
-
-        def matrix(m: object) -> Matrix:
-            return matrix_struct(m, keep)
+        matrix = matrix_struct
 
         layers = (Layer * len(decoder.layers))()
         for index, weights in enumerate(decoder.layers):

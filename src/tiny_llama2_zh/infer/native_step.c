@@ -46,7 +46,6 @@ typedef struct {
  * without -ffast-math's licence to reorder the sum. Each lane sums its own inputs in order. */
 typedef float f8 __attribute__((vector_size(32)));
 
-
 static inline f8 load_f8(const float *p) {
     f8 v;
     __builtin_memcpy(&v, p, sizeof v);
