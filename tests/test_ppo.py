@@ -24,6 +24,7 @@ from tiny_llama2_zh.train.ppo import (
     ppo,
     ppo_arguments,
     ptx_examples,
+    reference_kl,
     sft_loss,
     whiten,
 )
@@ -284,11 +285,54 @@ def test_ptx_loss_is_the_sft_loss_of_the_replies_and_pulls_the_policy_toward_the
                                    "content": r["reference"]}]} for r in rows]  # fmt: skip
     sft_file.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
     losses = {}
-    for name, extra in (("plain", ["ppo.ptx_coef=0"]), ("ptx", [f"data.ptx={sft_file}", "ppo.ptx_coef=1.0"])):
+    labels = [f"data.ptx={sft_file}", "ppo.ptx_coef=1.0", "ppo.ptx_target=labels"]  # the demo pulls toward SFT
+    for name, extra in (("plain", ["ppo.ptx_coef=0"]), ("ptx", labels)):
         ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / name, "train.learning_rate=1e-2", *extra))
         trained = AutoModelForCausalLM.from_pretrained(tmp_path / name / "run" / "final")
         losses[name] = float(sft_loss(trained, examples, tokenizer.pad_token_id))
     assert losses["ptx"] < losses["plain"] - 0.5, losses  # measured 5.53 against 6.9 at the start
+
+
+def test_ptx_toward_the_reference_is_its_kl_and_keeps_the_policy_near_the_sft_model(
+    tiny_model_dir, tiny_reward_dir, tmp_path
+):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": p}], "reference": "好的"} for p in PROMPTS[:2]]
+    examples = ptx_examples(rows, tokenizer)
+    pad = tokenizer.pad_token_id
+    assert float(reference_kl(policy, reference, examples, pad)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.05 * torch.randn_like(policy.lm_head.weight))
+    # by hand: sum_v p_ref(v) log(p_ref(v) / p_policy(v)) at each reply token's prediction, averaged over them
+    total, count = 0.0, 0
+    for ids, start in examples:
+        with torch.no_grad():
+            ref_log = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            pol_log = torch.log_softmax(policy(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        for position in range(start, len(ids)):
+            p, q = ref_log[position - 1], pol_log[position - 1]
+            total += float((p.exp() * (p - q)).sum())
+            count += 1
+    assert total > 0 and float(reference_kl(policy, reference, examples, pad)) == pytest.approx(total / count, 1e-4)
+
+    with pytest.raises(ConfigError, match="ptx_target"):
+        ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "bad", "ppo.ptx_target=replies"))
+    sft_file = tmp_path / "sft" / "toy" / "sft-train.jsonl"
+    sft_file.parent.mkdir(parents=True)
+    conversations = [{"messages": [{"role": "user", "content": r["prompt"][0]["content"]}, {"role": "assistant",
+                                   "content": r["reference"]}]} for r in rows]  # fmt: skip
+    sft_file.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    drift = {}
+    for name, extra in (
+        ("plain", ["ppo.ptx_coef=0"]),
+        ("reference", [f"data.ptx={sft_file}", "ppo.ptx_coef=5.0", "ppo.ptx_target=reference"]),
+    ):
+        ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / name, "train.learning_rate=1e-2", *extra))
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / name / "run" / "final")
+        drift[name] = float(reference_kl(trained, reference, examples, pad))
+    assert drift["reference"] < 0.5 * drift["plain"], drift  # measured 0.0040 against 0.0109
 
 
 def test_a_reward_model_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):

@@ -18,6 +18,13 @@ from tiny_llama2_zh.data.tasks.addition import (
     operands,
     sum_without_carries,
 )
+from tiny_llama2_zh.data.tasks.column_addition import (
+    COLUMN_ADDITION_PROMPT,
+    column_addition_examples,
+    column_addition_metrics,
+    stated_sum,
+    working,
+)
 from tiny_llama2_zh.data.tasks.numerals import (
     NUMERALS_PROMPT,
     chinese_numeral,
@@ -38,9 +45,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict]:
-    """Addition, sentiment and review, built once through the CLI (segmentation's People's Daily parse is slow)."""
+    """The tasks but segmentation, built once through the CLI (segmentation's People's Daily parse is slow)."""
     folder = tmp_path_factory.mktemp("tasks")
-    assert main(["data", "tasks", "--output", str(folder), "--tasks", "addition,numerals,sentiment,review"]) == 0
+    names = "addition,column_addition,numerals,sentiment,review"
+    assert main(["data", "tasks", "--output", str(folder), "--tasks", names]) == 0
     return folder, json.loads((folder / "stats.json").read_text(encoding="utf-8"))
 
 
@@ -113,6 +121,51 @@ def test_addition_metrics_checkers_and_no_carry_baseline():
     replies, _ = task.baseline([e.answer for e in examples], [], [e.prompt for e in examples])
     exact = task.metrics([e.answer for e in examples], replies)["exact"]
     assert 0.1 < exact < 0.4  # right exactly when no column carries: neither zero nor the task solved
+
+
+# ------------------------------------------------------------------------------------------ column addition
+def test_column_addition_works_each_column_from_the_units_and_states_the_sum():
+    assert working(358, 467) == "8+7=15\n5+6+1=12\n3+4+1=8\n得数825"
+    assert working(707, 443) == "7+3=10\n0+4+1=5\n7+4=11\n得数1150"  # the last carry opens the sum
+    assert working(0, 0) == "0+0=0\n得数0"
+    # a slip is carried through: the forgotten carry's column and every line after it, and the sum
+    assert working(358, 467, forget_carry_into=1) == "8+7=15\n5+6=11\n3+4+1=8\n得数815"
+    assert working(111, 222, one_too_high=0) == "1+2=4\n1+2=3\n1+2=3\n得数334"
+    examples = list(column_addition_examples())
+    assert len(examples) == 4000 and examples == list(column_addition_examples())  # deterministic
+    pairs = [operands(example.prompt) for example in examples]
+    assert len(set(pairs)) == len(pairs) and {len(str(n)) for pair in pairs for n in pair} == {3}
+    assert all(e.prompt == COLUMN_ADDITION_PROMPT.format(expression=f"{a}+{b}") for e, (a, b) in zip(examples, pairs))
+    assert all(stated_sum(e.answer) == str(a + b) for e, (a, b) in zip(examples, pairs))
+    assert all(e.answer == working(a, b) for e, (a, b) in zip(examples, pairs))
+    # the wrong working states a wrong sum, and differs from the right one in its working, not only its last line
+    assert all(stated_sum(e.wrong_answer) != stated_sum(e.answer) for e in examples)
+    assert all(e.wrong_answer.splitlines()[:-1] != e.answer.splitlines()[:-1] for e in examples)
+    assert all(e.split_key == f"{min(a, b)}+{max(a, b)}" for e, (a, b) in zip(examples, pairs))  # held out by value
+
+
+def test_column_addition_metrics_checkers_and_no_carry_baseline(built):
+    task = TASKS["column_addition"]
+    right = working(358, 467)
+    references = [right, right, right, right]
+    replies = [right + "\n", "8+7=15\n5+6=11\n3+4=7\n得数825", "8+7=15\n5+6+1=12", "得数 ８２５"]
+    metrics = column_addition_metrics(references, replies)
+    # the sum counts whatever the working (the second reply's working is wrong), a reply with no sum line does not
+    assert metrics["exact"] == 0.75 and metrics["working_exact"] == 0.25 and metrics["no_sum"] == 1
+    assert task.correct(right, "得数825") == 1.0 and task.correct(right, "得数815") == 0.0
+    assert task.correct(right, "得数825\n得数1") == 0.0  # the last line is the answer
+    assert task.partial(right, "得数815") == pytest.approx(2 / 3) and task.partial(right, "825") == 0.0
+    assert task.well_formed(right, "x\n得数7") == 1.0 and task.well_formed(right, "825") == 0.0
+    assert task.answer_problem(right) is None and "得数" in task.answer_problem("825")
+    prompts = [COLUMN_ADDITION_PROMPT.format(expression=e) for e in ("358+467", "701+234")]
+    replies, method = task.baseline([right, working(701, 234)], [], prompts)
+    assert replies == ["得数715", "得数935"] and "without carries" in method
+    folder, stats = built
+    train, test = (
+        {frozenset(operands(row["messages"][0]["content"])) for row in read_jsonl(folder / "column_addition" / name)}
+        for name in ("sft-train.jsonl", "sft-test.jsonl")
+    )
+    assert not train & test and 3700 <= len(train) <= 3900 and 100 <= stats["column_addition"]["test"] <= 300
 
 
 # ---------------------------------------------------------------------------------------------- numerals
@@ -225,9 +278,10 @@ def test_review_judge_reads_plain_praise_and_complaints_and_eval_tasks_leaves_re
 # -------------------------------------------------------------------------------------------------- CLI
 def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_path, capsys):
     folder, stats = built
-    assert set(stats) == {"addition", "numerals", "sentiment", "review"}
+    assert set(stats) == {"addition", "column_addition", "numerals", "sentiment", "review"}
     assert sorted(path.name for path in folder.iterdir()) == [
         "addition",
+        "column_addition",
         "numerals",
         "review",
         "sentiment",

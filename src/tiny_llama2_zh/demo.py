@@ -59,11 +59,15 @@ PAIR_TASKS = ("review",)
 # RLHF prompts: the task the reward model judges; its replies are judged again by a classifier that is not the
 # reward model (train/rl.open_ended_judge), which is what would show reward hacking
 PPO_TASKS = ("review",)
-# PPO-ptx's SFT conversations (configs/ppo/demo.yaml: ppo.ptx_coef): the tasks PPO does not reward, addition twice.
-# Measured on 3 seeds' SFT and reward models (200 held-out rows each): plain PPO on the reviews took sentiment down
-# 2.0-3.5 points on every seed; 0.3 x the SFT loss of sentiment and addition kept sentiment (within 0.5 points) but
-# lost 1.6 points of addition on two seeds; addition twice: 1.6 on one; 0.5 x with addition twice: sentiment
-# -1.0, +2.0, +0.5 and addition -1.1, +5.8, 0.0 points, the reviews still +14 to +17 points positive
+# PPO-ptx's conversations (configs/ppo/demo.yaml: ppo.ptx_coef, ppo.ptx_target): the tasks PPO does not reward,
+# addition twice, held near the SFT model by 0.5 x KL(SFT || policy) at their replies' tokens. Measured on this
+# machine's 3 seeds' SFT and reward models (200 held-out rows each, 2026-12-07): with InstructGPT's SFT loss of
+# the replies instead, sentiment moved -5.5, -0.5, +0.5 points (the reviews PPO rewards pushed the label toward
+# 正面: 43 % of replies against SFT's 36 %, and the labels' loss did not hold the prior; at 1.0 x: -3.0, -0.5, +0.5)
+# and addition +16.2, +3.1, -8.3 (the loss kept teaching a task half learnt); with the KL: sentiment +2.0, +2.0,
+# -1.0, addition +0.5, +1.5, -2.6, the reviews judged positive +40.6, +37.6, +40.6 points (SFT loss: +29.7, +28.2,
+# +21.8). 1.0 x the KL: no better (+1.5, 0.0, -1.0; +1.1, +0.5, -2.6). Before (earlier machine): plain PPO took
+# sentiment down 2.0-3.5 points on every seed.
 PTX_MIX = ("sentiment", "addition", "addition")
 # DPO's pairs: the reviews twice and addition's (the exact sum over a near miss) once, with the SFT loss of every
 # chosen reply beside DPO's (configs/dpo/demo.yaml: loss_type [sigmoid, sft], RPO, Pang et al. 2024) -- DPO's

@@ -18,6 +18,7 @@ SFT_SENTIMENT_ACCURACY = 0.85
 RM_MARGIN_OVER_BASELINES = 0.05  # pair accuracy above the better of the length and SFT log-prob baselines
 RM_OVERALL_ACCURACY = 0.85
 TASK_ACCURACY_SLACK = 0.01  # PPO and DPO keep every task's headline metric within 1 point of the SFT model's
+ROUNDING = 1e-9  # a policy exactly 1 point (two rows of 200) below SFT keeps the task, whatever the float rounding
 DPO_MARGIN_OVER_LOG_PROB = 0.05
 JUDGE_RISE = 0.10  # PPO and DPO: the share of replies the independent judge reads as wanted, over the SFT model's
 GRPO_PASS_GAP = 0.20  # pass@k - pass@1 of the SFT model on GRPO's task: the headroom GRPO can turn into pass@1
@@ -82,7 +83,7 @@ def _keeps_tasks(stage: str, evaluation: dict) -> list[Goal]:
                 stage,
                 f"{task} {headline} >= SFT - 1 point",
                 f"{percent(after)} (SFT {percent(before)})",
-                after >= before - TASK_ACCURACY_SLACK,
+                after >= before - TASK_ACCURACY_SLACK - ROUNDING,
             )
         )
     return goals

@@ -67,6 +67,8 @@ from tiny_llama2_zh.train.rl import (
 )
 from tiny_llama2_zh.train.runner import RL_DEFAULTS, HeldOutEvaluation, StageRun, training_arguments
 
+PTX_TARGETS = ("labels", "reference")  # PPOOptions.ptx_target
+
 
 @dataclass
 class PPOOptions:
@@ -93,6 +95,11 @@ class PPOOptions:
     # not traded away for the reward model's score; 0: plain PPO
     ptx_coef: float = 0.0
     ptx_batch_size: int = 16
+    # what the ptx term pulls the policy toward on those conversations: "labels", their replies (InstructGPT's SFT
+    # loss); "reference", the reference (SFT) model's own next-token distributions over the same reply tokens
+    # (KL(reference || policy), distillation, Hinton et al. 2015) -- it keeps what SFT had, its calibration
+    # included, where the labels keep teaching: a task half learnt at the end of SFT moves on under the SFT loss
+    ptx_target: str = "labels"
 
     def check(self) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -105,6 +112,8 @@ class PPOOptions:
                 raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"ppo.temperature must be positive (PPO samples), got {self.temperature}")
+        if self.ptx_target not in PTX_TARGETS:
+            raise ConfigError(f"ppo.ptx_target must be one of {', '.join(PTX_TARGETS)}, got {self.ptx_target!r}")
         if self.ptx_coef < 0 or self.ptx_batch_size < 1:
             raise ConfigError(f"ppo.ptx_coef must be >= 0 and ppo.ptx_batch_size >= 1, got {self.ptx_coef}, "
                               f"{self.ptx_batch_size}")  # fmt: skip
@@ -142,16 +151,34 @@ def ptx_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[t
     return examples
 
 
-def sft_loss(policy: PreTrainedModel, examples: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
-    """The mean negative log-likelihood of the replies' tokens (the assistant-only SFT loss) of one batch."""
+def _reply_batch(examples: list[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids, attention mask, labels): right-padded conversations, labels -100 outside the replies, (B, T) each."""
     width = max(len(ids) for ids, _ in examples)
-    device = policy.device
     ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in examples], device=device)
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in examples], device=device)
     labels = torch.tensor(
         [[-100] * start + ids[start:] + [-100] * (width - len(ids)) for ids, start in examples], device=device
     )
+    return ids, mask, labels
+
+
+def sft_loss(policy: PreTrainedModel, examples: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """The mean negative log-likelihood of the replies' tokens (the assistant-only SFT loss) of one batch."""
+    ids, mask, labels = _reply_batch(examples, pad_id, policy.device)
     return policy(input_ids=ids, attention_mask=mask, labels=labels).loss  # the model's own (fused) shifted loss
+
+
+def reference_kl(
+    policy: PreTrainedModel, reference: PreTrainedModel, examples: list[tuple[list[int], int]], pad_id: int
+) -> torch.Tensor:
+    """KL(reference || policy) of the next-token distributions at the replies' tokens, averaged over those tokens:
+    the policy is pulled toward what the reference model would say there, not toward the written reply."""
+    ids, mask, labels = _reply_batch(examples, pad_id, policy.device)
+    predicts = labels[:, 1:] != -100  # position t predicts token t + 1: the reply tokens' predictions
+    with torch.no_grad():
+        target = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, :-1][predicts].float(), -1)
+    log_probs = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits[:, :-1][predicts].float(), -1)
+    return torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="batchmean")
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -380,7 +407,11 @@ class PPOTrainer(HeldOutEvaluation, Trainer):
         loss, stats = self.ppo_loss(batch, train_policy=train_policy)
         if train_policy and options.ptx_coef > 0:
             picked = torch.randint(len(self.ptx), (options.ptx_batch_size,), generator=generator).tolist()
-            ptx_loss = sft_loss(self.model.policy, [self.ptx[i] for i in picked], self.pad_id)
+            batch_examples = [self.ptx[i] for i in picked]
+            if options.ptx_target == "reference":
+                ptx_loss = reference_kl(self.model.policy, self.ref_policy, batch_examples, self.pad_id)
+            else:
+                ptx_loss = sft_loss(self.model.policy, batch_examples, self.pad_id)
             loss = loss + options.ptx_coef * ptx_loss
             stats["ptx_loss"] = float(ptx_loss)
         for name, value in stats.items():

@@ -27,13 +27,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tiny_llama2_zh.data.hashing import is_validation
-from tiny_llama2_zh.data.tasks import addition, numerals, pinyin, review, segmentation, sentiment
+from tiny_llama2_zh.data.tasks import addition, column_addition, numerals, pinyin, review, segmentation, sentiment
 from tiny_llama2_zh.data.tasks.base import Example, Task
 from tiny_llama2_zh.errors import UsageError
 
 TASKS: dict[str, Task] = {
     task.name: task
-    for task in (sentiment.TASK, segmentation.TASK, pinyin.TASK, addition.TASK, numerals.TASK, review.TASK)
+    for task in (
+        sentiment.TASK,
+        segmentation.TASK,
+        pinyin.TASK,
+        addition.TASK,
+        column_addition.TASK,
+        numerals.TASK,
+        review.TASK,
+    )
 }
 # What `tinyllm data tasks` builds unless told (--tasks): the demo's tasks, the ones its 1.3M-parameter model can learn
 DEFAULT_TASKS = ("sentiment", "addition", "review")  # the demo's; the others are built when named
