@@ -169,6 +169,7 @@ CLAIMED_MET = (
     ("ppo", "reward-model score of held-out replies rises"),
     ("ppo", "replies an independent judge reads as positive rise >= 10 points"),
     ("ppo", "KL to the SFT model within its target"),
+    ("ppo", "sentiment accuracy >= SFT - 1 point"),
     ("dpo", "implicit-reward pair accuracy >= SFT log-prob baseline + 5 points"),
     ("dpo", "reward-model score of sampled replies above the SFT model's"),
     ("dpo", "replies an independent judge reads as positive rise >= 10 points"),

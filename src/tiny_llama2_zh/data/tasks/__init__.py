@@ -10,6 +10,7 @@ one entry in `TASKS`.
 - segmentation (segmentation.py): a People's Daily 1998 sentence -> its words separated by spaces.
 - pinyin (pinyin.py): a word -> its pinyin with tone marks (too hard for the demo model: built when named).
 - addition (addition.py): a+b of 2-digit numbers -> the sum, generated with exact answers, held out by value.
+- column_addition (column_addition.py): a+b of 3-digit numbers worked column by column, then the sum (built when named).
 - numerals (numerals.py): 305 -> 三百零五, generated with exact answers, held out by value (built when named).
 - review (review.py): "write a product review" -> a review; the pairs prefer positive reviews (RLHF's classic).
 
