@@ -2,6 +2,7 @@
 reply's end, a resumed run continues exactly, a NaN reward stops the run, and the recipe runs end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +260,14 @@ def test_the_recipe_runs_and_a_resumed_run_continues_exactly(tiny_model_dir, tin
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
 
 
+def write_conversations(path: Path, rows: list[dict]) -> Path:
+    """`load_prompts` rows (a prompt and its reference reply) as an SFT chat file at path, for data.ptx."""
+    path.parent.mkdir(parents=True)
+    conversations = [{"messages": [*row["prompt"], {"role": "assistant", "content": row["reference"]}]} for row in rows]
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    return path
+
+
 def test_ptx_loss_is_the_sft_loss_of_the_replies_and_pulls_the_policy_toward_them(
     tiny_model_dir, tiny_reward_dir, tmp_path
 ):
@@ -279,11 +288,7 @@ def test_ptx_loss_is_the_sft_loss_of_the_replies_and_pulls_the_policy_toward_the
     # with ptx the policy learns the ptx conversations' replies, which plain PPO does not
     with pytest.raises(ConfigError, match=r"data\.ptx"):
         ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "none", "ppo.ptx_coef=1.0", "data.ptx="))
-    sft_file = tmp_path / "sft" / "toy" / "sft-train.jsonl"
-    sft_file.parent.mkdir(parents=True)
-    conversations = [{"messages": [{"role": "user", "content": r["prompt"][0]["content"]}, {"role": "assistant",
-                                   "content": r["reference"]}]} for r in rows]  # fmt: skip
-    sft_file.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    sft_file = write_conversations(tmp_path / "sft" / "toy" / "sft-train.jsonl", rows)
     losses = {}
     labels = [f"data.ptx={sft_file}", "ppo.ptx_coef=1.0", "ppo.ptx_target=labels"]  # the demo pulls toward SFT
     for name, extra in (("plain", ["ppo.ptx_coef=0"]), ("ptx", labels)):
@@ -319,11 +324,7 @@ def test_ptx_toward_the_reference_is_its_kl_and_keeps_the_policy_near_the_sft_mo
 
     with pytest.raises(ConfigError, match="ptx_target"):
         ppo(recipe(tiny_model_dir, tiny_reward_dir, tmp_path / "bad", "ppo.ptx_target=replies"))
-    sft_file = tmp_path / "sft" / "toy" / "sft-train.jsonl"
-    sft_file.parent.mkdir(parents=True)
-    conversations = [{"messages": [{"role": "user", "content": r["prompt"][0]["content"]}, {"role": "assistant",
-                                   "content": r["reference"]}]} for r in rows]  # fmt: skip
-    sft_file.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    sft_file = write_conversations(tmp_path / "sft" / "toy" / "sft-train.jsonl", rows)
     drift = {}
     for name, extra in (
         ("plain", ["ppo.ptx_coef=0"]),

@@ -22,6 +22,7 @@ from tiny_llama2_zh.data.tasks.column_addition import (
     COLUMN_ADDITION_PROMPT,
     column_addition_examples,
     column_addition_metrics,
+    slip,
     stated_sum,
     working,
 )
@@ -131,6 +132,8 @@ def test_column_addition_works_each_column_from_the_units_and_states_the_sum():
     # a slip is carried through: the forgotten carry's column and every line after it, and the sum
     assert working(358, 467, forget_carry_into=1) == "8+7=15\n5+6=11\n3+4+1=8\n得数815"
     assert working(111, 222, one_too_high=0) == "1+2=4\n1+2=3\n1+2=3\n得数334"
+    assert slip(358, 467) == working(358, 467, forget_carry_into=1)  # the first carry that goes into a column
+    assert slip(512, 613) == working(512, 613, one_too_high=0)  # only the top column carries: into no column
     examples = list(column_addition_examples())
     assert len(examples) == 4000 and examples == list(column_addition_examples())  # deterministic
     pairs = [operands(example.prompt) for example in examples]

@@ -66,26 +66,31 @@ def near_misses(a: int, b: int) -> list[int]:
     return sorted({miss for miss in misses if miss >= 0 and miss != right})
 
 
-def addition_examples(
-    count: int = DEFAULT_COUNT, min_digits: int = DEFAULT_DIGITS[0], max_digits: int = DEFAULT_DIGITS[1]
-) -> Iterator[Example]:
-    """`count` distinct ordered pairs a+b, in a fixed order, each with its sum and one near miss (chosen by hash)."""
+def operand_pairs(name: str, count: int, min_digits: int, max_digits: int) -> Iterator[tuple[int, int]]:
+    """`count` distinct ordered pairs (a, b) of min_digits..max_digits-digit numbers, in a fixed order (drawn from
+    hashes of `name` and an index: the same pairs on every machine); refused when they would be most of the pairs."""
     if not 1 <= min_digits <= max_digits:
-        raise UsageError(f"addition operands need 1 <= min_digits <= max_digits, got {min_digits}..{max_digits}")
+        raise UsageError(f"{name} operands need 1 <= min_digits <= max_digits, got {min_digits}..{max_digits}")
     if count > _distinct_pairs(min_digits, max_digits) // 2:
         raise UsageError(
-            f"{count:,} addition examples would be most of the {_distinct_pairs(min_digits, max_digits):,} pairs of "
+            f"{count:,} {name} examples would be most of the {_distinct_pairs(min_digits, max_digits):,} pairs of "
             f"{min_digits}- to {max_digits}-digit numbers; ask for fewer or allow more digits"
         )
     seen: set[tuple[int, int]] = set()
     index = 0
     while len(seen) < count:
-        a = _operand(f"addition {index} a", min_digits, max_digits)
-        b = _operand(f"addition {index} b", min_digits, max_digits)
+        pair = tuple(_operand(f"{name} {index} {side}", min_digits, max_digits) for side in "ab")
         index += 1
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
+        if pair not in seen:
+            seen.add(pair)
+            yield pair
+
+
+def addition_examples(
+    count: int = DEFAULT_COUNT, min_digits: int = DEFAULT_DIGITS[0], max_digits: int = DEFAULT_DIGITS[1]
+) -> Iterator[Example]:
+    """`count` distinct ordered pairs a+b, in a fixed order, each with its sum and one near miss (chosen by hash)."""
+    for a, b in operand_pairs("addition", count, min_digits, max_digits):
         prompt = ADDITION_PROMPT.format(expression=f"{a}+{b}")
         wrong = pick(prompt, near_misses(a, b))
         yield Example(prompt, str(a + b), str(wrong), split_key=f"{min(a, b)}+{max(a, b)}")

@@ -10,16 +10,19 @@ shown, generated here with exact answers (issue 19: a checkable task that a smal
 
 Why the working: without it a 4-layer model learns to carry in one jump, whose step depends on the data order (the
 plain `addition` task: 4 % to 45 % exact on three seeds at one budget), so the headroom GRPO finds after SFT is
-decided by the seed. Written out, each line is a one-digit sum plus the carry the previous line shows -- a table of
-facts learnt one by one -- and the sum is the lines' units read back. Chain-of-thought working makes arithmetic
-learnable by small transformers (Nye et al. 2021, "Show Your Work: Scratchpads for Intermediate Computation with
-Language Models"; Lee et al. 2023, "Teaching Arithmetic to Small Transformers").
+decided by the seed. Written out, each line is a one-digit sum plus the carry the previous line shows, and the sum
+is the lines' units read back: scratchpads make arithmetic learnable by small transformers (Nye et al. 2021, "Show
+Your Work: Scratchpads for Intermediate Computation with Language Models"; Lee et al. 2023, "Teaching Arithmetic to
+Small Transformers"). Measured on the demo model (README, "What the demo measures"): it does make 3-digit sums
+learnable (98.5 % exact after the demo's SFT with six shares), but the jump stays (two shares: 53, 69 and 4 % on
+three seeds), and temperature-1 samples of a ~30-token working are right less often than the greedy one, so the
+demo's GRPO stays on `addition`.
 
 - examples: `COLUMN_ADDITION_PROMPT` with "a+b", 4,000 distinct ordered pairs of `DEFAULT_DIGITS`-digit operands
   (addition's generator: no global random state), held out by value (the unordered pair), as `addition` is.
 - wrong answers (the rejected side of preference pairs): the working with one slip carried through -- a carry
-  forgotten (the column after a carrying one adds without its +1), or where no column carries, one column's sum one
-  too high -- so the wrong sum follows from the wrong working.
+  forgotten (the column after a carrying one adds without its +1), or where no column carries into another, the
+  units' sum one too high -- so the wrong sum follows from the wrong working.
 - metrics: `exact` (the headline) -- the reply's last line is 得数 and the sum's digits; `working_exact` -- the whole
   reply is the reference working, every line right; `no_sum` -- replies with no 得数 line holding a number.
 - reward: 1 for the exact sum (the working is not graded: GRPO rewards the answer, as R1-style RL does); format: a
@@ -31,15 +34,8 @@ import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.addition import (
-    _distinct_pairs,
-    _operand,
-    matching_places,
-    operands,
-    sum_without_carries,
-)
+from tiny_llama2_zh.data.tasks.addition import matching_places, operand_pairs, operands, sum_without_carries
 from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, share
-from tiny_llama2_zh.errors import UsageError
 
 COLUMN_ADDITION_PROMPT = "用竖式计算下面的加法：从个位起逐位相加，每一位写一行，最后写出得数。\n算式：{expression}"
 SUM_LINE = re.compile(r"得数\s*(0|[1-9][0-9]*)")
@@ -63,29 +59,20 @@ def working(a: int, b: int, forget_carry_into: int | None = None, one_too_high: 
 
 
 def slip(a: int, b: int) -> str:
-    """A wrong working: the carry into the first column that has one forgotten; with no carry, the units one high."""
-    place, x, y, carry = 0, a, b, 0
-    while x or y:
-        carry = (x % 10 + y % 10 + carry) // 10
-        place, x, y = place + 1, x // 10, y // 10
+    """A wrong working: the carry into the first column that gets one forgotten; where none does (at most the top
+    column carries, into the sum's leading 1), the units one too high."""
+    columns = max(len(str(a)), len(str(b)))
+    carry = 0
+    for column in range(columns - 1):
+        carry = (a // 10**column % 10 + b // 10**column % 10 + carry) // 10
         if carry:
-            return working(a, b, forget_carry_into=place)
+            return working(a, b, forget_carry_into=column + 1)
     return working(a, b, one_too_high=0)
 
 
 def column_addition_examples(count: int = DEFAULT_COUNT, digits: int = DEFAULT_DIGITS) -> Iterator[Example]:
     """`count` distinct ordered pairs a+b of `digits`-digit numbers, in a fixed order, with their working and a slip."""
-    if count > _distinct_pairs(digits, digits) // 2:
-        raise UsageError(f"{count:,} column-addition examples would be most of the pairs of {digits}-digit numbers")
-    seen: set[tuple[int, int]] = set()
-    index = 0
-    while len(seen) < count:
-        a = _operand(f"column addition {index} a", digits, digits)
-        b = _operand(f"column addition {index} b", digits, digits)
-        index += 1
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
+    for a, b in operand_pairs("column addition", count, digits, digits):
         prompt = COLUMN_ADDITION_PROMPT.format(expression=f"{a}+{b}")
         yield Example(prompt, working(a, b), slip(a, b), split_key=f"{min(a, b)}+{max(a, b)}")
 
