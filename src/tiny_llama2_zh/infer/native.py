@@ -226,17 +226,16 @@ class NativeStep:
         self.library = library
         self._keep: list[torch.Tensor] = []  # the tensors the structures point into, beside the matrices' own
         keep = self._keep
-        matrix = matrix_struct
 
         layers = (Layer * len(decoder.layers))()
         for index, weights in enumerate(decoder.layers):
             layers[index] = Layer(
                 _pointer(weights.input_norm, keep),
                 _pointer(weights.post_norm, keep),
-                matrix(weights.qkv),
-                matrix(weights.o),
-                matrix(weights.gate_up),
-                matrix(weights.down),
+                matrix_struct(weights.qkv),
+                matrix_struct(weights.o),
+                matrix_struct(weights.gate_up),
+                matrix_struct(weights.down),
                 _pointer(decoder.keys[index], keep),
                 _pointer(decoder.values[index], keep),
             )
@@ -254,11 +253,11 @@ class NativeStep:
             decoder.eps,
             decoder.scale,
             None if isinstance(embedding, Int8Matrix) else _pointer(embedding, keep),
-            matrix(embedding) if isinstance(embedding, Int8Matrix) else Matrix(),
+            matrix_struct(embedding) if isinstance(embedding, Int8Matrix) else Matrix(),
             _pointer(decoder.final_norm, keep),
             _pointer(decoder.cos, keep),
             _pointer(decoder.sin, keep),
-            matrix(decoder.head),
+            matrix_struct(decoder.head),
             layers,
         )
         self.vocab = decoder.head.out_features

@@ -26,7 +26,7 @@ demo's GRPO stays on `addition`.
 - metrics: `exact` (the headline) -- the reply's last line is 得数 and the sum's digits; `working_exact` -- the whole
   reply is the reference working, every line right; `no_sum` -- replies with no 得数 line holding a number.
 - reward: 1 for the exact sum (the working is not graded: GRPO rewards the answer, as R1-style RL does); format: a
-  last line 得数 + a number. Partial credit: the sum's digits right by place (`addition.matching_places`).
+  last line 得数 + a number. Partial credit: the sum's digits right by place (`addition.addition_partial`).
 - trivial baseline: column addition without carries (addition's), written as a sum.
 """
 
@@ -34,7 +34,7 @@ import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.addition import matching_places, operand_pairs, operands, sum_without_carries
+from tiny_llama2_zh.data.tasks.addition import addition_partial, operand_pairs, operands, sum_without_carries
 from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, share
 
 COLUMN_ADDITION_PROMPT = "用竖式计算下面的加法：从个位起逐位相加，每一位写一行，最后写出得数。\n算式：{expression}"
@@ -95,10 +95,7 @@ def column_addition_format(reference: str, reply: str) -> float:
 def column_addition_partial(reference: str, reply: str) -> float:
     """The share of the sum's digits right by place (addition's measure), 0 with no stated sum."""
     stated = stated_sum(reply)
-    if stated is None:
-        return 0.0
-    matched, total = matching_places(stated_sum(reference) or "", stated)
-    return matched / total
+    return 0.0 if stated is None else addition_partial(stated_sum(reference) or "", stated)
 
 
 def column_addition_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
