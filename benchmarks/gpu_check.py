@@ -248,9 +248,11 @@ def markdown(report: dict) -> str:
         f"# GPU check: {report['device_name']}",
         "",
         f"`{report['command']}` · torch {report['torch']} · {report['started']} · "
-        f"{report['total_seconds']:.0f} s in all" + (
+        f"{report['total_seconds']:.0f} s in all"
+        + (
             f" · load average {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after"
-            if "load_average" in report else ""
+            if "load_average" in report
+            else ""
         ),
         "",
         "| part | result |",

@@ -286,8 +286,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, command: str) -> None:
     demo, output = Path(args.demo), Path(args.output)
     sentiment = demo / "tasks" / "sentiment"
-    for path in (demo / "sft" / "final" / "config.json", sentiment / "preference-train.jsonl",
-                 sentiment / "preference-test.jsonl", sentiment / "sft-train.jsonl", sentiment / "sft-test.jsonl"):
+    for path in (
+        demo / "sft" / "final" / "config.json",
+        sentiment / "preference-train.jsonl",
+        sentiment / "preference-test.jsonl",
+        sentiment / "sft-train.jsonl",
+        sentiment / "sft-test.jsonl",
+    ):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: --demo must be a demo folder that finished SFT")  # fmt: skip
     pairs = write_biased_pairs(

@@ -125,6 +125,7 @@ def test_every_registered_source_has_a_fixture_and_a_cli_name(capsys):
         main(["data", "prepare", "--help"])
     assert ", ".join(SOURCES) in " ".join(capsys.readouterr().out.split())  # the help lists the registry
 
+
 def test_demo_source_and_a_named_jsonl_field(tmp_path):
     demo = list(read_records(get_source("demo"), [], BadRecords(strict=True)))
     assert len(demo) > 50_000 and all(record["text"] for record in demo[:100])

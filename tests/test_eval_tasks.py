@@ -284,7 +284,10 @@ def test_command_writes_table_json_and_markdown(model_dir, tmp_path, capsys):
     table = [_cells(line) for line in printed.splitlines() if line.startswith("|")]
     assert table[0][:6] == ["model", "sentiment acc", "sentiment exact", "seg F1", "seg exact", "pinyin exact"]
     assert [row[0] for row in table[2:]] == [
-        "trivial baseline", eval_tasks.BAG_OF_WORDS, f"{model_dir} (baseline)", str(model_dir)
+        "trivial baseline",
+        eval_tasks.BAG_OF_WORDS,
+        f"{model_dir} (baseline)",
+        str(model_dir),
     ]
 
     result = json.loads((output / "tasks.json").read_text(encoding="utf-8"))

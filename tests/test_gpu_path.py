@@ -126,8 +126,9 @@ def test_sft_with_packing_in_bf16_with_compiled_layers_matches_float32_eager(mod
     assert compiled_graphs() == 1, dict(counters["stats"])  # one graph, its length dynamic from the first batch
     seen = [r["num_input_tokens_seen"] for r in records(tmp_path / "compiled" / "run") if "loss" in r]
     assert len({after - before for before, after in zip([0, *seen], seen)}) > 1  # the steps' lengths did vary
-    assert_losses_close(step_losses(tmp_path / "compiled" / "run"), step_losses(tmp_path / "eager" / "run"),
-                        BF16_LOSS_NATS)
+    assert_losses_close(
+        step_losses(tmp_path / "compiled" / "run"), step_losses(tmp_path / "eager" / "run"), BF16_LOSS_NATS
+    )
     assert compiled["final_validation_loss"] == pytest.approx(reference["final_validation_loss"], abs=BF16_LOSS_NATS)
 
 
@@ -145,8 +146,9 @@ def test_dpo_in_bf16_with_compiled_layers_matches_float32_eager(model_dir, tmp_p
     # length dynamic), but two for the attention mask -- a tensor, or None for a micro-batch whose rows are all one
     # length (it needs no padding); the reference model runs eagerly
     assert compiled_graphs() <= 2, dict(counters["stats"])
-    assert_losses_close(step_losses(tmp_path / "compiled" / "run"), step_losses(tmp_path / "eager" / "run"),
-                        BF16_LOSS_NATS)
+    assert_losses_close(
+        step_losses(tmp_path / "compiled" / "run"), step_losses(tmp_path / "eager" / "run"), BF16_LOSS_NATS
+    )
     assert compiled["final"]["margin"] == pytest.approx(reference["final"]["margin"], abs=BF16_LOSS_NATS)
 
 

@@ -61,8 +61,13 @@ def rl_argv(stage: str, policy: Path, reward_model: Path, prompts: Path, output_
         else [f"model.policy={policy}", f"model.reward_model={reward_model}"]
     )
     batch = {
-        "ppo": ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=4",
-                f"data.ptx={prompts}"],
+        "ppo": [
+            "ppo.rollout_batch_size=8",
+            "ppo.mini_batch_size=4",
+            "ppo.ppo_epochs=1",
+            "ppo.max_new_tokens=4",
+            f"data.ptx={prompts}",
+        ],
         "rloo": ["train.per_device_train_batch_size=8", "train.num_generations=4", "train.max_completion_length=4"],
         "grpo": ["train.per_device_train_batch_size=8", "train.num_generations=4", "train.max_completion_length=4"],
     }[stage]

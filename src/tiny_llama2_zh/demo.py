@@ -524,9 +524,7 @@ def run(args: argparse.Namespace) -> None:
     if args.storyboard:
         print(storyboard(args.seed), end="")
         return
-    run_demo(
-        args.output, args.overrides, force=args.force, from_stage=args.from_stage, only=args.only, seed=args.seed
-    )
+    run_demo(args.output, args.overrides, force=args.force, from_stage=args.from_stage, only=args.only, seed=args.seed)
     output = Path(args.output)
     print()
     print((output / "summary.md").read_text(encoding="utf-8"))

@@ -358,8 +358,6 @@ def _read_lines(path: Path) -> Iterator[str]:
         yield from (line for line in lines if line.strip())
 
 
-
-
 def _finished_shard(bin_path: Path, fingerprint: str, inputs_hash: str) -> tuple[Manifest | None, str | None]:
     """(manifest, None) for a complete shard made from these inputs; else (None, why it is not reusable), where
     the reason is None when there is simply nothing there yet."""

@@ -291,9 +291,7 @@ def summary_markdown(summary: dict) -> str:
     for stage in TRAINING_STAGES:
         if stage in summary:
             stage_facts = _stage_facts(stage, summary[stage])  # the first (steps, time) only if alone
-            facts += [
-                (stage, fact) for fact in stage_facts[1:] or stage_facts
-            ]
+            facts += [(stage, fact) for fact in stage_facts[1:] or stage_facts]
     if parameters := summary.get("pretrain", {}).get("parameters"):
         facts.insert(
             0, ("model", f"{parameters['total']:,} parameters ({parameters['non_embedding']:,} without embedding)")

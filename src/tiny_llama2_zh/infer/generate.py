@@ -59,9 +59,7 @@ def lean_decoder(model: PreTrainedModel, max_batch: int = 1, max_len: int | None
 # One batch-1 decoder per live model (weak keys: the model's lifetime decides the decoder's), with the weights'
 # identity and versions it was built from. Building one copies every float matrix (transposed) and allocates the
 # cache: ~0.1 s and 100 MB at the 24m shape, which `chat` paid on every message and `generate` on every call.
-_DECODERS: "weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple, LeanDecoder | None]]" = (
-    weakref.WeakKeyDictionary()
-)
+_DECODERS: "weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple, LeanDecoder | None]]" = weakref.WeakKeyDictionary()
 
 
 def _weights_key(model: PreTrainedModel) -> tuple:

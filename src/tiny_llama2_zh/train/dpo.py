@@ -204,8 +204,10 @@ def dpo(config: DPORecipeConfig, callbacks: list[TrainerCallback] | None = None)
             "\n## Replies to held-out prompts, scored by the reward model (sampled, temperature 1)\n\n"
             + table(
                 ("policy", "reward-model score", "KL to SFT (nats / reply)", "reply length"),
-                [(name, f"{m['eval_score']:+.3f}", f"{m['eval_kl']:.3f}", f"{m['eval_response_length']:.1f}")
-                 for name, m in replies.items()],
+                [
+                    (name, f"{m['eval_score']:+.3f}", f"{m['eval_kl']:.3f}", f"{m['eval_response_length']:.1f}")
+                    for name, m in replies.items()
+                ],
             )
             + "\n"
         )

@@ -157,4 +157,3 @@ def plan_table(plan: Plan) -> str:
         f"{activations / GIB:.2f} GiB ({checkpointed / GIB:.2f} GiB) |"
     )
     return "\n".join(lines)
-
