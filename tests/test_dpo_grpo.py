@@ -12,6 +12,7 @@ from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.tasks.pinyin import pinyin_correct
 from tiny_llama2_zh.data.tasks.segmentation import segmentation_correct
 from tiny_llama2_zh.data.tasks.sentiment import sentiment_correct
+from tiny_llama2_zh.runfiles import panel_series
 from tiny_llama2_zh.train.rewards import (
     REWARD_FUNCTIONS,
     RewardErrors,
@@ -163,6 +164,9 @@ def test_dpo_learns_held_out_preferences_and_reports_replies(tiny_model_dir, tin
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evaluations if "eval_accuracy" in r][:3] == [0, 10, 20]
     assert (run / "loss.png").is_file()
+    panels = dict(panel_series(evaluations))  # eval_accuracy is charted as pairs ranked right, not answers right
+    assert {"train batches", "held out"} <= {label for _, label, _ in panels["pair accuracy"]}
+    assert "held-out task accuracy (greedy)" not in panels
     assert any(line.startswith("| DPO implicit reward ") for line in (run / "dpo_eval.md").read_text().splitlines())
     assert_shipped_folder_is_pickle_free(run / "final")
 
@@ -264,6 +268,11 @@ def test_grpo_recipe_runs_with_checkable_prompts_only(tiny_model_dir, tmp_path):
     assert {"eval_accuracy", "eval_reward", "eval_sentiment_accuracy"} <= result["final"].keys()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward_std" in r for r in records) and result["reward_errors"]["counts"] == {}
+    # the curves chart each reward function's mean and the held-out accuracy as the task's, not as pairs
+    panels = dict(panel_series(records))
+    rewards = {label for _, label, _ in panels["rewards of sampled replies (mean)"]}
+    assert {"sum of the rewards", "correctness_reward", "format_reward"} <= rewards
+    assert "held-out task accuracy (greedy)" in panels and "pair accuracy" not in panels
     assert_shipped_folder_is_pickle_free(tmp_path / "run" / "final")
 
 

@@ -13,6 +13,7 @@ from test_rl import assert_shipped_folder_is_pickle_free
 from tiny_llama2_zh.config import load_config
 from tiny_llama2_zh.data.preferences import load_preferences
 from tiny_llama2_zh.eval.preferences import pair_report, per_label_table
+from tiny_llama2_zh.runfiles import panel_series
 from tiny_llama2_zh.tokenizer import load_tokenizer
 from tiny_llama2_zh.train.reward import RewardRecipeConfig, load_reward_model, reward, reward_arguments
 
@@ -79,6 +80,7 @@ def test_reward_recipe_learns_a_visible_preference_and_reports_it(tiny_model_dir
     assert [r["step"] for r in evaluations][:3] == [0, 15, 30] and "eval_toy_accuracy" in evaluations[-1]
     assert not any("eval_perplexity" in r for r in records)  # a pairwise loss is not a language model's
     assert (run / "loss.png").is_file()
+    assert {"pair accuracy", "reward margin (chosen - rejected)"} <= dict(panel_series(records)).keys()
     assert any(line.startswith("| reward model ") for line in (run / "reward_eval.md").read_text().splitlines())
     # the toy replies are two labels: the trained model's mean score of each, before and after training
     labels = result["final"]["per_source"]["toy"]["per_label"]
