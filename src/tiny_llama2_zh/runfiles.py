@@ -39,7 +39,7 @@ PANELS: tuple[Panel, ...] = (
             ("rewards/accuracies", "train batches", "-"),
             ("eval_accuracy", "held out", "o-"),
         ),
-        only_with=("margin", "rewards/margins"),  # the reward model's and DPO's batches,
+        only_with=("margin", "rewards/margins"),  # logged by the reward model's and DPO's train batches
     ),
     Panel(
         "reward margin (chosen - rejected)",
