@@ -36,6 +36,14 @@ from tiny_llama2_zh.data.tasks.numerals import (
 )
 from tiny_llama2_zh.data.tasks.review import REVIEW_PROMPT, review_metrics
 from tiny_llama2_zh.data.tasks.sentiment import SENTIMENT_PROMPT, sentiment_examples
+from tiny_llama2_zh.data.tasks.simplified import (
+    SIMPLIFIED_PROMPT,
+    simplified_examples,
+    simplified_metrics,
+    simplify,
+    traditional,
+    traditional_to_simplified,
+)
 from tiny_llama2_zh.errors import UsageError
 from tiny_llama2_zh.eval.tasks import load_task_data
 
@@ -48,7 +56,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def built(tmp_path_factory) -> tuple[Path, dict]:
     """The tasks but segmentation, built once through the CLI (segmentation's People's Daily parse is slow)."""
     folder = tmp_path_factory.mktemp("tasks")
-    names = "addition,column_addition,numerals,sentiment,review"
+    names = "addition,column_addition,numerals,simplified,sentiment,review"
     assert main(["data", "tasks", "--output", str(folder), "--tasks", names]) == 0
     return folder, json.loads((folder / "stats.json").read_text(encoding="utf-8"))
 
@@ -229,6 +237,42 @@ def test_numerals_metrics_checkers_and_no_zero_baseline(built):
     assert not train & test and 3700 <= len(train) <= 3900 and stats["numerals"]["test"] == len(test)
 
 
+# -------------------------------------------------------------------------------------------- simplified
+def test_simplified_idioms_are_written_in_traditional_characters_that_the_table_maps_back():
+    table = traditional_to_simplified()
+    assert table["馬"] == "马" and table["當"] == "当" and len(table) > 2500
+    assert all(len(old) == len(new) == 1 and old != new for old, new in table.items())
+    assert traditional("一马当先") == "一馬當先" and simplify("一馬當先") == "一马当先"
+    examples = list(simplified_examples())
+    assert examples == list(simplified_examples()) and len(examples) > 20_000  # deterministic, every idiom usable
+    words = [example.answer for example in examples]
+    assert len(set(words)) == len(words) and all(len(word) == 4 for word in words)
+    for example in examples:
+        written = example.prompt.rsplit("成语：", 1)[1]
+        assert example.prompt == SIMPLIFIED_PROMPT.format(idiom=written) and example.split_key == example.answer
+        assert written != example.answer and simplify(written) == example.answer  # something to convert, exactly
+        assert simplify(example.answer) == example.answer  # no character of the answer is itself rewritten
+        slipped = [i for i, (w, a) in enumerate(zip(example.wrong_answer, example.answer)) if w != a]
+        assert len(slipped) == 1 and example.wrong_answer[slipped[0]] == written[slipped[0]]  # one left unconverted
+
+
+def test_simplified_metrics_checkers_and_unconverted_baseline(built):
+    task = TASKS["simplified"]
+    metrics = simplified_metrics(["一马当先", "哀兵必胜", "挨风缉缝"], ["一马当先\n", "哀兵必勝", "挨风"])
+    assert metrics["exact"] == pytest.approx(1 / 3) and metrics["char_accuracy"] == pytest.approx((4 + 3 + 2) / 12)
+    assert task.correct("一马当先", " 一马当先 ") == 1.0 and task.correct("一马当先", "一馬当先") == 0.0
+    assert task.partial("一马当先", "一馬当先") == pytest.approx(3 / 4) and task.partial("一马当先", "") == 0.0
+    assert task.well_formed("一马当先", "一馬当先") == 1.0 and task.well_formed("一马当先", "一马当") == 0.0
+    assert task.answer_problem("一马当先") is None and "Han" in task.answer_problem("1+1")
+    prompts = [SIMPLIFIED_PROMPT.format(idiom=idiom) for idiom in ("一馬當先", "哀兵必勝")]
+    replies, method = task.baseline(["一马当先", "哀兵必胜"], [], prompts)
+    assert replies == ["一馬當先", "哀兵必勝"] and "unconverted" in method
+    folder, stats = built
+    train = {row["messages"][1]["content"] for row in read_jsonl(folder / "simplified" / "sft-train.jsonl")}
+    test = {row["messages"][1]["content"] for row in read_jsonl(folder / "simplified" / "sft-test.jsonl")}
+    assert not train & test and len(test) == stats["simplified"]["test"] > 1000 and len(train) > 20_000
+
+
 # --------------------------------------------------------------------------------------------- sentiment
 def test_sentiment_preference_pairs_are_label_balanced_and_sft_keeps_every_example(built):
     folder, stats = built
@@ -281,13 +325,14 @@ def test_review_judge_reads_plain_praise_and_complaints_and_eval_tasks_leaves_re
 # -------------------------------------------------------------------------------------------------- CLI
 def test_data_tasks_builds_the_named_tasks_and_refuses_unknown_names(built, tmp_path, capsys):
     folder, stats = built
-    assert set(stats) == {"addition", "column_addition", "numerals", "sentiment", "review"}
+    assert set(stats) == {"addition", "column_addition", "numerals", "simplified", "sentiment", "review"}
     assert sorted(path.name for path in folder.iterdir()) == [
         "addition",
         "column_addition",
         "numerals",
         "review",
         "sentiment",
+        "simplified",
         "stats.json",
     ]
     assert main(["data", "tasks", "--output", str(tmp_path / "x"), "--tasks", "addition,poetry"]) == 2

@@ -12,6 +12,8 @@ one entry in `TASKS`.
 - addition (addition.py): a+b of 2-digit numbers -> the sum, generated with exact answers, held out by value.
 - column_addition (column_addition.py): a+b of 3-digit numbers worked column by column, then the sum (built when named).
 - numerals (numerals.py): 305 -> 三百零五, generated with exact answers, held out by value (built when named).
+- simplified (simplified.py): an idiom in traditional characters -> in simplified ones (一馬當先 -> 一马当先),
+  held out by idiom (built when named).
 - review (review.py): "write a product review" -> a review; the pairs prefer positive reviews (RLHF's classic).
 
 `build_tasks` writes each task as SFT conversations (`sft-train.jsonl`, `sft-test.jsonl`: chat `messages`) and as
@@ -28,7 +30,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tiny_llama2_zh.data.hashing import is_validation
-from tiny_llama2_zh.data.tasks import addition, column_addition, numerals, pinyin, review, segmentation, sentiment
+from tiny_llama2_zh.data.tasks import (
+    addition,
+    column_addition,
+    numerals,
+    pinyin,
+    review,
+    segmentation,
+    sentiment,
+    simplified,
+)
 from tiny_llama2_zh.data.tasks.base import Example, Task
 from tiny_llama2_zh.errors import UsageError
 
@@ -41,6 +52,7 @@ TASKS: dict[str, Task] = {
         addition.TASK,
         column_addition.TASK,
         numerals.TASK,
+        simplified.TASK,
         review.TASK,
     )
 }
