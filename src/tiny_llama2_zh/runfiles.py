@@ -100,10 +100,9 @@ def panel_series(records: list[dict]) -> list[tuple[str, list[Series]]]:
             continue
         series = []
         for pattern, label, style in panel.curves:
-            for key, name in _matching_keys(pattern, logged):
+            for key, name in _matching_keys(pattern, logged):  # logged: each key has a number in some record
                 points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-                if points:
-                    series.append((points, label.replace("*", name), style))
+                series.append((points, label.replace("*", name), style))
         if series:
             panels.append((panel.title, series))
     return panels

