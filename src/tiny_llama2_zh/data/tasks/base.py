@@ -104,6 +104,11 @@ def share(count: float, total: float) -> float:
     return count / total if total else 0.0
 
 
+def exact_reply(reference: str, reply: str) -> float:
+    """1 when the reply, stripped of surrounding whitespace, is the answer; else 0 (a task's `correct` checker)."""
+    return float(reply.strip() == reference)
+
+
 def pick(key: str, options: Sequence) -> object:
     """A deterministic choice keyed by text (no global random state)."""
     return options[int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big") % len(options)]

