@@ -3,22 +3,37 @@
     python benchmarks/reward_label_bias.py --reward runs/demo/reward/final --data runs/demo/tasks \
         --model runs/demo/sft/final --model runs/demo/ppo/final
 
-On the held-out sentiment pairs of `tinyllm data tasks`: the reward model's mean score of each label over all
-reviews, how often it prefers 正面 and how often its preference is right; then, for each model, how often its greedy
-reply says 正面 and how often it is right. A reward model can be right about each review half the time in each
-direction and still score one label higher on average: a policy that cannot tell reviews apart well collects that
-difference by shifting its label prior (reward hacking), which this script makes visible.
+On the held-out sentiment reviews of `tinyllm data tasks`, the rows `tinyllm eval tasks --limit N` scores: the reward
+model's mean score of each label over all reviews, how often it prefers 正面 and how often its preference is right; then,
+for each model, how often its greedy reply says 正面 and how often it is right, and the most it could be right by a change
+of label prior alone: its log-prob margin log P(正面) - log P(负面) (each reply through the chat template, eos included)
+thresholded at the best single offset. When that ceiling is little above the greedy accuracy, the model's errors are in
+telling reviews apart, not in how often it says each label. A reward model can be right about each review half the time
+in each direction and still score one label higher on average: a policy that cannot tell reviews apart well collects
+that difference by shifting its label prior (reward hacking), which this script makes visible.
 """
 
 import argparse
-import json
+from itertools import pairwise
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification
 
+from tiny_llama2_zh.eval.multiple_choice import chat_pair, encoded_loglikelihoods
 from tiny_llama2_zh.eval.preferences import reward_scores
+from tiny_llama2_zh.eval.tasks import limit_rows, read_task_file
 from tiny_llama2_zh.infer.generate import greedy_replies
 from tiny_llama2_zh.loading import load_model
+
+
+def best_offset_accuracy(margins: list[float], positive: list[bool]) -> tuple[float, float]:
+    """(accuracy, offset): the best share of rows where `margin > offset` equals `positive`, over every offset
+    (between any two sorted margins, below all and above all)."""
+    values = sorted(set(margins))
+    offsets = [values[0] - 1.0, *((a + b) / 2 for a, b in pairwise(values)), values[-1] + 1.0]
+    scored = [(sum((m > offset) == p for m, p in zip(margins, positive, strict=True)), offset) for offset in offsets]
+    right, offset = max(scored, key=lambda pair: (pair[0], -abs(pair[1])))
+    return right / len(margins), offset
 
 
 def main() -> None:
@@ -26,12 +41,17 @@ def main() -> None:
     parser.add_argument("--reward", required=True, help="a reward model folder")
     parser.add_argument("--data", required=True, help="the `tinyllm data tasks` folder")
     parser.add_argument("--model", action="append", default=[], help="a policy folder (repeatable)")
-    parser.add_argument("--rows", type=int, default=200, help="held-out sentiment pairs to use (default 200)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=200,
+        help="held-out reviews, picked as `tinyllm eval tasks --limit` picks them (default 200)",
+    )
     args = parser.parse_args()
 
-    lines = (Path(args.data) / "sentiment" / "preference-test.jsonl").read_text(encoding="utf-8").splitlines()
-    rows = [json.loads(line) for line in lines[: args.rows]]
-    truth = [row["chosen"] for row in rows]
+    held_out = read_task_file(Path(args.data) / "sentiment" / "sft-test.jsonl", "sentiment").rows
+    rows = [{"prompt": row.prompt} for row in limit_rows(held_out, args.rows)]  # `tinyllm eval tasks --limit`'s
+    truth = [row.reference for row in limit_rows(held_out, args.rows)]
     reward, tokenizer = load_model(args.reward, auto_class=AutoModelForSequenceClassification)
 
     def ids(prompt: str, reply: str) -> list[int]:
@@ -53,6 +73,19 @@ def main() -> None:
         says = sum(reply.startswith("正面") for reply in replies) / len(rows)
         correct = sum(reply.startswith(t) for reply, t in zip(replies, truth, strict=True)) / len(rows)
         print(f"{folder}: says 正面 for {says:.1%}, right for {correct:.1%} (greedy; reply starts with the label)")
+        scores = {
+            label: encoded_loglikelihoods(
+                model, model_tokenizer, [chat_pair(model_tokenizer, r["prompt"], label) for r in rows]
+            )
+            for label in ("正面", "负面")
+        }
+        margins = [p - n for p, n in zip(scores["正面"], scores["负面"], strict=True)]
+        at_zero = sum((m > 0) == (t == "正面") for m, t in zip(margins, truth, strict=True)) / len(rows)
+        ceiling, offset = best_offset_accuracy(margins, [t == "正面" for t in truth])
+        print(
+            f"{' ' * len(folder)}  log-prob margin: right for {at_zero:.1%} at 0; at the best offset ({offset:+.2f} "
+            f"nats) {ceiling:.1%}, the most a change of label prior alone could give"
+        )
 
 
 if __name__ == "__main__":
