@@ -3,14 +3,15 @@
     python benchmarks/reward_label_bias.py --reward runs/demo/reward/final --data runs/demo/tasks \
         --model runs/demo/sft/final --model runs/demo/ppo/final
 
-On the held-out sentiment reviews of `tinyllm data tasks`, the rows `tinyllm eval tasks --limit N` scores: the reward
-model's mean score of each label over all reviews, how often it prefers 正面 and how often its preference is right; then,
-for each model, how often its greedy reply says 正面 and how often it is right, and the most it could be right by a change
-of label prior alone: its log-prob margin log P(正面) - log P(负面) (each reply through the chat template, eos included)
-thresholded at the best single offset. When that ceiling is little above the greedy accuracy, the model's errors are in
-telling reviews apart, not in how often it says each label. A reward model can be right about each review half the time
-in each direction and still score one label higher on average: a policy that cannot tell reviews apart well collects
-that difference by shifting its label prior (reward hacking), which this script makes visible.
+On the held-out sentiment reviews of `tinyllm data tasks`, the rows `tinyllm eval tasks --limit N` scores: the
+reward model's mean score of each label over all reviews, how often it prefers 正面 and how often its preference is
+right; then, for each model, how often its greedy reply says 正面 and how often it is right, and the most it could
+be right by a change of label prior alone: its log-prob margin log P(正面) - log P(负面) (each reply through the chat
+template, eos included) thresholded at the best single offset. When that ceiling is little above the greedy
+accuracy, the model's errors are in telling reviews apart, not in how often it says each label. A reward model can
+be right about each review half the time in each direction and still score one label higher on average: a policy
+that cannot tell reviews apart well collects that difference by shifting its label prior (reward hacking), which
+this script makes visible.
 """
 
 import argparse
