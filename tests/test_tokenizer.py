@@ -142,3 +142,28 @@ def test_one_bos_convention_for_prompts_and_chat(small_tokenizer):
 
 def test_one_bos_convention_for_chatglm3(chatglm3):
     check_bos_convention(chatglm3[0])
+
+
+def test_a_model_folders_tokenizer_loads_without_the_model_code(small_tokenizer, tmp_path):
+    """A saved model folder holds a config.json of model type tiny_llama2; loading only its tokenizer, in a process
+    that never imported the model's code, must not ask whether to run remote code (transformers' AutoTokenizer reads
+    config.json and prompts on stdin when the model type is unknown to it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    shutil.copytree(small_tokenizer, folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny_llama2"}), encoding="utf-8")
+    script = "import sys; from tiny_llama2_zh.tokenizer import load_tokenizer; print(len(load_tokenizer(sys.argv[1])))"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == len(load_tokenizer(small_tokenizer))
+    assert "custom code" not in done.stdout + done.stderr and "model of type" not in done.stderr
+    assert "tiny_llama2_zh.model" not in done.stderr

@@ -1,9 +1,10 @@
 """Tokenizers: train our own byte-level BPE, or convert ChatGLM3's SentencePiece model.
 
 Both produce the same kind of folder: a transformers fast tokenizer (`tokenizer.json` + config) that
-`AutoTokenizer.from_pretrained(folder)` loads with no remote code, with bos `<s>`, eos `</s>`, a pad token,
-the chat-role tokens `<|system|>`, `<|user|>`, `<|assistant|>`, `<|observation|>` (ChatGLM3's names) and one
-chat template shared by every later stage (SFT, reward model, PPO, DPO, chat, serve).
+`AutoTokenizer.from_pretrained(folder)` loads with no remote code (`load_tokenizer` from a model folder too), with
+bos `<s>`, eos `</s>`, a pad token, the chat-role tokens `<|system|>`, `<|user|>`, `<|assistant|>`,
+`<|observation|>` (ChatGLM3's names) and one chat template shared by every later stage (SFT, reward model, PPO,
+DPO, chat, serve).
 
 One BOS convention everywhere (llama2.c's): every document starts with `<s>`. Pretraining shards hold
 `<s> document </s>`; `tokenizer(text)` prepends `<s>` (as Llama's tokenizer does; `add_special_tokens=False`
@@ -27,7 +28,7 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.tokenization_utils_base import generate_merges
 
@@ -207,7 +208,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"{path} holds no tokenizer.json; make one with `tinyllm tokenizer train` "
             "or `tinyllm tokenizer convert-chatglm3`"
         )
-    return AutoTokenizer.from_pretrained(str(path))
+    # The fast-tokenizer class itself, not AutoTokenizer: in a model folder AutoTokenizer reads config.json, and in a
+    # process that has not imported model.py (which registers model type tiny_llama2) it asks on stdin whether to run
+    # remote code. tokenizer.json holds the whole pipeline, so nothing is lost.
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
