@@ -13,7 +13,7 @@ plain `addition` task: 4 % to 45 % exact on three seeds at one budget), so the h
 decided by the seed. Written out, each line is a one-digit sum plus the carry the previous line shows, and the sum
 is the lines' units read back: scratchpads make arithmetic learnable by small transformers (Nye et al. 2021, "Show
 Your Work: Scratchpads for Intermediate Computation with Language Models"; Lee et al. 2023, "Teaching Arithmetic to
-Small Transformers"). Measured on the demo model (README, "What the demo measures"): it does make 3-digit sums
+Small Transformers"). Measured on the demo model (docs/post_training_experiments.md): it does make 3-digit sums
 learnable (98.5 % exact after the demo's SFT with six shares), but the jump stays (two shares: 53, 69 and 4 % on
 three seeds), and temperature-1 samples of a ~30-token working are right less often than the greedy one, so the
 demo's GRPO stays on `addition`.

@@ -1,13 +1,14 @@
 """numerals: a number in Arabic digits -> the same number in Chinese numerals (305 -> 三百零五, 20180305 ->
 二千零一十八万零三百零五), generated here with exact answers, held out by value (`tinyllm data tasks --tasks numerals`).
 
-A candidate GRPO task for issue 19, where addition's carrying is learnt all at once or not at all: numerals are a
-lookup per place (digit, unit 千 百 十, the group unit 万) plus rules for zeros -- one 零 for a run of zeros before a
-nonzero digit (1005 -> 一千零五), none at the end (1500 -> 一千五百), one between the groups when the lower group has
-no thousands (100,500 -> 十万零五百). Tried in the demo in addition's place and not adopted (README, "What the demo
-measures"): from the demo's pretrained model, 900 SFT steps with numerals once in the mix left 52.2 %, 13.0 % and
-53.3 % exact on seeds 1337-1339 (184 held-out numbers) -- as seed-dependent as addition -- and 150 GRPO steps lifted
-seed 1337 to 64.1 % but seed 1338 only to 16.3 %; three times in the mix, seed 1337 reached 96.2 %.
+A candidate GRPO task for issue 19, where addition's carrying is learnt all at once or not at all: numerals are
+a lookup per place (digit, unit 千 百 十, the group unit 万) plus rules for zeros -- one 零 for a run of zeros before
+a nonzero digit (1005 -> 一千零五), none at the end (1500 -> 一千五百), one between the groups when the lower group has
+no thousands (100,500 -> 十万零五百). Tried in the demo in addition's place and not adopted
+(docs/post_training_experiments.md): from the demo's pretrained model, 900 SFT steps with numerals once in the
+mix left 52.2 %, 13.0 % and 53.3 % exact on seeds 1337-1339 (184 held-out numbers) -- as seed-dependent as
+addition -- and 150 GRPO steps lifted seed 1337 to 64.1 % but seed 1338 only to 16.3 %; three times in the mix,
+seed 1337 reached 96.2 %.
 
 - examples: `NUMERALS_PROMPT` with the number; by default 4,000 distinct numbers of 3 to 8 digits, each digit count
   and digit drawn from a hash of the example's index (no global random state: the same examples on every machine and
