@@ -148,6 +148,31 @@ def test_without_a_working_c_compiler_the_decoder_warns_once_and_decodes_with_py
         native.native_library.cache_clear()
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the C step with")
+def test_the_c_structures_match_their_ctypes_mirror_and_a_drifted_mirror_is_refused(monkeypatch, caplog):
+    """native_step.c reports each structure's size and each field's offset as its compiler lays them out; they
+    equal the ctypes mirror's, and a mirror that drifted (a field moved on one side only) is refused with a warning
+    naming the field, the decoder falling back to PyTorch's step, instead of reading the wrong bytes."""
+    from tiny_llama2_zh.infer import native
+
+    native.native_library.cache_clear()
+    try:
+        library = native.native_library()
+        assert library is not None and native.layout_mismatch(library) is None
+        assert len(native.python_layout()) == 3 + sum(len(s._fields_) for s in native.STRUCTURES)
+        offset = dict(native.python_layout())["Layer.keys"]
+        drifted = [(what, value + 8 if what == "Layer.keys" else value) for what, value in native.python_layout()]
+        monkeypatch.setattr(native, "python_layout", lambda: drifted)
+        assert native.layout_mismatch(library) == f"Layer.keys: {offset} bytes in C, {offset + 8} in ctypes"
+        native.native_library.cache_clear()
+        with caplog.at_level("WARNING"):
+            assert native.native_library() is None
+            assert not LeanDecoder(random_model(), max_batch=2).native
+        assert "structures do not match" in caplog.text and "Layer.keys" in caplog.text
+    finally:
+        native.native_library.cache_clear()
+
+
 def test_sampling_is_reproducible_per_generator_and_top_p_narrows_it():
     torch.manual_seed(0)
     logits = torch.randn(50)

@@ -13,7 +13,9 @@ The library is linked against the OpenMP runtime PyTorch already loaded (libgomp
 and PyTorch's own operations share one thread team rather than two teams spinning against each other on few cores.
 
 `NativeStep` binds a `LeanDecoder`'s weights and cache to the C structures: pointers into the tensors the decoder
-holds, nothing copied (float matrices are kept as (out, in) rows, the layout a C dot product streams).
+holds, nothing copied (float matrices are kept as (out, in) rows, the layout a C dot product streams). The ctypes
+classes below mirror the C structures by hand; the library reports its own sizes and offsets (`tl_layout`), and a
+library whose layout differs from the mirror's is not used (`layout_mismatch`).
 """
 
 import ctypes
@@ -126,6 +128,34 @@ def build(compiler: str, target: Path) -> None:
         partial_path.unlink(missing_ok=True)
 
 
+STRUCTURES = (Matrix, Layer, Model)  # in the order tl_layout reports them
+
+
+def python_layout() -> list[tuple[str, int]]:
+    """The ctypes mirror's layout as (what, bytes): each structure's size, then each field's offset, in the order
+    of `tl_layout` in native_step.c."""
+    layout = []
+    for struct in STRUCTURES:
+        layout.append((f"sizeof({struct.__name__})", ctypes.sizeof(struct)))
+        layout += [(f"{struct.__name__}.{name}", getattr(struct, name).offset) for name, _ in struct._fields_]
+    return layout
+
+
+def layout_mismatch(library: ctypes.CDLL) -> str | None:
+    """Where the compiled structures differ from the ctypes ones (the first difference), or None when they agree."""
+    expected = python_layout()
+    found = (ctypes.c_int64 * len(expected))()
+    library.tl_layout.restype = ctypes.c_int64
+    library.tl_layout.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    count = library.tl_layout(found, len(expected))
+    if count != len(expected):
+        return f"the C side reports {count} sizes and offsets, the ctypes side has {len(expected)}"
+    for index, (what, value) in enumerate(expected):
+        if found[index] != value:
+            return f"{what}: {found[index]} bytes in C, {value} in ctypes"
+    return None
+
+
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
     """The compiled C step (built on first use, then reused from the cache), or None where it cannot be built
@@ -148,6 +178,11 @@ def native_library() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         logger.warning("the C decode step could not be built (%s): decoding with PyTorch's operations", detail)
+        return None
+    mismatch = layout_mismatch(library)
+    if mismatch is not None:
+        logger.warning("the C decode step's structures do not match native.py's (%s): decoding with PyTorch's "
+                       "operations", mismatch)  # fmt: skip
         return None
     library.tl_step.restype = None
     library.tl_step.argtypes = [

@@ -13,6 +13,7 @@
  * Built by infer/native.py with the system's C compiler (-O3 -march=native -fopenmp) and called through ctypes.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <omp.h>
 
@@ -194,6 +195,28 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t head_di
     const int64_t half = head_dim / 2;
     for (int64_t i = 0; i < head_dim; i++) tmp[i] = x[i];
     for (int64_t i = 0; i < head_dim; i++) x[i] = tmp[i] * cos[i] + tmp[(i + half) % head_dim] * sin[i];
+}
+
+/* The structures' layout as this compiler lays them out: each structure's size, then the offset of each of its
+ * fields in declaration order (Matrix, Layer, Model). native.py compares it with its ctypes mirror before the first
+ * step, so that a field added or moved on one side only is refused instead of read from the wrong bytes. */
+#define TL_PUT(value) do { if (n < capacity) out[n] = (int64_t)(value); n++; } while (0)
+#define TL_OFFSET(type, field) TL_PUT(offsetof(type, field))
+int64_t tl_layout(int64_t *out, int64_t capacity) { /* writes at most `capacity`, returns how many there are */
+    int64_t n = 0;
+    TL_PUT(sizeof(Matrix));
+    TL_OFFSET(Matrix, data); TL_OFFSET(Matrix, scale); TL_OFFSET(Matrix, out); TL_OFFSET(Matrix, in);
+    TL_OFFSET(Matrix, groups); TL_OFFSET(Matrix, kind);
+    TL_PUT(sizeof(Layer));
+    TL_OFFSET(Layer, input_norm); TL_OFFSET(Layer, post_norm); TL_OFFSET(Layer, qkv); TL_OFFSET(Layer, o);
+    TL_OFFSET(Layer, gate_up); TL_OFFSET(Layer, down); TL_OFFSET(Layer, keys); TL_OFFSET(Layer, values);
+    TL_PUT(sizeof(Model));
+    TL_OFFSET(Model, dim); TL_OFFSET(Model, hidden); TL_OFFSET(Model, n_layers); TL_OFFSET(Model, n_heads);
+    TL_OFFSET(Model, n_kv_heads); TL_OFFSET(Model, head_dim); TL_OFFSET(Model, max_len); TL_OFFSET(Model, eps);
+    TL_OFFSET(Model, attn_scale); TL_OFFSET(Model, embedding); TL_OFFSET(Model, embedding_int8);
+    TL_OFFSET(Model, final_norm); TL_OFFSET(Model, cos); TL_OFFSET(Model, sin); TL_OFFSET(Model, head);
+    TL_OFFSET(Model, layers);
+    return n;
 }
 
 /* Scratch floats `tl_step` needs for a batch of `batch` rows. */
