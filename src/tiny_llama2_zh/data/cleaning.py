@@ -22,6 +22,7 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
+from tiny_llama2_zh.data.han import HAN_CHARACTER
 from tiny_llama2_zh.data.hashing import ExactDuplicates
 from tiny_llama2_zh.errors import UsageError
 
@@ -87,11 +88,7 @@ _SENTENCE = re.compile(r"[^。！？!?]+(?:[。！？!?]+[”’」』）)]*)?|[
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\ufeff]")
 _HTML_TAG = re.compile(r"</?[a-zA-Z][^<>]{0,200}>")
-# A Han character: CJK Unified Ideographs and Extension A (the rarer characters, 㐀 onward). The one definition of
-# "Chinese character" for cleaning's ratio, the idiom reader and the pinyin task's words.
-HAN_CHARACTER = r"[\u3400-\u4dbf\u4e00-\u9fff]"
 _HAN = re.compile(HAN_CHARACTER)
-HAN_WORD = re.compile(HAN_CHARACTER + "+")  # a word of Han characters only (with fullmatch)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_llama2_zh.data.cleaning import HAN_WORD
+from tiny_llama2_zh.data.han import HAN_WORD
 from tiny_llama2_zh.data.hashing import is_validation
 from tiny_llama2_zh.errors import UsageError
 

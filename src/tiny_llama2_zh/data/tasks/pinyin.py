@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from tiny_llama2_zh.data.cleaning import HAN_WORD
+from tiny_llama2_zh.data.han import HAN_WORD
 from tiny_llama2_zh.data.tasks.base import Example, Task, peoples_daily_paragraphs, pick, share
 
 PINYIN_PROMPT = "写出下面词语的拼音，带声调，音节之间用空格隔开。\n词语：{word}"

