@@ -25,6 +25,7 @@ from tiny_llama2_zh.eval.preferences import reward_scores
 from tiny_llama2_zh.eval.tasks import limit_rows, read_task_file
 from tiny_llama2_zh.infer.generate import greedy_replies
 from tiny_llama2_zh.loading import load_model
+from tiny_llama2_zh.tokenizer import chat_ids
 
 
 def best_offset_accuracy(margins: list[float], positive: list[bool]) -> tuple[float, float]:
@@ -51,16 +52,15 @@ def main() -> None:
     args = parser.parse_args()
 
     held_out = read_task_file(Path(args.data) / "sentiment" / "sft-test.jsonl", "sentiment").rows
-    rows = [{"prompt": row.prompt} for row in limit_rows(held_out, args.rows)]  # `tinyllm eval tasks --limit`'s
-    truth = [row.reference for row in limit_rows(held_out, args.rows)]
+    rows = limit_rows(held_out, args.rows)  # the rows `tinyllm eval tasks --limit` scores
+    truth = [row.reference for row in rows]
     reward, tokenizer = load_model(args.reward, auto_class=AutoModelForSequenceClassification)
 
-    def ids(prompt: str, reply: str) -> list[int]:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-        return list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+    def replied(reply: str) -> list[list[int]]:
+        return [chat_ids(tokenizer, [*row.conversation, {"role": "assistant", "content": reply}]) for row in rows]
 
-    positive = reward_scores(reward, [ids(row["prompt"], "正面") for row in rows], tokenizer.pad_token_id)
-    negative = reward_scores(reward, [ids(row["prompt"], "负面") for row in rows], tokenizer.pad_token_id)
+    positive = reward_scores(reward, replied("正面"), tokenizer.pad_token_id)
+    negative = reward_scores(reward, replied("负面"), tokenizer.pad_token_id)
     prefers = ["正面" if p > n else "负面" for p, n in zip(positive, negative, strict=True)]
     right = sum(p == t for p, t in zip(prefers, truth, strict=True)) / len(rows)
     print(f"{len(rows)} held-out reviews, {truth.count('正面') / len(rows):.1%} of them positive")
@@ -70,13 +70,13 @@ def main() -> None:
     )
     for folder in args.model:
         model, model_tokenizer = load_model(folder)
-        replies = greedy_replies(model, model_tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], 8)
+        replies = greedy_replies(model, model_tokenizer, [row.conversation for row in rows], 8)
         says = sum(reply.startswith("正面") for reply in replies) / len(rows)
         correct = sum(reply.startswith(t) for reply, t in zip(replies, truth, strict=True)) / len(rows)
         print(f"{folder}: says 正面 for {says:.1%}, right for {correct:.1%} (greedy; reply starts with the label)")
         scores = {
             label: encoded_loglikelihoods(
-                model, model_tokenizer, [chat_pair(model_tokenizer, r["prompt"], label) for r in rows]
+                model, model_tokenizer, [chat_pair(model_tokenizer, row.prompt, label) for row in rows]
             )
             for label in ("正面", "负面")
         }
